@@ -1,0 +1,20 @@
+"""sharded: DeepSpeed's training strategies as composable transforms of a pure PyTorch step.
+
+Read first: trace.py (module -> pure function), grad.py, step.py (the transform
+protocol), transforms/data_parallel.py, testing/equivalence.py.
+"""
+from sharded import optim as optim
+from sharded import tree as tree
+from sharded.grad import grad as grad
+from sharded.grad import value_and_grad as value_and_grad
+from sharded.launch import launch as launch
+from sharded.mesh import Mesh as Mesh
+from sharded.state import TrainState as TrainState
+from sharded.step import Step as Step
+from sharded.step import Transform as Transform
+from sharded.trace import Model as Model
+from sharded.trace import trace as trace
+from sharded.transforms import accumulate as accumulate
+from sharded.transforms import data_parallel as data_parallel
+
+__version__ = "0.1.0"

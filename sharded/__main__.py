@@ -1,0 +1,3 @@
+from sharded.cli import main
+
+main()

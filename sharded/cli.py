@@ -1,0 +1,52 @@
+"""The `sharded` command line: `sharded train ...` (also `python -m sharded train`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+__all__ = ["main"]
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    from sharded.train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train a GPT on the embedded corpus",
+        description="Train a GPT preset on the embedded corpus with data_parallel + accumulate; "
+        "writes metrics.jsonl, summary.json and loss.png to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default=d.preset, help="GPT preset: tiny, 125m, 350m, 760m, 1.3b, 2.7b, 6.7b")
+    p.add_argument("--nproc", type=int, default=d.nproc, help="local ranks to spawn (ignored under torchrun)")
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, in sequences")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="default: the preset's")
+    p.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per update (1: off)")
+    p.add_argument("--no-data-parallel", dest="data_parallel", action="store_false", help="drop data_parallel")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="output directory")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from sharded.train import TrainConfig, main
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    main(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sharded", description="Composable large-model training for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _train_parser(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv or ["train"])  # no arguments: the main job's defaults
+    args.run(args)

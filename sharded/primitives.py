@@ -1,0 +1,54 @@
+"""The few operations a step performs that transforms may rewrite.
+
+A user's step calls `model.apply`, `sharded.value_and_grad` and
+`state.apply_gradients`; each of those *binds* a primitive here. With no transform
+active, `bind` runs the primitive's implementation. While a `Step` runs, its transforms
+are on a stack (innermost last) and `bind` passes the call through their handlers from
+the outermost in, each receiving `next` to call the rest of the chain — the way JAX's
+interpreters rewrite `jit(vmap(f))` without the user's code changing.
+
+Primitives: "apply" (model forward), "value_and_grad", "update" (optimizer step).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator
+
+__all__ = ["bind", "register", "active", "handling"]
+
+_impls: dict[str, Callable[..., Any]] = {}
+_stack: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("sharded_transforms", default=())
+
+
+def register(name: str, impl: Callable[..., Any]) -> None:
+    """Set the plain (untransformed) implementation of primitive `name`."""
+    _impls[name] = impl
+
+
+def active() -> tuple[Any, ...]:
+    """The transforms handling primitives now, outermost first."""
+    return _stack.get()
+
+
+@contextlib.contextmanager
+def handling(transforms: tuple[Any, ...]) -> Iterator[None]:
+    """Run the body with `transforms` (outermost first) handling every bind."""
+    token = _stack.set(transforms)
+    try:
+        yield
+    finally:
+        _stack.reset(token)
+
+
+def bind(name: str, *args: Any) -> Any:
+    """Call primitive `name` through the active transforms' handlers."""
+    chain = [t for t in _stack.get() if name in t.handlers]
+
+    def call(i: int, *a: Any) -> Any:
+        if i == len(chain):
+            # Inner calls (e.g. the loss's own model.apply) see the full stack again.
+            return _impls[name](*a)
+        return chain[i].handlers[name](lambda *b: call(i + 1, *b), *a)
+
+    return call(0, *args)

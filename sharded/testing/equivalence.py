@@ -1,0 +1,75 @@
+"""`assert_step_equivalent`: a transformed step on N ranks == the plain step on one process.
+
+    step = sharded.data_parallel(sharded.accumulate(steps=2)(train_step))
+    sharded.testing.assert_step_equivalent(step, train_step, state, batches, world_size=2)
+
+runs `reference_step` over `batches` in this process, runs `step` (after `step.init`) on
+`world_size` gloo ranks from a pool kept for the session, and compares, after the
+steps, the gathered params and optimizer state of every rank and the metrics of every
+step on every rank with the reference. A mismatch names the rank, the pytree path and
+the largest difference.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sharded import tree as T
+from sharded.testing.pool import get_pool
+
+__all__ = ["assert_step_equivalent", "run_steps"]
+
+
+def run_steps(step: Callable, state: Any, batches: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """Apply `step` to each batch in turn; (final state, [metrics of each step])."""
+    metrics = []
+    for batch in batches:
+        state, m = step(state, batch)
+        metrics.append(m)
+    return state, metrics
+
+
+def _run_on_rank(step: Any, state: Any, batches: Sequence[Any]) -> tuple[Any, Any, list[Any]]:
+    state = step.init(state)
+    state, metrics = run_steps(step, state, batches)
+    full = step.gather(state)
+    return full.params, full.opt_state, metrics
+
+
+def _compare(what: str, got: Any, want: Any, rtol: float, atol: float) -> None:
+    got_leaves, want_leaves = T.leaves_with_paths(got), T.leaves_with_paths(want)
+    if [p for p, _ in got_leaves] != [p for p, _ in want_leaves]:
+        raise AssertionError(f"{what}: structure differs: {[p for p, _ in got_leaves]} vs {[p for p, _ in want_leaves]}")
+    for (path, g), (_, w) in zip(got_leaves, want_leaves):
+        if isinstance(w, torch.Tensor):
+            try:
+                torch.testing.assert_close(g.cpu(), w.cpu(), rtol=rtol, atol=atol)
+            except AssertionError as e:
+                raise AssertionError(f"{what}{path} differs from the reference:\n{e}") from None
+        elif g != w:
+            raise AssertionError(f"{what}{path}: {g!r} != reference {w!r}")
+
+
+def assert_step_equivalent(
+    step: Any,
+    reference_step: Callable,
+    state: Any,
+    batches: Sequence[Any],
+    world_size: int = 2,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+) -> None:
+    """Raise AssertionError unless `step` on `world_size` ranks matches `reference_step`.
+
+    `state` is the full initial state (as `TrainState.create` makes it); each side gets
+    its own copy, since steps may update their input in place.
+    """
+    ref_state, ref_metrics = run_steps(reference_step, copy.deepcopy(state), batches)
+    results = get_pool(world_size).run(_run_on_rank, step, state, list(batches))
+    for rank, (params, opt_state, metrics) in enumerate(results):
+        _compare(f"rank {rank}: params", params, ref_state.params, rtol, atol)
+        _compare(f"rank {rank}: opt_state", opt_state, ref_state.opt_state, rtol, atol)
+        for i, (m, ref_m) in enumerate(zip(metrics, ref_metrics)):
+            _compare(f"rank {rank}: metrics of step {i}", m, ref_m, rtol, atol)

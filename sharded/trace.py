@@ -1,0 +1,133 @@
+"""`trace(module) -> Model`: a module as a pure function over a parameter pytree.
+
+    model = sharded.trace(gpt)
+    logits = model.apply(model.params, idx)      # == gpt(idx), touches no module state
+
+`model.params` is a flat dict {state_dict name: tensor} (a pytree); a weight tied under
+several names (embedding and head) appears once, under its first name, and
+`model.tied` maps every other name to it, so the tie survives any transform that
+rebuilds the params. `model.blocks` are the ordered units (embedding, each block, head)
+that sharding, pipelining, offload and remat work on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from sharded import primitives
+
+__all__ = ["Block", "Model", "trace"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One unit of the model: its module path and the params it owns (state_dict names)."""
+
+    name: str
+    params: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    module: nn.Module
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    blocks: tuple[Block, ...]
+    tied: dict[str, str]
+
+    def apply(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """The module's forward with `params` (and `model.buffers`) in place of its own state."""
+        return primitives.bind("apply", self, params, args, kwargs)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+def _apply_impl(model: Model, params: dict, args: tuple, kwargs: dict) -> Any:
+    missing = model.params.keys() - params.keys()
+    if missing:
+        raise KeyError(
+            f"model.apply got params without {sorted(missing)[:3]}; pass the full tree "
+            "(`step.gather(state)` reassembles a sharded one)"
+        )
+    return functional_call(model.module, (params, model.buffers), args, kwargs, tie_weights=True, strict=False)
+
+
+primitives.register("apply", _apply_impl)
+
+
+def _tied_names(module: nn.Module) -> dict[str, str]:
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(p), name)
+        if canonical != name:
+            tied[name] = canonical
+    return tied
+
+
+def _largest_module_list(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    lists = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    return max(lists, key=lambda nm: len(nm[1]), default=None)
+
+
+def _block_paths(module: nn.Module, blocks: Sequence[str] | None) -> list[str]:
+    """Module paths of the units, in order; '' marks params outside every named unit."""
+    modules = dict(module.named_modules())
+    if blocks is not None:
+        unknown = [b for b in blocks if b not in modules]
+        if unknown:
+            some = [n for n in modules if n][:8]
+            raise ValueError(
+                f"trace(blocks=...) names {unknown!r}, which the module does not have; "
+                f"block names are module paths such as {some}"
+            )
+        return list(blocks)
+    found = _largest_module_list(module)
+    if found is not None:
+        prefix, mlist = found
+        return [f"{prefix}.{i}" for i in range(len(mlist))]
+    if isinstance(module, nn.Sequential):
+        return [n for n, _ in module.named_children()]
+    return []
+
+
+def _group_params(param_names: list[str], block_paths: list[str]) -> tuple[Block, ...]:
+    """Assign params to units, in registration order: each named block; params before
+    the first block form the "<embed>" unit, params after the last the "<head>" unit,
+    and params between two blocks join the block before them."""
+    owner: dict[str, str] = {}
+    for path in block_paths:
+        for name in param_names:
+            if name.startswith(path + ".") and name not in owner:
+                owner[name] = path
+    last_owned = max((i for i, n in enumerate(param_names) if n in owner), default=-1)
+    units: dict[str, list[str]] = {}
+    current = "<embed>"
+    for i, name in enumerate(param_names):
+        if name in owner:
+            current = owner[name]
+        elif i > last_owned:
+            current = "<head>"
+        units.setdefault(current, []).append(name)
+    order = ["<embed>"] + [p for p in block_paths] + ["<head>"]
+    return tuple(Block(u, tuple(units[u])) for u in order if u in units)
+
+
+def trace(module: nn.Module, blocks: Sequence[str] | None = None) -> Model:
+    """Split `module` into (pure function, params pytree, buffers, blocks).
+
+    blocks: module paths of the units (e.g. ``["h.0", "h.1"]``); by default the entries
+    of the largest ``nn.ModuleList``, else the children of an ``nn.Sequential``.
+    The params are the module's own tensors (no copy): ``model.apply`` never mutates them.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"trace expects an nn.Module, got {type(module).__name__}")
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    buffers = {n: b for n, b in module.named_buffers()}
+    units = _group_params(list(params), _block_paths(module, blocks))
+    return Model(module, params, buffers, units, _tied_names(module))

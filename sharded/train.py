@@ -1,0 +1,196 @@
+"""The main job: train a GPT with a stack of transforms, using only the public API.
+
+`sharded train` runs `main(TrainConfig(...))`; it is also the example to copy. On each
+rank: build the model from a seed, trace it, compose the step, loop over the embedded
+corpus with a progress bar, log loss / tokens/s / memory per rank, and end with an
+eval of held-out loss against the unigram baseline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import sharded
+from sharded import distributed
+from sharded.data import Corpus
+from sharded.models import GPT, GPTConfig, flops_per_token, loss_fn
+
+__all__ = ["TrainConfig", "main", "run_rank"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "tiny"
+    nproc: int = 2
+    device: str = "auto"
+    steps: int = 300
+    batch_size: int = 32  # global, in sequences
+    seq_len: int | None = None  # default: the preset's
+    accumulate: int = 2
+    data_parallel: bool = True
+    lr: float = 3e-3
+    warmup: int = 30
+    weight_decay: float = 0.1
+    log_every: int = 10
+    eval_batches: int = 8
+    seed: int = 0
+    out: str = "runs/latest"
+
+
+def make_step(model: sharded.Model, cfg: TrainConfig):
+    """The user's step, then the transforms, outermost last (torchtitan style: order matters).
+
+    1. accumulate: micro-batches inside each rank;
+    2. data_parallel: outside accumulate, so grads are all-reduced once per update,
+       overlapped with the last micro-batch's backward.
+    """
+
+    def loss(params, batch):
+        inputs, targets = batch
+        return loss_fn(model.apply(params, inputs), targets)
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(loss)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    step = train_step
+    if cfg.accumulate > 1:
+        step = sharded.accumulate(steps=cfg.accumulate)(step)
+    if cfg.data_parallel:
+        step = sharded.data_parallel(step)
+    return sharded.Step(step) if not isinstance(step, sharded.Step) else step
+
+
+def _memory_mb(state, device: torch.device) -> dict:
+    mem = {"state_mb": sharded.tree.tree_bytes(state) / 2**20}
+    if device.type == "cuda":
+        mem["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        mem["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    return mem
+
+
+@torch.no_grad()
+def evaluate(model: sharded.Model, params, corpus: Corpus, cfg: TrainConfig, seq_len: int, device) -> float:
+    losses = []
+    for i, (x, y) in enumerate(corpus.batches("val", cfg.batch_size, seq_len, seed=cfg.seed)):
+        if i == cfg.eval_batches:
+            break
+        losses.append(loss_fn(model.apply(params, x.to(device)), y.to(device)).item())
+    return sum(losses) / len(losses)
+
+
+def run_rank(cfg: TrainConfig) -> dict:
+    """One rank's training loop; returns the summary (rank 0's is what `main` prints)."""
+    distributed.init()
+    rank, device = distributed.rank(), distributed.device()
+    corpus = Corpus(seed=cfg.seed)
+    gcfg = GPTConfig.preset(cfg.preset, vocab_size=corpus.tokenizer.vocab_size)
+    seq_len = cfg.seq_len or gcfg.seq_len
+    gcfg = dataclasses.replace(gcfg, seq_len=seq_len)
+    torch.manual_seed(cfg.seed)
+    model = sharded.trace(GPT(gcfg).to(device))
+    schedule = sharded.optim.schedules.warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, end=cfg.lr / 10)
+    tx = sharded.optim.chain(
+        sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(schedule, weight_decay=cfg.weight_decay)
+    )
+    step = make_step(model, cfg)
+    state = step.init(sharded.TrainState.create(model.params, tx))
+    if rank == 0:
+        print(step.explain(rank=0))
+
+    out = Path(cfg.out)
+    log = []
+    tokens_per_step = cfg.batch_size * seq_len
+    batches = corpus.batches("train", cfg.batch_size, seq_len, seed=cfg.seed)
+    bar = tqdm(range(cfg.steps), disable=rank != 0, desc="train", unit="step", mininterval=1.0)
+    t0 = time.perf_counter()
+    for i in bar:
+        x, y = next(batches)
+        state, metrics = step(state, (x.to(device), y.to(device)))
+        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
+            loss = metrics["loss"].item()  # syncs: only when logging
+            dt = time.perf_counter() - t0
+            mem = torch.tensor(list(_memory_mb(state, device).values()), dtype=torch.float64)
+            per_rank = [mem.clone() for _ in range(distributed.world_size())]
+            if distributed.world_size() > 1:
+                torch.distributed.all_gather(per_rank, mem)
+            tps = tokens_per_step * (i + 1) / dt
+            row = {
+                "step": i + 1,
+                "loss": loss,
+                "tokens_per_s": tps,
+                "mfu": tps * flops_per_token(gcfg) / _peak_flops(device) if device.type == "cuda" else None,
+                "memory_mb_per_rank": [m.tolist() for m in per_rank],
+                "memory_fields": list(_memory_mb(state, device)),
+            }
+            log.append(row)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+    val = evaluate(model, state.params, corpus, cfg, seq_len, device)
+    baseline = corpus.unigram_entropy("val")
+    summary = {
+        "preset": cfg.preset,
+        "params": model.num_params(),
+        "world_size": distributed.world_size(),
+        "val_loss": val,
+        "unigram_entropy": baseline,
+        "learned": val < baseline,
+        "final_train_loss": log[-1]["loss"],
+        "tokens_per_s": log[-1]["tokens_per_s"],
+    }
+    if rank == 0:
+        _write_outputs(out, log, summary)
+    return summary
+
+
+def _peak_flops(device: torch.device) -> float:
+    """Dense bf16 peak of the GPU (H100/H200 SXM: 989 TFLOP/s), for MFU."""
+    name = torch.cuda.get_device_name(device)
+    return 989e12 if ("H100" in name or "H200" in name) else float("nan")
+
+
+def _write_outputs(out: Path, log: list[dict], summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.jsonl", "w") as f:
+        for row in log:
+            f.write(json.dumps(row) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], label="train loss")
+    ax.axhline(summary["unigram_entropy"], ls="--", c="gray", label="unigram baseline")
+    ax.axhline(summary["val_loss"], ls=":", c="C1", label=f"val loss {summary['val_loss']:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+def main(cfg: TrainConfig) -> dict:
+    """Train on `cfg.nproc` local ranks (or on this rank, under torchrun) and report."""
+    if "RANK" in os.environ:
+        summary = run_rank(cfg)
+    else:
+        summary = sharded.launch(run_rank, cfg, nprocs=cfg.nproc, device=cfg.device)
+    print(
+        f"val loss {summary['val_loss']:.3f} nats/char vs unigram baseline {summary['unigram_entropy']:.3f} "
+        f"({'learned' if summary['learned'] else 'did NOT beat the baseline'}); "
+        f"{summary['tokens_per_s']:,.0f} tokens/s on {summary['world_size']} rank(s); outputs in {cfg.out}/"
+    )
+    if not math.isfinite(summary["val_loss"]):
+        raise RuntimeError("training diverged: val loss is not finite")
+    return summary

@@ -1,0 +1,6 @@
+"""Transforms of a step function; each file is one transform."""
+from sharded.transforms.accumulate import accumulate as accumulate
+from sharded.transforms.data_parallel import data_parallel as data_parallel
+
+#: Every transform, by name: generic property tests run over this registry.
+REGISTRY = {"data_parallel": data_parallel, "accumulate": accumulate}

@@ -1,0 +1,80 @@
+"""Pytree helpers over optree, with torch tensors as leaves.
+
+Every structure in sharded (params, grads, optimizer state, a whole TrainState) is a
+pytree; these are the few operations the rest of the library needs on them.
+`None` is a leaf-less node, as in optree and JAX.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+from optree.integrations.torch import tree_ravel
+
+__all__ = [
+    "map",
+    "leaves",
+    "leaves_with_paths",
+    "structure",
+    "unflatten",
+    "path_str",
+    "global_norm",
+    "ravel",
+    "zeros_like",
+    "tree_bytes",
+]
+
+PyTree = Any
+_NS = "sharded"
+
+
+def map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001 - mirrors jax.tree.map
+    """Apply `fn` leafwise over one or more trees of the same structure."""
+    return optree.tree_map(fn, tree, *rest, namespace=_NS)
+
+
+def leaves(tree: PyTree) -> list:
+    return optree.tree_leaves(tree, namespace=_NS)
+
+
+def structure(tree: PyTree):
+    return optree.tree_structure(tree, namespace=_NS)
+
+
+def unflatten(treespec, leaves_: list) -> PyTree:
+    return optree.tree_unflatten(treespec, leaves_)
+
+
+def path_str(path: tuple) -> str:
+    """`('blocks', 3, 'w')` -> `"['blocks'][3]['w']"`: how errors name a leaf."""
+    return "".join(f"[{k!r}]" for k in path)
+
+
+def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+    """[(path string, leaf)] in flatten order, for error messages and selection."""
+    paths, leaves_, _ = optree.tree_flatten_with_path(tree, namespace=_NS)
+    return [(path_str(p), x) for p, x in zip(paths, leaves_)]
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """sqrt(sum of squares) over every leaf, accumulated in fp32."""
+    xs = [x for x in leaves(tree) if isinstance(x, torch.Tensor)]
+    if not xs:
+        return torch.zeros(())
+    norms = torch._foreach_norm([x.float() if x.dtype != torch.float32 else x for x in xs])
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]:
+    """Flatten every tensor leaf into one 1-D buffer; returns (flat, unravel)."""
+    return tree_ravel(tree, namespace=_NS)
+
+
+def zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
+    return map(lambda x: torch.zeros_like(x, dtype=dtype), tree)
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Bytes held by the tensor leaves (local storage only)."""
+    return sum(x.numel() * x.element_size() for x in leaves(tree) if isinstance(x, torch.Tensor))

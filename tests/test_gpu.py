@@ -1,0 +1,58 @@
+"""GPU tier (run on the device machine): the same properties over CUDA and NCCL."""
+import pytest
+import torch
+
+import sharded
+from sharded.testing.models import ToyConfig, ToyLM, make_train_step
+
+pytestmark = pytest.mark.gpu
+needs = lambda n: pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPU(s)")  # noqa: E731
+
+
+def _batches(vocab, rows, steps, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randint(0, vocab, (rows, 6), generator=g).to(device), torch.randint(0, vocab, (rows, 6), generator=g).to(device))
+        for _ in range(steps)
+    ]
+
+
+@needs(1)
+def test_trace_and_fused_adamw_on_cuda_match_cpu():
+    cfg = ToyConfig(tied=True, depth=3, width=64, hidden=96, vocab=50)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = sharded.trace(ToyLM(cfg).to(device))
+        step = sharded.Step(make_train_step(model))
+        state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+        for batch in _batches(cfg.vocab, 8, 5, device):
+            state, metrics = step(state, batch)
+        results.append({k: v.cpu() for k, v in state.params.items()})
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-3, atol=1e-4)
+
+
+def _dp_on_cuda(cfg, batches):
+    assert torch.distributed.get_backend() == "nccl"
+    dev = sharded.distributed.device()
+    model = sharded.trace(ToyLM(cfg).to(dev))
+    step = sharded.data_parallel(bucket_mb=0.01)(sharded.accumulate(steps=2)(make_train_step(model)))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    for x, y in batches:
+        state, m = step(state, (x.to(dev), y.to(dev)))
+    return {k: v.cpu() for k, v in state.params.items()}, m["loss"].cpu()
+
+
+@needs(2)
+def test_data_parallel_over_nccl_matches_one_gpu():
+    cfg = ToyConfig(tied=True, depth=4, width=64, hidden=96, vocab=50)
+    batches = _batches(cfg.vocab, 8, 4)
+    got, loss = sharded.launch(_dp_on_cuda, cfg, batches, nprocs=2, device="cuda")
+    model = sharded.trace(ToyLM(cfg).cuda())
+    step = sharded.Step(make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    for x, y in batches:
+        state, m = step(state, (x.cuda(), y.cuda()))
+    for k, v in state.params.items():
+        torch.testing.assert_close(got[k], v.cpu(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, m["loss"].cpu(), rtol=1e-4, atol=1e-5)
