@@ -1,0 +1,269 @@
+"""Collectives: the one module that calls torch.distributed's communication ops.
+
+    pending = comm.all_reduce(flat, group=mesh.group("dp"), async_op=True)
+    ...                                  # overlap: compute while the bytes move
+    pending.wait()                       # CollectiveTimeout, not a hang, if a rank never joins
+
+Every collective takes a tensor, a group (None: the whole world) and `async_op`, and
+returns a `Pending`; without `async_op` it has already completed. When the group has
+one rank, or torch.distributed is not initialized, each call returns at once without
+touching c10d, so a single process needs no process group. `broadcast` and `barrier`
+are synchronous.
+
+Keeping every c10d call here gives one place for the version shim (see [Note: gather
+and scatter names]), for turning torch's timeout errors into `CollectiveTimeout`, and
+for `recording()`, which lets a test see which collectives a step issued.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CollectiveTimeout",
+    "Op",
+    "Pending",
+    "all_gather_into_tensor",
+    "all_reduce",
+    "barrier",
+    "broadcast",
+    "recording",
+    "reduce_scatter_tensor",
+]
+
+# [Note: gather and scatter names] torch 2.13 renamed `all_gather_into_tensor` and
+# `reduce_scatter_tensor` to `all_gather_single` and `reduce_scatter_single` and made the
+# old names warn (FutureWarning); torch 2.11 has only the old names. Resolve once, here,
+# to the newest name this torch has, so no version ever warns.
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+_REDUCE_OPS = ("sum", "avg", "product", "min", "max")  # names of torch.distributed.ReduceOp, lower-cased
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within the process group's timeout (or its group was aborted)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One collective call, as `recording()` sees it (group_size 1: a no-op in this process)."""
+
+    name: str  # "all_reduce" | "all_gather" | "reduce_scatter" | "broadcast" | "barrier"
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None
+    group_size: int
+    async_op: bool = False
+    reduce: str = ""  # "sum", "avg", ... for reductions
+
+
+_recorders: list[list[Op]] = []
+
+_What = tuple  # (name, the tensor sent or None, group size): what a CollectiveTimeout names
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Op]]:
+    """Collect an `Op` for every collective this process calls inside the block.
+
+        with comm.recording() as ops:
+            state, _ = step(state, batch)
+        assert [op.name for op in ops] == ["all_reduce"] * n_buckets + ["all_reduce"]
+
+    Process-wide rather than context-local on purpose: data_parallel issues its
+    all-reduces from autograd hooks, which run on autograd's own threads on GPU.
+    Calls on one-rank groups are recorded too (with group_size 1), so single-process
+    tests see what a step would communicate.
+    """
+    ops: list[Op] = []
+    _recorders.append(ops)
+    try:
+        yield ops
+    finally:
+        _recorders.remove(ops)
+
+
+def _record(name: str, t: torch.Tensor | None, size: int, async_op: bool, reduce: str = "") -> None:
+    op = Op(name, tuple(t.shape) if t is not None else (), t.dtype if t is not None else None, size, async_op, reduce)
+    for ops in _recorders:
+        ops.append(op)
+
+
+def _group_size(group: Any) -> int:
+    """Ranks in `group`; 1 when there is no process group (a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _check_op(op: str, who: str) -> None:
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"{who}(op={op!r}): op must be one of {', '.join(map(repr, _REDUCE_OPS))}")
+
+
+def _reduce_op(op: str) -> Any:
+    return getattr(dist.ReduceOp, op.upper())
+
+
+def _describe(what: _What) -> str:
+    """'all_reduce of (1024,) float32 (0.00 MiB) over 4 ranks', for errors: built only when one occurs."""
+    name, t, size = what
+    if t is None:
+        return f"{name} over {size} ranks"
+    dtype = str(t.dtype).removeprefix("torch.")
+    return f"{name} of {tuple(t.shape)} {dtype} ({t.numel() * t.element_size() / 2**20:.2f} MiB) over {size} ranks"
+
+
+def _timeout_error(what: _What, err: BaseException) -> CollectiveTimeout | None:
+    """The CollectiveTimeout for `err` if it is torch's timeout or abort error, else None.
+
+    gloo raises RuntimeError("... Timed out waiting ...ms ..."); NCCL raises
+    DistBackendError (a RuntimeError) when its watchdog times out or aborts a collective.
+    """
+    backend_error = getattr(dist, "DistBackendError", ())
+    if not (isinstance(err, backend_error) or "timed out" in str(err).lower()):
+        return None
+    return CollectiveTimeout(
+        f"{_describe(what)} did not complete: {str(err).strip()}\n"
+        "Usually another rank never reached this collective (it raised, returned early, or issued "
+        "collectives in a different order): look at the other ranks' errors. If it is only slow, "
+        "raise the process group's timeout: sharded.distributed.init(timeout=...) or "
+        "launch(..., collective_timeout=...)."
+    )
+
+
+class Pending:
+    """A collective in flight; `wait()` until it is done.
+
+    On GPU (NCCL), `wait()` makes the current CUDA stream wait for the collective and
+    returns without blocking the host, as torch's `Work.wait()` does; on CPU (gloo) it
+    blocks. Where torch reports a timeout or an aborted group (gloo; NCCL after its
+    watchdog fired, or with TORCH_NCCL_BLOCKING_WAIT=1), this raises CollectiveTimeout
+    naming the collective and its size; see [Note: NCCL connects at init] in
+    sharded/distributed.py for what NCCL does otherwise.
+    """
+
+    __slots__ = ("_work", "_what", "_then")
+
+    def __init__(self, work: Any, what: _What, then: Callable[[], None] | None = None):
+        self._work, self._what, self._then = work, what, then
+
+    def wait(self) -> None:
+        if self._work is None:
+            return
+        try:
+            self._work.wait()
+        except RuntimeError as err:
+            timeout = _timeout_error(self._what, err)
+            if timeout is None:
+                raise
+            raise timeout from err
+        self._work = None
+        if self._then is not None:
+            self._then()
+
+
+_DONE = Pending(None, ("", None, 1))
+
+
+def _start(
+    what: _What,
+    issue: Callable[[], Any],
+    async_op: bool,
+    then: Callable[[], None] | None = None,
+) -> Pending:
+    """Issue a collective asynchronously; wait here unless `async_op`. Maps timeouts."""
+    try:
+        work = issue()
+    except RuntimeError as err:
+        timeout = _timeout_error(what, err)
+        if timeout is None:
+            raise
+        raise timeout from err
+    pending = Pending(work, what, then)
+    if not async_op:
+        pending.wait()
+    return pending
+
+
+def _averaging(op: str, out: torch.Tensor, size: int) -> tuple[Any, Callable[[], None] | None]:
+    """The c10d op to issue for `op` on `out`, and what to run on `out` once it completes.
+
+    "avg" is native only on CUDA tensors (NCCL). On CPU (gloo) it is a sum followed by a
+    division by the group size here: gloo's own AVG is recent and has had silent
+    wrong-divisor bugs. Integer averages round toward zero.
+    """
+    if op != "avg" or out.is_cuda:
+        return _reduce_op(op), None
+    if out.is_floating_point() or out.is_complex():
+        return dist.ReduceOp.SUM, lambda: out.div_(size)
+    return dist.ReduceOp.SUM, lambda: out.div_(size, rounding_mode="trunc")
+
+
+def all_reduce(t: torch.Tensor, group: Any = None, op: str = "sum", async_op: bool = False) -> Pending:
+    """Reduce `t` in place over the group's ranks with `op` ("sum", "avg", "product", "min", "max")."""
+    _check_op(op, "all_reduce")
+    size = _group_size(group)
+    if _recorders:
+        _record("all_reduce", t, size, async_op, op)
+    if size == 1:
+        return _DONE
+    reduce_op, then = _averaging(op, t, size)
+    what = ("all_reduce", t, size)
+    return _start(what, lambda: dist.all_reduce(t, op=reduce_op, group=group, async_op=True), async_op, then)
+
+
+def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group: Any = None, async_op: bool = False) -> Pending:
+    """Gather every rank's `inp` into `out` (their concatenation, or a stack, in rank order)."""
+    size = _group_size(group)
+    if _recorders:
+        _record("all_gather", inp, size, async_op)
+    if size == 1:
+        if out.data_ptr() != inp.data_ptr():
+            out.copy_(inp.reshape(out.shape))
+        return _DONE
+    what = ("all_gather", inp, size)
+    return _start(what, lambda: _all_gather_single(out, inp, group=group, async_op=True), async_op)
+
+
+def reduce_scatter_tensor(
+    out: torch.Tensor, inp: torch.Tensor, group: Any = None, op: str = "sum", async_op: bool = False
+) -> Pending:
+    """Reduce `inp` over the group's ranks and keep this rank's 1/size of it in `out`."""
+    _check_op(op, "reduce_scatter_tensor")
+    size = _group_size(group)
+    if _recorders:
+        _record("reduce_scatter", inp, size, async_op, op)
+    if size == 1:
+        if out.data_ptr() != inp.data_ptr():
+            out.copy_(inp.reshape(out.shape))
+        return _DONE
+    reduce_op, then = _averaging(op, out, size)
+    what = ("reduce_scatter", inp, size)
+    issue = lambda: _reduce_scatter_single(out, inp, op=reduce_op, group=group, async_op=True)  # noqa: E731
+    return _start(what, issue, async_op, then)
+
+
+def broadcast(t: torch.Tensor, src: int, group: Any = None) -> None:
+    """Overwrite `t` on every rank of the group with global rank `src`'s `t`."""
+    size = _group_size(group)
+    if _recorders:
+        _record("broadcast", t, size, False)
+    if size == 1:
+        return
+    what = (f"broadcast from rank {src}", t, size)
+    _start(what, lambda: dist.broadcast(t, src=src, group=group, async_op=True), async_op=False)
+
+
+def barrier(group: Any = None) -> None:
+    """Return once every rank of the group has called `barrier`."""
+    size = _group_size(group)
+    if _recorders:
+        _record("barrier", None, size, False)
+    if size == 1:
+        return
+    _start(("barrier", None, size), lambda: dist.barrier(group=group, async_op=True), async_op=False)
