@@ -58,11 +58,11 @@ def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
 
 
 def global_norm(tree: PyTree) -> torch.Tensor:
-    """sqrt(sum of squares) over every leaf, accumulated in fp32."""
+    """sqrt(sum of squares) over every leaf, accumulated in fp32 or wider."""
     xs = [x for x in leaves(tree) if isinstance(x, torch.Tensor)]
     if not xs:
         return torch.zeros(())
-    norms = torch._foreach_norm([x.float() if x.dtype != torch.float32 else x for x in xs])
+    norms = torch._foreach_norm([x.float() if x.element_size() < 4 else x for x in xs])
     return torch.linalg.vector_norm(torch.stack(norms))
 
 

@@ -1,0 +1,76 @@
+"""The optimizers users ask for by name, chained from `transforms.py`.
+
+`adamw` also carries a fused path: one `torch._fused_adamw_` call per (device, dtype)
+group that updates params and moments in place, the kernel behind
+`torch.optim.AdamW(fused=True)`. It computes what the chain's pure update computes
+(tests/test_optim.py checks both against torch.optim.AdamW).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from sharded import tree as T
+from sharded.optim.base import GradientTransformation, chain
+from sharded.optim.schedules import Schedule
+from sharded.optim.transforms import (
+    add_decayed_weights,
+    learning_rate_at,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_lion,
+    trace,
+)
+
+__all__ = ["sgd", "adamw", "lion"]
+
+_FUSED_DEVICES = ("cuda", "cpu")
+
+
+def sgd(lr: float | Schedule, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> GradientTransformation:
+    """torch.optim.SGD: coupled weight decay, then momentum, then `-lr`."""
+    if nesterov and momentum <= 0:
+        raise ValueError("sgd(nesterov=True) needs momentum > 0")
+    parts = [add_decayed_weights(weight_decay)]
+    if momentum:
+        parts.append(trace(momentum, nesterov))
+    return chain(*parts, scale_by_learning_rate(lr))
+
+
+def lion(lr: float | Schedule, b1: float = 0.9, b2: float = 0.99, weight_decay: float = 0.0) -> GradientTransformation:
+    """Lion (Chen et al. 2023): sign of interpolated momentum, decoupled weight decay."""
+    return chain(scale_by_lion(b1, b2), add_decayed_weights(weight_decay), scale_by_learning_rate(lr))
+
+
+def adamw(
+    lr: float | Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2
+) -> GradientTransformation:
+    """torch.optim.AdamW: Adam with decoupled weight decay, fused when it can be."""
+    pure = chain(scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay), scale_by_learning_rate(lr))
+
+    @torch.no_grad()
+    def fused(grads: Any, state: tuple, params: Any) -> tuple[Any, tuple]:
+        ps = T.leaves(params)
+        if not all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in ps):
+            updates, state = pure.update(grads, state, params)
+            torch._foreach_add_(ps, T.leaves(updates))
+            return params, state
+        adam, decay, schedule = state
+        step_size = learning_rate_at(lr, getattr(schedule, "count", None))
+        adam.count.add_(1)
+        if callable(lr):
+            schedule.count.add_(1)
+        groups = defaultdict(list)
+        for p, g, m, v in zip(ps, T.leaves(grads), T.leaves(adam.mu), T.leaves(adam.nu)):
+            groups[(p.device, p.dtype)].append((p, g.to(p.dtype), m, v))
+        for members in groups.values():
+            p_, g_, m_, v_ = map(list, zip(*members))
+            torch._fused_adamw_(
+                p_, g_, m_, v_, [], [adam.count] * len(p_),
+                lr=step_size, beta1=b1, beta2=b2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+            )
+        return params, state
+
+    return GradientTransformation(pure.init, pure.update, fused)

@@ -1,0 +1,92 @@
+"""The optimizer protocol: optax's `GradientTransformation`, on torch tensors.
+
+An optimizer is a pair of pure functions, `init(params) -> state` and
+`update(grads, state, params) -> (updates, state)`, composed with `chain`. Its state
+is a pytree whose tensor leaves mirror the params (plus 0-d counts), so every
+transform that shards, offloads or casts params does the same to the state.
+
+An optimizer may also carry `fused(grads, state, params) -> (params, state)`, which
+updates params and state in place (one kernel for all tensors, as
+`torch.optim.AdamW(fused=True)` does) and must compute what `update` followed by
+`apply_updates` computes. `apply` prefers it; see docs/decisions.md §2.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from sharded import tree as T
+
+__all__ = ["GradientTransformation", "EmptyState", "identity", "chain", "apply_updates", "apply"]
+
+Params = Any
+Updates = Any
+State = Any
+
+
+class EmptyState(NamedTuple):
+    """The state of a transformation that keeps none."""
+
+
+class GradientTransformation(NamedTuple):
+    init: Callable[[Params], State]
+    update: Callable[[Updates, State, Params], tuple[Updates, State]]
+    fused: Callable[[Updates, State, Params], tuple[Params, State]] | None = None
+
+
+def identity() -> GradientTransformation:
+    """Leaves updates unchanged."""
+    return GradientTransformation(lambda params: EmptyState(), lambda updates, state, params=None: (updates, state))
+
+
+def chain(*txs: GradientTransformation) -> GradientTransformation:
+    """Apply `txs` in order; the state is the tuple of their states.
+
+    The chain is fused when its last member is: the others run their pure updates and
+    the last one applies the result in place, so `chain(clip_by_global_norm(1.0),
+    adamw(3e-4))` is still one fused AdamW kernel.
+    """
+    if not txs:
+        raise ValueError("chain() needs at least one GradientTransformation")
+
+    def init(params: Params) -> tuple:
+        return tuple(tx.init(params) for tx in txs)
+
+    def run(txs_: tuple, updates: Updates, state: tuple, params: Params) -> tuple[Updates, list]:
+        new_state = []
+        for tx, s in zip(txs_, state):
+            updates, s = tx.update(updates, s, params)
+            new_state.append(s)
+        return updates, new_state
+
+    def update(updates: Updates, state: tuple, params: Params = None) -> tuple[Updates, tuple]:
+        updates, new_state = run(txs, updates, state, params)
+        return updates, tuple(new_state)
+
+    def fused(grads: Updates, state: tuple, params: Params) -> tuple[Params, tuple]:
+        grads, new_state = run(txs[:-1], grads, state[:-1], params)
+        params, last = txs[-1].fused(grads, state[-1], params)
+        return params, tuple(new_state) + (last,)
+
+    return GradientTransformation(init, update, fused if txs[-1].fused is not None else None)
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """`params + updates`, leafwise, as new tensors (params keep their dtype)."""
+    return T.map(lambda p, u: (p + u.to(p.dtype)) if u is not None else p, params, updates)
+
+
+@torch.no_grad()
+def apply(tx: GradientTransformation, grads: Updates, state: State, params: Params) -> tuple[Params, State]:
+    """One optimizer step that donates `params`: their tensors are updated in place.
+
+    This is the implementation of the "update" primitive that
+    `TrainState.apply_gradients` binds; transforms (ZeRO, offload) replace it.
+    """
+    if tx.fused is not None:
+        return tx.fused(grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    ps, us = T.leaves(params), T.leaves(updates)
+    torch._foreach_add_(ps, [u.to(p.dtype) for p, u in zip(ps, us)])
+    return params, state

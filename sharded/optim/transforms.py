@@ -1,0 +1,153 @@
+"""The building blocks that optimizers are chained from, optax's names and maths.
+
+Each returns a `GradientTransformation`; `aliases.py` chains them into sgd, adamw and
+lion. States are NamedTuples whose tensor trees mirror the params; counts are 0-d
+float32 tensors on the params' device.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from sharded import tree as T
+from sharded.optim.base import EmptyState, GradientTransformation
+from sharded.optim.schedules import Schedule
+
+__all__ = [
+    "ScaleByAdamState",
+    "ScaleByLionState",
+    "TraceState",
+    "ScheduleState",
+    "scale_by_adam",
+    "scale_by_lion",
+    "trace",
+    "add_decayed_weights",
+    "scale_by_learning_rate",
+    "clip_by_global_norm",
+    "zero_count",
+]
+
+
+def zero_count(params: Any) -> torch.Tensor:
+    """A 0-d float32 step count on the params' device."""
+    leaves = T.leaves(params)
+    return torch.zeros((), dtype=torch.float32, device=leaves[0].device if leaves else None)
+
+
+def _zeros(params: Any) -> Any:
+    return T.map(lambda p: torch.zeros_like(p, memory_format=torch.preserve_format), params)
+
+
+class ScaleByAdamState(NamedTuple):
+    count: torch.Tensor
+    mu: Any
+    nu: Any
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Adam's direction `m̂ / (sqrt(v̂) + eps)` with bias-corrected moments."""
+
+    def init(params: Any) -> ScaleByAdamState:
+        return ScaleByAdamState(zero_count(params), _zeros(params), _zeros(params))
+
+    def update(grads: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, ScaleByAdamState]:
+        count = state.count + 1
+        mu = T.map(lambda m, g: torch.lerp(m, g.to(m.dtype), 1 - b1), state.mu, grads)
+        nu = T.map(lambda v, g: v * b2 + (1 - b2) * g.to(v.dtype).square(), state.nu, grads)
+        # in float64: 1 - b2**count loses 4 digits to cancellation in float32
+        bc1, bc2 = 1 - b1 ** count.double(), 1 - b2 ** count.double()
+        step_size, bc2_sqrt = (1 / bc1).float(), bc2.sqrt().float()
+        updates = T.map(lambda m, v: step_size * m / (v.sqrt() / bc2_sqrt + eps), mu, nu)
+        return updates, ScaleByAdamState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByLionState(NamedTuple):
+    count: torch.Tensor
+    mu: Any
+
+
+def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
+    """Lion's direction `sign(b1·m + (1-b1)·g)`, with momentum `m ← b2·m + (1-b2)·g`."""
+
+    def init(params: Any) -> ScaleByLionState:
+        return ScaleByLionState(zero_count(params), _zeros(params))
+
+    def update(grads: Any, state: ScaleByLionState, params: Any = None) -> tuple[Any, ScaleByLionState]:
+        updates = T.map(lambda m, g: torch.lerp(m, g.to(m.dtype), 1 - b1).sign(), state.mu, grads)
+        mu = T.map(lambda m, g: torch.lerp(m, g.to(m.dtype), 1 - b2), state.mu, grads)
+        return updates, ScaleByLionState(state.count + 1, mu)
+
+    return GradientTransformation(init, update)
+
+
+class TraceState(NamedTuple):
+    trace: Any
+
+
+def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
+    """Momentum: `t ← g + decay·t`, emitting `t` (or `g + decay·t` with nesterov).
+
+    Starting from t = 0 this is exactly torch.optim.SGD's momentum buffer."""
+
+    def init(params: Any) -> TraceState:
+        return TraceState(_zeros(params))
+
+    def update(grads: Any, state: TraceState, params: Any = None) -> tuple[Any, TraceState]:
+        t = T.map(lambda t_, g: g.to(t_.dtype) + decay * t_, state.trace, grads)
+        updates = T.map(lambda g, t_: g + decay * t_, grads, t) if nesterov else t
+        return updates, TraceState(t)
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(weight_decay: float) -> GradientTransformation:
+    """`u + weight_decay · p`: decoupled decay when chained after the direction."""
+
+    def update(updates: Any, state: EmptyState, params: Any = None) -> tuple[Any, EmptyState]:
+        if weight_decay == 0.0:
+            return updates, state
+        if params is None:
+            raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
+        return T.map(lambda u, p: u + weight_decay * p.to(u.dtype), updates, params), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
+class ScheduleState(NamedTuple):
+    count: torch.Tensor
+
+
+def learning_rate_at(lr: float | Schedule, count: torch.Tensor) -> float | torch.Tensor:
+    """The learning rate for the update after `count` updates."""
+    return lr(count) if callable(lr) else lr
+
+
+def scale_by_learning_rate(lr: float | Schedule) -> GradientTransformation:
+    """`-lr · u`, with `lr` a float or a schedule of the update count."""
+
+    def init(params: Any) -> ScheduleState | EmptyState:
+        return ScheduleState(zero_count(params)) if callable(lr) else EmptyState()
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if not callable(lr):
+            return T.map(lambda u: -lr * u, updates), state
+        step_size = lr(state.count)
+        return T.map(lambda u: -step_size.to(u.dtype) * u, updates), ScheduleState(state.count + 1)
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scale updates by `min(1, max_norm / (‖u‖ + 1e-6))`, as torch's clip_grad_norm_
+    does, without reading the norm on the host."""
+    if max_norm <= 0:
+        raise ValueError(f"clip_by_global_norm needs max_norm > 0, got {max_norm}")
+
+    def update(updates: Any, state: EmptyState, params: Any = None) -> tuple[Any, EmptyState]:
+        scale = torch.clamp(max_norm / (T.global_norm(updates) + 1e-6), max=1.0)
+        return T.map(lambda u: u * scale.to(u.dtype), updates), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)

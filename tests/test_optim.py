@@ -1,0 +1,184 @@
+"""sharded.optim against torch.optim, step by step, on random pytrees."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sharded import optim
+from sharded import tree as T
+from sharded.testing.strategies import pytrees, tensors
+
+STEPS = 100
+f64_trees = pytrees(tensors(dtype=torch.float64))
+f32_trees = pytrees(tensors(dtype=torch.float32))
+
+
+def run_sharded(tx, params, grads_seq, fused: bool):
+    params = T.map(torch.clone, params)
+    state = tx.init(params)
+    for grads in grads_seq:
+        if fused:
+            params, state = optim.apply(tx, grads, state, params)
+        else:
+            updates, state = tx.update(grads, state, params)
+            params = optim.apply_updates(params, updates)
+    return params, state
+
+
+def run_torch(make_opt, params, grads_seq, lr_at=None):
+    ref = [torch.nn.Parameter(p.clone()) for p in T.leaves(params)]
+    opt = make_opt(ref)
+    for i, grads in enumerate(grads_seq):
+        for r, g in zip(ref, T.leaves(grads)):
+            r.grad = g.clone()
+        if lr_at is not None:
+            opt.param_groups[0]["lr"] = lr_at(i)
+        opt.step()
+    return ref
+
+
+def grad_sequence(params, seed: int, steps: int = STEPS):
+    g = torch.Generator().manual_seed(seed)
+    return [T.map(lambda p: torch.randn(p.shape, generator=g, dtype=p.dtype), params) for _ in range(steps)]
+
+
+def assert_leaves_close(ours, ref, rtol, atol):
+    for a, b in zip(T.leaves(ours), ref):
+        torch.testing.assert_close(a, b.detach(), rtol=rtol, atol=atol)
+
+
+adam_hparams = st.fixed_dictionaries(
+    {
+        "lr": st.floats(1e-4, 1e-1),
+        "b1": st.floats(0.5, 0.95),
+        "b2": st.floats(0.9, 0.9999),
+        "eps": st.sampled_from([1e-8, 1e-6]),
+        "weight_decay": st.floats(0.0, 0.3),
+    }
+)
+
+
+@settings(max_examples=20, deadline=None)
+@given(params=f64_trees, hp=adam_hparams, seed=st.integers(0, 2**16))
+def test_adamw_update_matches_torch_adamw(params, hp, seed):
+    grads = grad_sequence(params, seed)
+    ours, _ = run_sharded(optim.adamw(**hp), params, grads, fused=False)
+    lr, b1, b2, eps, wd = hp["lr"], hp["b1"], hp["b2"], hp["eps"], hp["weight_decay"]
+    ref = run_torch(lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd), params, grads)
+    assert_leaves_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(params=f32_trees, hp=adam_hparams, seed=st.integers(0, 2**16))
+def test_adamw_fused_matches_torch_fused_adamw(params, hp, seed):
+    grads = grad_sequence(params, seed)
+    ours, _ = run_sharded(optim.adamw(**hp), params, grads, fused=True)
+    lr, b1, b2, eps, wd = hp["lr"], hp["b1"], hp["b2"], hp["eps"], hp["weight_decay"]
+    ref = run_torch(
+        lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, fused=True), params, grads
+    )
+    assert_leaves_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=10, deadline=None)
+@given(params=f32_trees, seed=st.integers(0, 2**16), max_norm=st.floats(0.1, 10.0))
+def test_fused_chain_equals_pure_chain(params, seed, max_norm):
+    """`apply` through the fused path computes what update + apply_updates does."""
+    schedule = optim.schedules.warmup_cosine(1e-2, 5, 30, end=1e-3)
+    tx = optim.chain(optim.clip_by_global_norm(max_norm), optim.adamw(schedule, weight_decay=0.1))
+    grads = grad_sequence(params, seed, steps=30)
+    fused, fused_state = run_sharded(tx, params, grads, fused=True)
+    pure, pure_state = run_sharded(tx, params, grads, fused=False)
+    torch.testing.assert_close(T.leaves(fused), T.leaves(pure), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(T.leaves(fused_state), T.leaves(pure_state), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    params=f64_trees,
+    seed=st.integers(0, 2**16),
+    lr=st.floats(1e-3, 1e-1),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    nesterov=st.booleans(),
+    wd=st.sampled_from([0.0, 1e-2]),
+)
+def test_sgd_matches_torch_sgd(params, seed, lr, momentum, nesterov, wd):
+    nesterov = nesterov and momentum > 0
+    grads = grad_sequence(params, seed)
+    ours, _ = run_sharded(optim.sgd(lr, momentum=momentum, nesterov=nesterov, weight_decay=wd), params, grads, fused=True)
+    ref = run_torch(
+        lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd), params, grads
+    )
+    assert_leaves_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=10, deadline=None)
+@given(params=f64_trees, seed=st.integers(0, 2**16), wd=st.sampled_from([0.0, 0.1]))
+def test_lion_matches_its_definition(params, seed, wd):
+    lr, b1, b2 = 1e-3, 0.9, 0.99
+    grads = grad_sequence(params, seed, steps=20)
+    ours, _ = run_sharded(optim.lion(lr, b1, b2, weight_decay=wd), params, grads, fused=True)
+    ps, ms = [p.clone() for p in T.leaves(params)], [torch.zeros_like(p) for p in T.leaves(params)]
+    for g_tree in grads:
+        for p, m, g in zip(ps, ms, T.leaves(g_tree)):
+            p.mul_(1 - lr * wd).add_(torch.sign(b1 * m + (1 - b1) * g), alpha=-lr)
+            m.mul_(b2).add_(g, alpha=1 - b2)
+    assert_leaves_close(ours, ps, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(params=f64_trees, max_norm=st.floats(0.01, 10.0))
+def test_clip_by_global_norm_matches_torch(params, max_norm):
+    ours, _ = optim.clip_by_global_norm(max_norm).update(params, optim.EmptyState())
+    ref = [p.clone() for p in T.leaves(params)]
+    for p, r in zip(ref, T.leaves(params)):
+        p.grad = r.clone()
+    torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert_leaves_close(ours, [p.grad for p in ref], rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=10, deadline=None)
+@given(params=f64_trees, seed=st.integers(0, 2**16))
+def test_adamw_schedule_matches_torch_with_lr_set_each_step(params, seed):
+    peak, warmup, total, end = 1e-2, 10, STEPS, 1e-3
+    schedule = optim.schedules.warmup_cosine(peak, warmup, total, end=end)
+    grads = grad_sequence(params, seed)
+    ours, _ = run_sharded(optim.adamw(schedule, weight_decay=0.1), params, grads, fused=False)
+    lr_at = lambda i: schedule(torch.tensor(float(i), dtype=torch.float64)).item()  # noqa: E731
+    ref = run_torch(lambda ps: torch.optim.AdamW(ps, lr=peak, weight_decay=0.1), params, grads, lr_at=lr_at)
+    assert_leaves_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_warmup_cosine_shape():
+    s = optim.schedules.warmup_cosine(1.0, 10, 110, end=0.1)
+    at = lambda i: s(torch.tensor(float(i))).item()  # noqa: E731
+    assert at(0) == 0.0 and at(5) == pytest.approx(0.5) and at(10) == pytest.approx(1.0)
+    assert at(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert at(110) == pytest.approx(0.1) and at(500) == pytest.approx(0.1)
+    lin = optim.schedules.linear(1.0, 0.0, 4)
+    assert [lin(torch.tensor(float(i))).item() for i in range(6)] == pytest.approx([1, 0.75, 0.5, 0.25, 0, 0])
+
+
+@given(params=f32_trees)
+@settings(max_examples=20, deadline=None)
+def test_state_mirrors_params(params):
+    state = optim.adamw(1e-3).init(params)
+    adam = state[0]
+    assert T.structure(adam.mu) == T.structure(params) == T.structure(adam.nu)
+    assert all(m.shape == p.shape for m, p in zip(T.leaves(adam.mu), T.leaves(params)))
+    assert adam.count.dtype == torch.float32 and adam.count.ndim == 0
+
+
+def test_bad_hyperparameters_are_named():
+    with pytest.raises(ValueError, match="nesterov=True"):
+        optim.sgd(0.1, nesterov=True)
+    with pytest.raises(ValueError, match="max_norm > 0"):
+        optim.clip_by_global_norm(0.0)
+    with pytest.raises(ValueError, match="warmup_steps <= total_steps"):
+        optim.schedules.warmup_cosine(1.0, 20, 10)
+    with pytest.raises(ValueError, match="at least one"):
+        optim.chain()
