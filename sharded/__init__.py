@@ -4,9 +4,11 @@ Read first: trace.py (module -> pure function), grad.py, step.py (the transform
 protocol), transforms/data_parallel.py, testing/equivalence.py.
 """
 from sharded import optim as optim
+from sharded import distributed as distributed
 from sharded import tree as tree
 from sharded.grad import grad as grad
 from sharded.grad import value_and_grad as value_and_grad
+from sharded.launch import RankError as RankError
 from sharded.launch import launch as launch
 from sharded.mesh import Mesh as Mesh
 from sharded.state import TrainState as TrainState

@@ -434,10 +434,6 @@ def launch(
         pool.close()
 
 
-# `import sharded` binds `sharded.launch` to this function, which hides this module's
-# names there; keep `except sharded.launch.RankError` working.
-launch.RankError = RankError  # type: ignore[attr-defined]
-
 
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout

@@ -85,7 +85,7 @@ def _fail_on_bad_batch(rows):
 
 def test_batch_not_divisible_by_ranks_times_microbatches():
     pool = sharded.testing.get_pool(2)
-    with pytest.raises(sharded.launch.RankError, match="do not split into 2 equal parts.*ranks × micro-batches"):
+    with pytest.raises(sharded.RankError, match="do not split into 2 equal parts.*ranks × micro-batches"):
         pool.run(_fail_on_bad_batch, 6)  # 6 rows -> 3 per rank -> not 2 micro-batches
 
 
