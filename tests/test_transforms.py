@@ -39,13 +39,15 @@ def micro_batches(stack):
     data=st.data(),
 )
 def test_stack_matches_single_process(cfg, stack, world, rows_per_part, opt, data):
-    model = sharded.trace(ToyLM(cfg))
+    """In float64: random toy models can be ill-conditioned (LayerNorm over 2 features
+    amplifies rounding 300x a step), and the claim is exact algebra, not rounding."""
+    model = sharded.trace(ToyLM(cfg).double())
     train_step = make_train_step(model)
     rows = world * micro_batches(stack) * rows_per_part
     batches = data.draw(token_batches(cfg.vocab, rows, steps=3))
     state = sharded.TrainState.create(model.params, OPTIMIZERS[opt]())
     step = build(stack, train_step)
-    assert_step_equivalent(step, train_step, state, batches, world_size=world, rtol=2e-4, atol=2e-5)
+    assert_step_equivalent(step, train_step, state, batches, world_size=world, rtol=1e-7, atol=1e-9)
 
 
 def test_composition_order_is_free():

@@ -55,9 +55,10 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         count = state.count + 1
         mu = T.map(lambda m, g: torch.lerp(m, g.to(m.dtype), 1 - b1), state.mu, grads)
         nu = T.map(lambda v, g: v * b2 + (1 - b2) * g.to(v.dtype).square(), state.nu, grads)
-        # in float64: 1 - b2**count loses 4 digits to cancellation in float32
+        # in float64: 1 - b2**count loses 4 digits to cancellation in float32 (0-d
+        # tensors do not promote the moments, which keep their dtype)
         bc1, bc2 = 1 - b1 ** count.double(), 1 - b2 ** count.double()
-        step_size, bc2_sqrt = (1 / bc1).float(), bc2.sqrt().float()
+        step_size, bc2_sqrt = 1 / bc1, bc2.sqrt()
         updates = T.map(lambda m, v: step_size * m / (v.sqrt() / bc2_sqrt + eps), mu, nu)
         return updates, ScaleByAdamState(count, mu, nu)
 

@@ -59,7 +59,7 @@ def make_train_step(model):
         tokens, targets = batch
         logits = model.apply(params, tokens)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return loss, {"accuracy": (logits.argmax(-1) == targets).float().mean()}
+        return loss, {"accuracy": (logits.argmax(-1) == targets).to(logits.dtype).mean()}
 
     def train_step(state, batch):
         (loss, aux), grads = value_and_grad(loss_fn, has_aux=True)(state.params, batch)
