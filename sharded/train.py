@@ -119,7 +119,7 @@ def run_rank(cfg: TrainConfig) -> dict:
         if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
             loss = metrics["loss"].item()  # syncs: only when logging
             dt = time.perf_counter() - t0
-            mem = torch.tensor(list(_memory_mb(state, device).values()), dtype=torch.float64)
+            mem = torch.tensor(list(_memory_mb(state, device).values()), dtype=torch.float64, device=device)
             per_rank = [mem.clone() for _ in range(distributed.world_size())]
             if distributed.world_size() > 1:
                 torch.distributed.all_gather(per_rank, mem)
