@@ -256,7 +256,11 @@ def broadcast(t: torch.Tensor, src: int, group: Any = None) -> None:
     if size == 1:
         return
     what = (f"broadcast from rank {src}", t, size)
-    _start(what, lambda: dist.broadcast(t, src=src, group=group, async_op=True), async_op=False)
+    # NCCL moves only CUDA tensors; a CPU leaf (TrainState.step, say) goes via the GPU.
+    staged = t.cuda() if t.device.type == "cpu" and dist.get_backend(group) == "nccl" else t
+    _start(what, lambda: dist.broadcast(staged, src=src, group=group, async_op=True), async_op=False)
+    if staged is not t:
+        t.copy_(staged)
 
 
 def barrier(group: Any = None) -> None:
