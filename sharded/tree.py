@@ -6,7 +6,9 @@ pytree; these are the few operations the rest of the library needs on them.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator
 
 import optree
 import torch
@@ -20,6 +22,7 @@ __all__ = [
     "unflatten",
     "path_str",
     "global_norm",
+    "sharded_over",
     "ravel",
     "zeros_like",
     "tree_bytes",
@@ -57,13 +60,35 @@ def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
     return [(path_str(p), x) for p, x in zip(paths, leaves_)]
 
 
+_sharded_over: contextvars.ContextVar[Any] = contextvars.ContextVar("sharded_tree_sharded_over", default=None)
+
+
+@contextlib.contextmanager
+def sharded_over(group: Any) -> Iterator[None]:
+    """Within the block, trees hold this rank's shards of leaves split over `group`:
+    reductions such as `global_norm` sum over the group, so `clip_by_global_norm` inside
+    a ZeRO optimizer step clips by the norm of the whole gradient."""
+    token = _sharded_over.set(group)
+    try:
+        yield
+    finally:
+        _sharded_over.reset(token)
+
+
 def global_norm(tree: PyTree) -> torch.Tensor:
-    """sqrt(sum of squares) over every leaf, accumulated in fp32 or wider."""
+    """sqrt(sum of squares) over every leaf, accumulated in fp32 or wider (over every
+    rank's shard inside `sharded_over`)."""
     xs = [x for x in leaves(tree) if isinstance(x, torch.Tensor)]
-    if not xs:
+    group = _sharded_over.get()
+    if not xs and group is None:
         return torch.zeros(())
     norms = torch._foreach_norm([x.float() if x.element_size() < 4 else x for x in xs])
-    return torch.linalg.vector_norm(torch.stack(norms))
+    square = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float32)
+    if group is not None:
+        from sharded import comm
+
+        comm.all_reduce(square, group=group)
+    return square.sqrt()
 
 
 def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]:

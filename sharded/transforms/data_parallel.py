@@ -143,13 +143,7 @@ class DataParallel(Transform):
 
     def init(self, state: Any) -> Any:
         """Make every replica start from dp rank 0's state."""
-        mesh = self._mesh()
-        group = mesh.group(self.axis)
-        if group is not None:
-            src = torch.distributed.get_global_rank(group, 0)
-            for x in T.leaves(state):
-                if isinstance(x, torch.Tensor):
-                    comm.broadcast(x, src=src, group=group)
+        broadcast_from_first(state, self._mesh().group(self.axis))
         return state
 
     def _plan(self, leaves: list[torch.Tensor], treespec: Any) -> list[Bucket]:
@@ -169,15 +163,8 @@ class DataParallel(Transform):
             who=f"data_parallel over {self.axis}={size}",
             fix=f"use a global batch that is a multiple of {size} ranks × micro-batches (drop or pad the last batch)",
         )[mesh.rank(self.axis)]
-        with grad_pass(params) as (gp, owner):
-            if self not in gp.attached:
-                reducer = Reducer(gp.leaves, self._plan(gp.leaves, gp.treespec), group, size)
-                gp.attached[self] = reducer
-                gp.on_ready.append(reducer.ready)
-                gp.finalize = lambda: T.unflatten(gp.treespec, reducer.result())
-            value, _ = next_(fn, has_aux, params, local, kwargs)
-            value = _mean_over(value, group, size)
-            return value, (gp.grads() if owner else None)
+        make = lambda gp: Reducer(gp.leaves, self._plan(gp.leaves, gp.treespec), group, size)  # noqa: E731
+        return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, group, size)
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
         size = self._mesh().size(self.axis)
@@ -211,7 +198,32 @@ def _contains_backward(op: Op) -> bool:
     return op.name == "backward" or any(_contains_backward(o) for o in op.body)
 
 
-def _mean_over(value: Any, group: Any, size: int) -> Any:
+def broadcast_from_first(state: Any, group: Any) -> None:
+    """Every rank of `group` takes its first rank's tensors (replicas start equal)."""
+    if group is not None:
+        src = torch.distributed.get_global_rank(group, 0)
+        for x in T.leaves(state):
+            if isinstance(x, torch.Tensor):
+                comm.broadcast(x, src=src, group=group)
+
+
+def reduce_during_backward(
+    key: Any, make_reducer: Callable, next_: Callable, fn: Callable, has_aux: bool, params: Any, local: Any,
+    kwargs: dict, group: Any, size: int,
+) -> Any:
+    """value_and_grad on this rank's rows, with grads reduced over `group` by the reducer
+    that `make_reducer(grad_pass)` builds (once per pass: `accumulate` may call again)."""
+    with grad_pass(params) as (gp, owner):
+        if key not in gp.attached:
+            reducer = make_reducer(gp)
+            gp.attached[key] = reducer
+            gp.on_ready.append(reducer.ready)
+            gp.finalize = lambda: T.unflatten(gp.treespec, reducer.result())
+        value, _ = next_(fn, has_aux, params, local, kwargs)
+        return mean_over(value, group, size), (gp.grads() if owner else None)
+
+
+def mean_over(value: Any, group: Any, size: int) -> Any:
     """Average the float tensor leaves of (loss, aux) over the group, in one all-reduce."""
     leaves = T.leaves(value)
     floats = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]

@@ -1,0 +1,98 @@
+"""Reducing one step's grads over the dp axis into each rank's chunks, as backward runs.
+
+Used by `shard_zero`: stage 1 all-reduces each group and keeps a view of this rank's
+row (the full grads stay alive, as ZeRO-1 holds them); stages 2 and 3 reduce-scatter,
+so only this rank's row is ever kept. Groups start in index order on every rank
+(collectives must be issued in the same order everywhere), each as soon as all its
+leaves' grads are final; the grads are copied in with the 1/N mean fused, and each
+leaf's own grad is freed at once.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sharded import comm
+from sharded.transforms._flat import FlatGroup
+
+__all__ = ["GradReducer"]
+
+
+class GradReducer:
+    def __init__(
+        self,
+        leaves: Sequence[torch.Tensor],
+        groups: Sequence[FlatGroup],
+        group: Any,
+        rank: int,
+        scatter: bool,
+        on_filled: Callable[[int], None] | None = None,
+    ):
+        self.leaves, self.groups, self.group, self.rank, self.scatter = leaves, groups, group, rank, scatter
+        self.on_filled = on_filled
+        self.where = {i: (g, k) for g, fg in enumerate(groups) for k, i in enumerate(fg.leaves)}
+        self.inputs: list[torch.Tensor | None] = [None] * len(groups)
+        self.outputs: list[torch.Tensor] = []
+        self.missing = [len(fg.leaves) for fg in groups]
+        self.filled: set[int] = set()
+        self.pending: list[comm.Pending] = []
+
+    def _input(self, g: int) -> torch.Tensor:
+        if self.inputs[g] is None:
+            fg = self.groups[g]
+            self.inputs[g] = torch.empty(fg.ranks * fg.size, dtype=fg.dtype, device=fg.device)
+        return self.inputs[g]
+
+    def ready(self, i: int, leaf: torch.Tensor) -> None:
+        """A leaf's grad is final: copy it in; start its group once the group is full."""
+        if i not in self.where or i in self.filled or leaf.grad is None:
+            return
+        g, k = self.where[i]
+        fg = self.groups[g]
+        fg.write_full(k, fg.rows(self._input(g)), leaf.grad, 1.0 / fg.ranks)
+        leaf.grad = None
+        self._filled(i, g)
+
+    def _filled(self, i: int, g: int) -> None:
+        self.filled.add(i)
+        self.missing[g] -= 1
+        if self.missing[g] == 0:
+            if self.on_filled is not None:
+                self.on_filled(g)
+            self._start_ready()
+
+    def _start_ready(self) -> None:
+        while len(self.pending) < len(self.groups) and self.missing[len(self.pending)] == 0:
+            g = len(self.pending)
+            fg, inp = self.groups[g], self._input(g)
+            if self.scatter:
+                out = torch.empty(fg.size, dtype=fg.dtype, device=fg.device)
+                self.pending.append(comm.reduce_scatter_tensor(out, inp, group=self.group, async_op=True))
+            else:
+                out = fg.rows(inp)[self.rank]
+                self.pending.append(comm.all_reduce(inp, group=self.group, async_op=True))
+            self.outputs.append(out)
+
+    def result(self) -> list[torch.Tensor]:
+        """Every leaf's reduced grad: this rank's chunk for grouped leaves (zeros where
+        the loss did not touch a leaf), zeros of the leaf's shape for the rest."""
+        for i, (g, k) in self.where.items():
+            if i in self.filled:
+                continue
+            if self.leaves[i].grad is not None:
+                self.ready(i, self.leaves[i])
+            else:  # the loss did not touch this leaf: its grad is zero
+                fg = self.groups[g]
+                fg.rows(self._input(g))[:, fg.offsets[k] : fg.offsets[k] + fg.chunks[k]].zero_()
+                self._filled(i, g)
+        self._start_ready()
+        for work in self.pending:
+            work.wait()
+        if self.scatter:
+            self.inputs = [None] * len(self.groups)
+        grads: list[torch.Tensor] = [torch.zeros_like(x) for x in self.leaves]
+        for fg, out in zip(self.groups, self.outputs):
+            for i, view in zip(fg.leaves, fg.chunk_views(out, self.rank)):
+                grads[i] = view
+        return grads

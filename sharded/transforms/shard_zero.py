@@ -1,0 +1,283 @@
+"""`shard_zero(stage=1|2|3)`: ZeRO over the mesh's dp axis.
+
+Reference semantics: those of `data_parallel` (the plain step on the global batch,
+grads averaged over the dp ranks), with the model state split over those ranks:
+
+    stage 1  optimizer state: each rank holds its chunk of every leaf
+    stage 2  + grads: reduce-scattered during backward; each rank keeps its chunk
+    stage 3  + params: each rank holds its chunk; whole params exist only while a
+             block runs (see [Note: stage 3 params] in _stage3.py)
+
+Chunks follow [Note: chunk layout] in _flat.py (DTensor's Shard(0) of the flattened
+leaf). The optimizer runs only on this rank's chunks, through the optimizer's fused
+path; inside it, tree reductions (`clip_by_global_norm`) sum over the dp ranks. In
+stages 1 and 2 the chunks are views of the full params, updated in place, then
+all-gathered bucket by bucket.
+
+Per-rank model-state bytes (Ψ params, K optimizer bytes per param): stage 1
+(2+2)·Ψ·b/… — see `sharded.memory.estimate_memory`, which tests hold this to.
+
+Composes with `accumulate` (one reduction per update, in the last micro-batch's
+backward); stage 3 must be outside it, since it replaces the params that the
+differentiation starts from.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import optree
+import torch
+
+from sharded import tree as T
+from sharded.grad import grad_pass
+from sharded.mesh import Mesh
+from sharded.step import Op, ProgramInfo, Transform, transform
+from sharded.transforms import _stage3
+from sharded.transforms._batch import split
+from sharded.transforms._flat import FlatGroup, gather_leaf, local_chunk, plan_group
+from sharded.transforms._reduce import GradReducer
+from sharded.transforms.data_parallel import broadcast_from_first, mean_over, plan_buckets, reduce_during_backward
+
+__all__ = ["shard_zero"]
+
+
+class ShardZero(Transform):
+    name = "shard_zero"
+
+    def __init__(
+        self,
+        stage: int | None = None,
+        bucket_mb: float = 25.0,
+        prefetch: int = 1,
+        reshard_after_forward: bool = True,
+        mesh: Mesh | None = None,
+        axis: str = "dp",
+    ):
+        if stage not in (1, 2, 3) or isinstance(stage, bool):
+            raise ValueError(f"shard_zero(stage=...) must be 1, 2 or 3 (ZeRO's stages); got stage={stage!r}")
+        if not bucket_mb > 0:
+            raise ValueError(f"shard_zero(bucket_mb=...) must be positive; got {bucket_mb!r}")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"shard_zero(prefetch=...) is how many blocks to gather ahead (an int >= 0); got {prefetch!r}")
+        self.stage, self.bucket_bytes, self.prefetch = stage, int(bucket_mb * 2**20), prefetch
+        self.reshard_after_forward, self.mesh, self.axis = reshard_after_forward, mesh, axis
+        self.handlers = {"value_and_grad": self._value_and_grad, "update": self._update}
+        if stage == 3:
+            self.handlers["apply"] = self._apply
+        self._layout: tuple[Any, list[torch.Size], list[bool]] | None = None  # (treespec, shapes, sharded)
+        self._like: list[torch.Tensor] = []  # a meta tensor per param leaf: its shape and dtype
+        self._plans: dict[Any, list[FlatGroup]] = {}
+
+    def describe(self) -> str:
+        return f"shard_zero(stage={self.stage}, {self.axis}={self._mesh().size(self.axis)})"
+
+    def check(self, stack: Any) -> None:
+        names = [t.name for t in stack]
+        if "data_parallel" in names:
+            raise ValueError("shard_zero already averages grads over dp (it is data parallelism with sharded state); drop data_parallel")
+        if names.count(self.name) > 1:
+            raise ValueError("shard_zero appears twice in the step; apply it once")
+        if self.stage == 3 and "accumulate" in names[: stack.index(self)]:
+            raise ValueError(
+                "shard_zero(stage=3) must be outside accumulate, since it provides the params that are differentiated: "
+                "write shard_zero(stage=3)(accumulate(steps=k)(train_step))"
+            )
+
+    # -- the axis -------------------------------------------------------------------
+
+    def _mesh(self) -> Mesh:
+        return self.mesh if self.mesh is not None else Mesh.current()
+
+    def _axis(self) -> tuple[int, int, Any]:
+        mesh = self._mesh()
+        size = mesh.size(self.axis)
+        if size == 1 and mesh.world_size > 1:
+            raise ValueError(
+                f"shard_zero shards over the mesh's {self.axis!r} axis, which has size 1 in {mesh}; "
+                f"give the mesh a {self.axis} axis (e.g. sharded.Mesh({self.axis}={mesh.world_size})) or drop shard_zero"
+            )
+        return size, mesh.rank(self.axis), mesh.group(self.axis)
+
+    # -- layout ---------------------------------------------------------------------
+
+    def _map_mirrors(self, tree: Any, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Any:
+        """Apply fn(leaf, index) to every subtree of `tree` that mirrors the params."""
+        spec = self._layout[0]
+
+        def mirrors(x: Any) -> bool:
+            return not isinstance(x, torch.Tensor) and x is not None and T.structure(x) == spec
+
+        def rebuild(x: Any) -> Any:
+            return T.unflatten(spec, [fn(leaf, i) for i, leaf in enumerate(T.leaves(x))]) if mirrors(x) else x
+
+        return optree.tree_map(rebuild, tree, is_leaf=mirrors, none_is_leaf=True, namespace="sharded")
+
+    def init(self, state: Any) -> Any:
+        size, rank, group = self._axis()
+        broadcast_from_first(state, group)
+        leaves = T.leaves(state.params)
+        sharded = [isinstance(p, torch.Tensor) and p.is_floating_point() and p.numel() > 0 for p in leaves]
+        self._layout = (T.structure(state.params), [p.shape for p in leaves], sharded)
+        self._like = [torch.empty_like(p, device="meta") for p in leaves]
+        self._device = leaves[0].device if leaves else torch.device("cpu")
+        if size == 1:
+            return state
+
+        def cut(x: torch.Tensor, i: int) -> torch.Tensor:
+            return local_chunk(x.contiguous(), size, rank).clone() if sharded[i] else x
+
+        params = self._map_mirrors(state.params, cut) if self.stage == 3 else state.params
+        return state.replace(params=params, opt_state=self._map_mirrors(state.opt_state, cut))
+
+    def gather(self, state: Any) -> Any:
+        size, _, group = self._axis()
+        if size == 1 or self._layout is None:
+            return state
+        _, shapes, sharded = self._layout
+
+        def whole(x: torch.Tensor, i: int) -> torch.Tensor:
+            return gather_leaf(x, shapes[i], group, size) if sharded[i] else x
+
+        params = self._map_mirrors(state.params, whole) if self.stage == 3 else state.params
+        return state.replace(params=params, opt_state=self._map_mirrors(state.opt_state, whole))
+
+    def _buckets(self, leaves: list[torch.Tensor], size: int) -> list[FlatGroup]:
+        key = tuple((x.shape, x.dtype, x.device) for x in leaves)
+        if key not in self._plans:
+            buckets = plan_buckets(leaves, self.bucket_bytes)
+            self._plans[key] = [plan_group(f"bucket {b}", k.leaves, leaves, size) for b, k in enumerate(buckets)]
+        return self._plans[key]
+
+    def _units(self, model: Any, size: int) -> list[FlatGroup | None]:
+        """One group per traced block (stage 3's gather unit), in model.blocks order."""
+        key = ("units", id(model))
+        if key not in self._plans:
+            spec, shapes, sharded = self._layout
+            names = [path[0] for path in optree.tree_paths(T.unflatten(spec, list(range(len(shapes)))), namespace="sharded")]
+            index = {name: i for i, name in enumerate(names)}
+            units = []
+            for block in model.blocks:
+                idx = [index[n] for n in block.params if n in index and sharded[index[n]]]
+                dtypes = {self._like[i].dtype for i in idx}
+                if len(dtypes) > 1:
+                    raise ValueError(
+                        f"shard_zero(stage=3) gathers each block in one buffer, but block {block.name!r} mixes "
+                        f"{sorted(str(d) for d in dtypes)}; cast the model to one dtype (mixed_precision keeps the rest)"
+                    )
+                unit = plan_group(block.name, idx, self._like, size) if idx else None
+                units.append(dataclasses.replace(unit, device=self._device) if unit else None)
+            self._plans[key] = units
+        return self._plans[key]
+
+    # -- handlers -------------------------------------------------------------------
+
+    def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
+        size, rank, group = self._axis()
+        if size == 1:
+            return next_(fn, has_aux, params, args, kwargs)
+        local = split(
+            args,
+            size,
+            who=f"shard_zero over {self.axis}={size}",
+            fix=f"use a global batch that is a multiple of {size} ranks × micro-batches (drop or pad the last batch)",
+        )[rank]
+        if self.stage == 3:
+            return self._value_and_grad_stage3(next_, fn, has_aux, params, local, kwargs, size, rank, group)
+        make = lambda gp: GradReducer(gp.leaves, self._buckets(gp.leaves, size), group, rank, scatter=self.stage == 2)  # noqa: E731
+        return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, group, size)
+
+    def _gatherer(self, chunks: list[torch.Tensor], size: int, group: Any) -> _stage3.Gatherer:
+        _, shapes, sharded = self._layout
+        return _stage3.Gatherer(chunks, shapes, sharded, group, self.prefetch, self.reshard_after_forward)
+
+    def _value_and_grad_stage3(self, next_, fn, has_aux, params, local, kwargs, size, rank, group) -> Any:
+        spec = self._layout[0]
+        with self._gatherer(T.leaves(params), size, group) as gatherer:
+            full = T.unflatten(spec, gatherer.full)
+            with grad_pass(full) as (gp, owner):
+                gatherer.grad_pass = gp
+                value, _ = next_(fn, has_aux, full, local, kwargs)
+                if gatherer.units is None:
+                    raise RuntimeError("shard_zero(stage=3) gathers params inside model.apply; the loss never called it")
+                return mean_over(value, group, size), (gp.grads() if owner else None)
+
+    def _apply(self, next_: Callable, model: Any, params: Any, args: tuple, kwargs: dict) -> Any:
+        size, rank, group = self._axis()
+        if size == 1:
+            return next_(model, params, args, kwargs)
+        gatherer = _stage3.current()
+        if gatherer is None:  # a forward outside value_and_grad (eval in the step): gather for this call
+            with self._gatherer(T.leaves(params), size, group) as g:
+                self._bind(g, model, size, rank, group)
+                g.ensure_roots()
+                return next_(model, T.unflatten(self._layout[0], g.full), args, kwargs)
+        self._bind(gatherer, model, size, rank, group)
+        gatherer.ensure_roots()
+        return next_(model, params, args, kwargs)
+
+    def _bind(self, g: _stage3.Gatherer, model: Any, size: int, rank: int, group: Any) -> None:
+        """First apply of a differentiation: the units, the hooks, the grad reducer."""
+        if g.units is not None:
+            return
+        units = self._units(model, size)
+        _stage3.install_hooks(model.module, {b.name: u for u, b in enumerate(model.blocks) if not b.name.startswith("<")})
+        g.bind_units(units, [not b.name.startswith("<") for b in model.blocks])
+        gp = getattr(g, "grad_pass", None)
+        if gp is not None:
+            order = [u for u in reversed(range(len(units))) if units[u] is not None]
+            reducer = GradReducer(gp.leaves, [units[u] for u in order], group, rank, scatter=True, on_filled=lambda j: g.free(order[j]))
+            gp.attached[self] = reducer
+            gp.on_ready.append(reducer.ready)
+            gp.finalize = lambda: T.unflatten(gp.treespec, reducer.result())
+
+    def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
+        size, rank, group = self._axis()
+        if size == 1:
+            return next_(tx, grads, opt_state, params)
+        with T.sharded_over(group):
+            if self.stage == 3:
+                return next_(tx, grads, opt_state, params)
+            leaves, sharded = T.leaves(params), self._layout[2]
+            chunks = [local_chunk(p, size, rank) if s else p for p, s in zip(leaves, sharded)]
+            _, opt_state = next_(tx, grads, opt_state, T.unflatten(self._layout[0], chunks))
+        buckets = self._buckets(leaves, size)
+        started = [b.gather([chunks[i] for i in b.leaves], group, async_op=True) for b in buckets]
+        for b, (rows, pending) in zip(buckets, started):
+            pending.wait()
+            for k, i in enumerate(b.leaves):
+                b.read_full(k, b.rows(rows), leaves[i])
+        return params, opt_state
+
+    # -- explain --------------------------------------------------------------------
+
+    def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
+        size = self._mesh().size(self.axis)
+        if size == 1:
+            return program
+        leaves = T.leaves(info.params)
+        buckets = self._buckets(leaves, size)
+        itemsize = lambda g: torch.empty((), dtype=g.dtype).element_size()  # noqa: E731
+        r = info.rank % size
+        grads_op = "reduce_scatter" if self.stage >= 2 else "all_reduce"
+        out = [Op("data", "slice batch", f"rows {r}/{size} of the global batch (dp rank {r})")]
+        if self.stage == 3:
+            out.append(Op("collective", "all_gather per block", f"each block's params just before its forward and again before its backward, {self.prefetch} block(s) ahead; freed after use"))
+        for op in program:
+            out.append(op)
+            if _contains(op, "backward"):
+                for b, g in enumerate(buckets):
+                    out.append(Op("collective", f"{grads_op} grads {g.name}", f"{len(g.leaves)} leaves, over {self.axis}={size}", nbytes=size * g.size * itemsize(g), overlaps="backward" if b < len(buckets) - 1 else ""))
+            if op.name == "update":
+                out[-1] = Op("compute", "update", f"optimizer step on this rank's 1/{size} chunk of every leaf")
+                if self.stage < 3:
+                    for g in buckets:
+                        out.append(Op("collective", f"all_gather params {g.name}", "updated chunks to every rank", nbytes=size * g.size * itemsize(g), overlaps="the next bucket's gather"))
+        return out
+
+
+def _contains(op: Op, name: str) -> bool:
+    return op.name == name or any(_contains(o, name) for o in op.body)
+
+
+shard_zero = transform(ShardZero)
