@@ -10,6 +10,7 @@ from sharded.grad import grad as grad
 from sharded.grad import value_and_grad as value_and_grad
 from sharded.launch import RankError as RankError
 from sharded.launch import launch as launch
+from sharded.memory import estimate_memory as estimate_memory
 from sharded.mesh import Mesh as Mesh
 from sharded.state import TrainState as TrainState
 from sharded.step import Step as Step

@@ -1,4 +1,4 @@
-"""data_parallel, accumulate and their compositions == the single-process step."""
+"""data_parallel, shard_zero, accumulate and their compositions == the single-process step."""
 import math
 
 import pytest
@@ -29,7 +29,7 @@ def micro_batches(stack):
     return math.prod(o.get("steps", 1) for _, o in stack)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(
     cfg=toy_configs,
     stack=transform_stacks(),

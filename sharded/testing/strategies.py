@@ -56,11 +56,22 @@ def token_batches(draw, vocab: int, rows: int, steps: int, seq=st.integers(1, 5)
 
 @st.composite
 def transform_stacks(draw, max_accumulate: int = 4):
-    """A list of (name, options), outermost first, drawn from the registered transforms."""
-    stack = []
+    """A list of (name, options), outermost first, drawn from the registered transforms:
+    data_parallel or shard_zero(stage=1..3) over dp, with accumulate inside or outside
+    (stage 3 only inside: it provides the params that are differentiated)."""
+    bucket_mb = draw(st.sampled_from([1e-4, 1e-3, 25.0]))
     if draw(st.booleans()):
+        dp = ("data_parallel", {"bucket_mb": bucket_mb})
+    else:
+        stage = draw(st.integers(1, 3))
+        options = {"stage": stage, "bucket_mb": bucket_mb}
+        if stage == 3:
+            options.update(prefetch=draw(st.integers(0, 2)), reshard_after_forward=draw(st.booleans()))
+        dp = ("shard_zero", options)
+    stack = []
+    if dp[1].get("stage") != 3 and draw(st.booleans()):
         stack.append(("accumulate", {"steps": draw(st.integers(1, max_accumulate))}))
-    stack.append(("data_parallel", {"bucket_mb": draw(st.sampled_from([1e-4, 1e-3, 25.0]))}))
+    stack.append(dp)
     if draw(st.booleans()):
         stack.append(("accumulate", {"steps": draw(st.integers(1, max_accumulate))}))
     return stack

@@ -23,6 +23,7 @@ are waited on, and the grads returned are views into the buckets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import torch
@@ -229,7 +230,8 @@ def mean_over(value: Any, group: Any, size: int) -> Any:
     floats = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
     if not floats:
         return value
-    flat = torch.cat([leaves[i].reshape(-1).float() for i in floats])
+    dtype = functools.reduce(torch.promote_types, [leaves[i].dtype for i in floats], torch.float32)
+    flat = torch.cat([leaves[i].reshape(-1).to(dtype) for i in floats])
     comm.all_reduce(flat, group=group)
     flat /= size
     out, offset = list(leaves), 0

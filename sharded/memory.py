@@ -1,0 +1,82 @@
+"""`estimate_memory`: per-rank bytes of model state under ZeRO, and an activation estimate.
+
+Model state follows the ZeRO paper: with Ψ params of b bytes and K optimizer bytes per
+param, one replica holds Ψ·b (params) + Ψ·b (grads) + Ψ·K (optimizer state); stage 1
+divides the optimizer state by N ranks, stage 2 also the grads, stage 3 also the
+params. We count exactly what `shard_zero` allocates: each leaf's chunk is
+ceil(numel / N) elements (rank 0's, the largest), so padding is included. The
+activation figure is Korthikanti et al.'s 34·s·b·h bytes per transformer layer in
+16-bit (attention scores not materialised, as with SDPA), scaled to the compute dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+__all__ = ["MemoryEstimate", "estimate_memory", "OPTIMIZER_STATES"]
+
+#: fp32 tensors of optimizer state per param.
+OPTIMIZER_STATES = {"sgd": 0, "sgd_momentum": 1, "lion": 1, "adamw": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    params: int
+    grads: int
+    optimizer: int
+    activations: int | None = None
+
+    @property
+    def model_state(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.model_state + (self.activations or 0)
+
+    def __str__(self) -> str:
+        rows = [("params", self.params), ("grads", self.grads), ("optimizer", self.optimizer)]
+        if self.activations is not None:
+            rows.append(("activations", self.activations))
+        rows.append(("total", self.total))
+        return "\n".join(f"{name:<12}{n / 2**30:10.3f} GiB" for name, n in rows)
+
+
+def estimate_memory(
+    model: Any,
+    stage: int = 0,
+    world_size: int = 1,
+    optimizer: str = "adamw",
+    param_dtype: torch.dtype = torch.float32,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+) -> MemoryEstimate:
+    """Per-rank bytes for `model` (a `sharded.Model`) under `shard_zero(stage)` on
+    `world_size` dp ranks (stage 0: plain data parallelism).
+
+    `batch_size` (per rank, per micro-batch) and `seq_len` add the activation estimate
+    for models with a GPT-style `cfg` (n_layers, d_model).
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"estimate_memory(stage=...) must be 0 (no ZeRO), 1, 2 or 3; got {stage!r}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}")
+    numels = [p.numel() for p in model.params.values() if p.is_floating_point()]
+
+    def elements(sharded: bool) -> int:
+        return sum(-(-n // world_size) if sharded and world_size > 1 else n for n in numels)
+
+    b = torch.empty((), dtype=param_dtype).element_size()
+    master = 4 if b < 4 else 0  # fp32 master weights kept beside low-precision params
+    activations = None
+    cfg = getattr(model.module, "cfg", None)
+    if batch_size is not None and seq_len is not None and cfg is not None:
+        activations = int(cfg.n_layers * 34 * seq_len * batch_size * cfg.d_model * b / 2)
+    return MemoryEstimate(
+        params=elements(stage >= 3) * b,
+        grads=elements(stage >= 2) * b,
+        optimizer=elements(stage >= 1) * (4 * OPTIMIZER_STATES[optimizer] + master),
+        activations=activations,
+    )
