@@ -27,6 +27,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="default: the preset's")
     p.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per update (1: off)")
     p.add_argument("--no-data-parallel", dest="data_parallel", action="store_false", help="drop data_parallel")
+    p.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3], help="shard_zero stage instead of data_parallel (0: off)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -43,10 +44,46 @@ def _run_train(args: argparse.Namespace) -> None:
     main(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
 
 
+def _estimate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "estimate",
+        help="per-rank memory of a GPT preset under ZeRO",
+        description="Per-rank bytes of params, grads and optimizer state under shard_zero(stage) "
+        "(the ZeRO paper's formulas, padding included), plus an activation estimate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default="1.3b")
+    p.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3], help="ZeRO stage (0: plain data parallel)")
+    p.add_argument("--world-size", type=int, default=8, help="ranks on the dp axis")
+    p.add_argument("--optimizer", default="adamw", choices=["sgd", "sgd_momentum", "lion", "adamw"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="param dtype")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per rank per micro-batch (adds activations)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
+    p.set_defaults(run=_run_estimate)
+
+
+def _run_estimate(args: argparse.Namespace) -> None:
+    import torch
+
+    import sharded
+    from sharded.models import GPT, GPTConfig
+
+    cfg = GPTConfig.preset(args.preset)
+    with torch.device("meta"):
+        model = sharded.trace(GPT(cfg))
+    est = sharded.estimate_memory(
+        model, stage=args.zero, world_size=args.world_size, optimizer=args.optimizer,
+        param_dtype=getattr(torch, args.dtype), batch_size=args.batch_size, seq_len=args.seq_len or cfg.seq_len,
+    )
+    print(f"GPT-{args.preset} ({model.num_params() / 1e9:.2f}B params), shard_zero(stage={args.zero}) on {args.world_size} ranks, per rank:")
+    print(est)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sharded", description="Composable large-model training for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
+    _estimate_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv or ["train"])  # no arguments: the main job's defaults
     args.run(args)

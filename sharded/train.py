@@ -36,6 +36,7 @@ class TrainConfig:
     seq_len: int | None = None  # default: the preset's
     accumulate: int = 2
     data_parallel: bool = True
+    zero: int = 0  # shard_zero stage in place of data_parallel (0: off)
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
@@ -49,8 +50,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     """The user's step, then the transforms, outermost last (torchtitan style: order matters).
 
     1. accumulate: micro-batches inside each rank;
-    2. data_parallel: outside accumulate, so grads are all-reduced once per update,
-       overlapped with the last micro-batch's backward.
+    2. data_parallel, or shard_zero(stage=cfg.zero): outside accumulate, so grads are
+       reduced once per update, overlapped with the last micro-batch's backward.
     """
 
     def loss(params, batch):
@@ -64,7 +65,9 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     step = train_step
     if cfg.accumulate > 1:
         step = sharded.accumulate(steps=cfg.accumulate)(step)
-    if cfg.data_parallel:
+    if cfg.zero:
+        step = sharded.shard_zero(stage=cfg.zero)(step)
+    elif cfg.data_parallel:
         step = sharded.data_parallel(step)
     return sharded.Step(step) if not isinstance(step, sharded.Step) else step
 
@@ -98,7 +101,7 @@ def run_rank(cfg: TrainConfig) -> dict:
     gcfg = dataclasses.replace(gcfg, seq_len=seq_len)
     torch.manual_seed(cfg.seed)
     model = sharded.trace(GPT(gcfg).to(device))
-    schedule = sharded.optim.schedules.warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, end=cfg.lr / 10)
+    schedule = sharded.optim.schedules.warmup_cosine(cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps, end=cfg.lr / 10)
     tx = sharded.optim.chain(
         sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(schedule, weight_decay=cfg.weight_decay)
     )
@@ -134,7 +137,7 @@ def run_rank(cfg: TrainConfig) -> dict:
             }
             log.append(row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-    val = evaluate(model, state.params, corpus, cfg, seq_len, device)
+    val = evaluate(model, step.gather(state).params, corpus, cfg, seq_len, device)
     baseline = corpus.unigram_entropy("val")
     summary = {
         "preset": cfg.preset,

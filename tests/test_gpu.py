@@ -32,25 +32,36 @@ def test_trace_and_fused_adamw_on_cuda_match_cpu():
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-3, atol=1e-4)
 
 
-def _dp_on_cuda(cfg, batches):
+STACKS = {
+    "data_parallel": lambda f: sharded.data_parallel(bucket_mb=0.01)(sharded.accumulate(steps=2)(f)),
+    "zero1": lambda f: sharded.shard_zero(stage=1, bucket_mb=0.01)(sharded.accumulate(steps=2)(f)),
+    "zero2": lambda f: sharded.accumulate(steps=2)(sharded.shard_zero(stage=2, bucket_mb=0.01)(f)),
+    "zero3": lambda f: sharded.shard_zero(stage=3, prefetch=2)(sharded.accumulate(steps=2)(f)),
+}
+
+
+def _dp_on_cuda(cfg, batches, stack):
     assert torch.distributed.get_backend() == "nccl"
     dev = sharded.distributed.device()
     model = sharded.trace(ToyLM(cfg).to(dev))
-    step = sharded.data_parallel(bucket_mb=0.01)(sharded.accumulate(steps=2)(make_train_step(model)))
-    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    step = STACKS[stack](make_train_step(model))
+    tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2))
+    state = step.init(sharded.TrainState.create(model.params, tx))
     for x, y in batches:
         state, m = step(state, (x.to(dev), y.to(dev)))
-    return {k: v.cpu() for k, v in state.params.items()}, m["loss"].cpu()
+    return {k: v.cpu() for k, v in step.gather(state).params.items()}, m["loss"].cpu()
 
 
 @needs(2)
-def test_data_parallel_over_nccl_matches_one_gpu():
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_data_parallel_and_zero_over_nccl_match_one_gpu(stack):
     cfg = ToyConfig(tied=True, depth=4, width=64, hidden=96, vocab=50)
     batches = _batches(cfg.vocab, 8, 4)
-    got, loss = sharded.launch(_dp_on_cuda, cfg, batches, nprocs=2, device="cuda")
+    got, loss = sharded.launch(_dp_on_cuda, cfg, batches, stack, nprocs=2, device="cuda")
     model = sharded.trace(ToyLM(cfg).cuda())
     step = sharded.Step(make_train_step(model))
-    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2))
+    state = step.init(sharded.TrainState.create(model.params, tx))
     for x, y in batches:
         state, m = step(state, (x.cuda(), y.cuda()))
     for k, v in state.params.items():

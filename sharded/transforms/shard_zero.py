@@ -14,8 +14,12 @@ path; inside it, tree reductions (`clip_by_global_norm`) sum over the dp ranks. 
 stages 1 and 2 the chunks are views of the full params, updated in place, then
 all-gathered bucket by bucket.
 
-Per-rank model-state bytes (Ψ params, K optimizer bytes per param): stage 1
-(2+2)·Ψ·b/… — see `sharded.memory.estimate_memory`, which tests hold this to.
+Per-rank model-state bytes are the ZeRO paper's (Ψ·b params + Ψ·b grads + Ψ·K
+optimizer, divided by N from the stage on), padding included: see
+`sharded.memory.estimate_memory`, which tests/test_shard_zero.py holds this to.
+
+`init` donates the state (decision 1): in stage 3 the full params' storage is
+released once their chunks are taken, so the module's own tensors are empty after it.
 
 Composes with `accumulate` (one reduction per update, in the last micro-batch's
 backward); stage 3 must be outside it, since it replaces the params that the
@@ -127,7 +131,12 @@ class ShardZero(Transform):
         def cut(x: torch.Tensor, i: int) -> torch.Tensor:
             return local_chunk(x.contiguous(), size, rank).clone() if sharded[i] else x
 
-        params = self._map_mirrors(state.params, cut) if self.stage == 3 else state.params
+        if self.stage < 3:
+            return state.replace(opt_state=self._map_mirrors(state.opt_state, cut))
+        params = self._map_mirrors(state.params, cut)
+        for x, s in zip(leaves, sharded):  # donated (decision 1): the full params' memory goes back now
+            if s:
+                x.untyped_storage().resize_(0)
         return state.replace(params=params, opt_state=self._map_mirrors(state.opt_state, cut))
 
     def gather(self, state: Any) -> Any:
@@ -265,7 +274,9 @@ class ShardZero(Transform):
             out.append(Op("collective", "all_gather per block", f"each block's params just before its forward and again before its backward, {self.prefetch} block(s) ahead; freed after use"))
         for op in program:
             out.append(op)
-            if _contains(op, "backward"):
+            if _contains(op, "backward") and self.stage == 3:
+                out.append(Op("collective", "reduce_scatter grads per block", f"as each block's backward completes, over {self.axis}={size}", overlaps="backward"))
+            elif _contains(op, "backward"):
                 for b, g in enumerate(buckets):
                     out.append(Op("collective", f"{grads_op} grads {g.name}", f"{len(g.leaves)} leaves, over {self.axis}={size}", nbytes=size * g.size * itemsize(g), overlaps="backward" if b < len(buckets) - 1 else ""))
             if op.name == "update":

@@ -1,0 +1,154 @@
+"""shard_zero vs FSDP2 (`torch.distributed.fsdp.fully_shard`) on the same GPT, data,
+bf16 autocast and fused AdamW, in one run on N local GPUs.
+
+    python benchmarks/zero_vs_fsdp2.py --nproc 2 --preset 1.3b --out benchmarks/results/zero_vs_fsdp2.json
+
+Pairs: sharded stage 3 vs FSDP2 (reshard_after_forward=True); sharded stage 2 vs FSDP2
+with reshard_after_forward=False. Each system runs alone on the GPUs (built, warmed up,
+timed, freed) so its peak memory is its own; reports tokens/s and peak memory per rank.
+Both keep fp32 params and communicate in fp32 (no mixed_precision transform yet: both
+compute in bf16 through autocast).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+
+import torch
+
+import sharded
+from sharded.models import GPT, GPTConfig, loss_fn
+
+PAIRS = [("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard")]
+
+
+def _fsdp2(cfg, reshard: bool):
+    from torch.distributed.fsdp import fully_shard
+
+    module = GPT(cfg).to(sharded.distributed.device())
+    for block in module.blocks:
+        fully_shard(block, reshard_after_forward=reshard)
+    fully_shard(module, reshard_after_forward=reshard)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    rank, world = sharded.distributed.rank(), sharded.distributed.world_size()
+
+    def step(x, y):
+        rows = x.shape[0] // world
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = loss_fn(module(x[rank * rows : (rank + 1) * rows]), y[rank * rows : (rank + 1) * rows])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _sharded(cfg, stage: int):
+    model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
+
+    def loss(params, batch):
+        with torch.autocast("cuda", torch.bfloat16):
+            return loss_fn(model.apply(params, batch[0]), batch[1])
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(loss)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    zero = sharded.shard_zero(stage=stage)(train_step)
+    box = [zero.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-4, weight_decay=0.1)))]
+
+    def step(x, y):
+        box[0], _ = zero(box[0], (x, y))
+
+    return step
+
+
+BUILD = {
+    "fsdp2": lambda cfg: _fsdp2(cfg, reshard=True),
+    "fsdp2_no_reshard": lambda cfg: _fsdp2(cfg, reshard=False),
+    "sharded_zero3": lambda cfg: _sharded(cfg, stage=3),
+    "sharded_zero2": lambda cfg: _sharded(cfg, stage=2),
+}
+
+
+def measure(args) -> dict:
+    dev = sharded.distributed.device()
+    cfg = GPTConfig.preset(args.preset, seq_len=args.seq)
+    world = sharded.distributed.world_size()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
+    y = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
+    out = {}
+    for name in [n for pair in PAIRS for n in pair]:
+        torch.manual_seed(0)
+        step = BUILD[name](cfg)
+        for _ in range(args.warmup):
+            step(x, y)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        times = []
+        for _ in range(args.steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(x, y)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        peak = torch.tensor([torch.cuda.max_memory_allocated(dev)], dtype=torch.float64, device=dev)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        med = statistics.median(times)
+        out[name] = {
+            "median_step_s": med,
+            "step_s": times,
+            "tokens_per_s": args.batch * world * args.seq / med,
+            "peak_memory_gib_max_rank": peak.item() / 2**30,
+        }
+        del step
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--preset", default="1.3b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=4, help="sequences per rank")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--commit", default=os.environ.get("SHARDED_COMMIT"))
+    args = ap.parse_args()
+    systems = sharded.launch(measure, args, nprocs=args.nproc, device="cuda", timeout=1800)
+    result = {
+        "benchmark": "zero_vs_fsdp2",
+        "device": f"{args.nproc}x {torch.cuda.get_device_name(0)}",
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "commit": args.commit,
+        "preset": args.preset,
+        "seq": args.seq,
+        "batch_per_rank": args.batch,
+        "precision": "fp32 params and communication, bf16 autocast compute, fused AdamW",
+        "systems": systems,
+        "ratios": {
+            f"{ours}/{base}": {
+                "tokens_per_s": systems[ours]["tokens_per_s"] / systems[base]["tokens_per_s"],
+                "peak_memory": systems[ours]["peak_memory_gib_max_rank"] / systems[base]["peak_memory_gib_max_rank"],
+            }
+            for ours, base in PAIRS
+        },
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "systems"}, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
