@@ -140,3 +140,23 @@ def _zero_on_a_mesh_without_dp():
 def test_a_mesh_without_a_dp_axis_is_named():
     with pytest.raises(sharded.RankError, match=r"'dp' axis, which has size 1.*sharded.Mesh\(dp=2\)"):
         get_pool(2).run(_zero_on_a_mesh_without_dp)
+
+
+def _state_is_freed_with_the_step(stage):
+    import gc
+    import weakref
+
+    model = sharded.trace(ToyLM(ToyConfig(depth=2)))
+    step = sharded.shard_zero(stage=stage)(make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
+    state, _ = step(state, (torch.randint(0, 11, (4, 3)),) * 2)
+    refs = [weakref.ref(x) for x in sharded.tree.leaves(state)]
+    del step, state
+    gc.collect()
+    return sum(r() is not None for r in refs)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_nothing_keeps_the_state_alive(stage):
+    """A benchmark that builds several steps in turn must get each one's memory back."""
+    assert get_pool(2).run(_state_is_freed_with_the_step, stage) == [0, 0]

@@ -81,6 +81,10 @@ class Gatherer:
             self._finish(pending)  # no collective is left unwaited
         for u in range(len(self.units or ())):
             self.free(u)
+        # Hooks on this pass's activations may keep the gatherer reachable for a while;
+        # drop its tensors now so the step's state can be freed when the caller drops it.
+        self.chunks = self.full = self.writers = ()
+        self.grad_pass = None
 
     def _start(self, u: int) -> None:
         if 0 <= u < len(self.units) and not self.gathered[u] and u not in self.inflight:
