@@ -4,8 +4,8 @@ bf16 autocast and fused AdamW, in one run on N local GPUs.
     python benchmarks/zero_vs_fsdp2.py --nproc 2 --preset 1.3b --out benchmarks/results/zero_vs_fsdp2.json
 
 Pairs: sharded stage 3 vs FSDP2 (reshard_after_forward=True); sharded stage 2 vs FSDP2
-with reshard_after_forward=False. Each system runs alone on the GPUs (built, warmed up,
-timed, freed) so its peak memory is its own; reports tokens/s and peak memory per rank.
+with reshard_after_forward=False. Each system runs in its own fresh ranks (one launch
+each) so its peak memory is its own; reports tokens/s and peak memory per rank.
 Both keep fp32 params and communicate in fp32 (no mixed_precision transform yet: both
 compute in bf16 through autocast).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import statistics
@@ -75,42 +74,36 @@ BUILD = {
 }
 
 
-def measure(args) -> dict:
+def measure(name: str, args) -> dict:
     dev = sharded.distributed.device()
     cfg = GPTConfig.preset(args.preset, seq_len=args.seq)
     world = sharded.distributed.world_size()
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
     y = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
-    out = {}
-    for name in [n for pair in PAIRS for n in pair]:
-        torch.manual_seed(0)
-        step = BUILD[name](cfg)
-        for _ in range(args.warmup):
-            step(x, y)
+    torch.manual_seed(0)
+    step = BUILD[name](cfg)
+    for _ in range(args.warmup):
+        step(x, y)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(args.steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(x, y)
+        end.record()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
-        times = []
-        for _ in range(args.steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(x, y)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        peak = torch.tensor([torch.cuda.max_memory_allocated(dev)], dtype=torch.float64, device=dev)
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        med = statistics.median(times)
-        out[name] = {
-            "median_step_s": med,
-            "step_s": times,
-            "tokens_per_s": args.batch * world * args.seq / med,
-            "peak_memory_gib_max_rank": peak.item() / 2**30,
-        }
-        del step
-        gc.collect()
-        torch.cuda.empty_cache()
-    return out
+        times.append(start.elapsed_time(end) / 1e3)
+    peak = torch.tensor([torch.cuda.max_memory_allocated(dev)], dtype=torch.float64, device=dev)
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    med = statistics.median(times)
+    return {
+        "median_step_s": med,
+        "step_s": times,
+        "tokens_per_s": args.batch * world * args.seq / med,
+        "peak_memory_gib_max_rank": peak.item() / 2**30,
+    }
 
 
 def main() -> None:
@@ -124,7 +117,13 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default=os.environ.get("SHARDED_COMMIT"))
     args = ap.parse_args()
-    systems = sharded.launch(measure, args, nprocs=args.nproc, device="cuda", timeout=1800)
+    systems = {}
+    for name in [n for pair in PAIRS for n in pair]:
+        try:
+            systems[name] = sharded.launch(measure, name, args, nprocs=args.nproc, device="cuda", timeout=900)
+        except sharded.RankError as e:  # an OOM is a result too: record it, measure the rest
+            systems[name] = {"error": str(e).splitlines()[-1][:300]}
+        print(name, json.dumps({k: v for k, v in systems[name].items() if k != "step_s"}), flush=True)
     result = {
         "benchmark": "zero_vs_fsdp2",
         "device": f"{args.nproc}x {torch.cuda.get_device_name(0)}",
@@ -142,6 +141,7 @@ def main() -> None:
                 "peak_memory": systems[ours]["peak_memory_gib_max_rank"] / systems[base]["peak_memory_gib_max_rank"],
             }
             for ours, base in PAIRS
+            if "error" not in systems[ours] and "error" not in systems[base]
         },
     }
     print(json.dumps({k: v for k, v in result.items() if k != "systems"}, indent=2))
