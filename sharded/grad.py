@@ -43,9 +43,19 @@ class GradPass:
         self.on_ready: list[Ready] = []
         self.finalize: Callable[[], Any] | None = None
         self.attached: dict[Any, Any] = {}
-        for i, leaf in enumerate(self.leaves):
-            if leaf.requires_grad:
-                leaf.register_post_accumulate_grad_hook(self._hook(i))
+        self._handles = [
+            leaf.register_post_accumulate_grad_hook(self._hook(i)) for i, leaf in enumerate(self.leaves) if leaf.requires_grad
+        ]
+
+    def close(self) -> None:
+        """Drop the hooks and everything transforms attached. The pass, its leaves and
+        its reducers form reference cycles; left to Python's cyclic collector, they
+        would keep a step's bucket buffers (device memory) alive for several steps."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.on_ready, self.finalize = [], [], None
+        self.attached.clear()
+        self.leaves = []
 
     @staticmethod
     def _leaf(p: torch.Tensor) -> torch.Tensor:
@@ -93,6 +103,7 @@ def grad_pass(params: Any) -> Iterator[tuple[GradPass, bool]]:
         yield gp, True
     finally:
         _current.reset(token)
+        gp.close()
 
 
 def _value_and_grad_impl(fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:

@@ -161,3 +161,49 @@ def _state_is_freed_with_the_step(stage):
 def test_nothing_keeps_the_state_alive(stage):
     """A benchmark that builds several steps in turn must get each one's memory back."""
     assert get_pool(2).run(_state_is_freed_with_the_step, stage) == [0, 0]
+
+
+class LiveProbe(Transform):
+    """Innermost: at the update, the bytes of every tensor Python can reach."""
+
+    name = "live_probe"
+
+    def __init__(self):
+        self.seen = []
+        self.handlers = {"update": self._update}
+
+    def _update(self, next_, tx, grads, opt_state, params):
+        import gc
+
+        storages = {}
+        for o in gc.get_objects():
+            if isinstance(o, torch.Tensor) and o.device.type != "meta":
+                storages[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+        self.seen.append((sum(storages.values()), live_bytes(grads)))
+        return next_(tx, grads, opt_state, params)
+
+
+def _live_at_update(stage):
+    model = _gpt()
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    probe = LiveProbe()
+    inner = sharded.Step(train_step, (probe,))
+    step = sharded.shard_zero(stage=stage)(inner) if stage else sharded.data_parallel(inner)
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
+    batch = (torch.randint(0, 61, (8, 8)),) * 2
+    for _ in range(3):
+        state, _ = step(state, batch)
+    held = live_bytes((state, batch, model.module.state_dict()))
+    return [total - held - grads for total, grads in probe.seen]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_no_buffer_outlives_its_step(stage):
+    """At each update, nothing but the state, the batch and the grads is alive: no
+    bucket of an earlier step waits for the cyclic garbage collector."""
+    for extra in get_pool(2).run(_live_at_update, stage):
+        assert max(extra) <= 4096, extra

@@ -89,6 +89,7 @@ class GradReducer:
         self._start_ready()
         for work in self.pending:
             work.wait()
+        self.pending = []  # a Pending holds its tensors (for its error message)
         if self.scatter:
             self.inputs = [None] * len(self.groups)
         grads: list[torch.Tensor] = [torch.zeros_like(x) for x in self.leaves]

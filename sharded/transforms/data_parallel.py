@@ -113,6 +113,7 @@ class Reducer:
         self._start_ready()
         for work in self.pending:
             work.wait()
+        self.pending = []  # a Pending holds its tensors (for its error message)
         grads = [torch.zeros_like(leaf) for leaf in self.leaves]
         for b, bucket in enumerate(self.buckets):
             for i, offset in zip(bucket.leaves, bucket.offsets):
