@@ -21,17 +21,21 @@ def live_bytes(tree) -> int:
     return sum(storages.values())
 
 
-class GradProbe(Transform):
-    """Innermost transform that records the bytes of the grads the optimizer receives."""
+class UpdateProbe(Transform):
+    """Innermost transform that records, at each update, the bytes of the grads the
+    optimizer receives and of every tensor Python can reach."""
 
-    name = "grad_probe"
+    name = "update_probe"
 
     def __init__(self):
-        self.seen = []
+        self.grads, self.reachable = [], []
         self.handlers = {"update": self._update}
 
     def _update(self, next_, tx, grads, opt_state, params):
-        self.seen.append(live_bytes(grads))
+        import gc
+
+        self.grads.append(live_bytes(grads))
+        self.reachable.append(live_bytes([o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]))
         return next_(tx, grads, opt_state, params)
 
 
@@ -47,7 +51,7 @@ def _model_state_on_rank(stage):
         value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
         return state.apply_gradients(grads), {"loss": value}
 
-    probe = GradProbe()
+    probe = UpdateProbe()
     step = sharded.shard_zero(stage=stage)(sharded.Step(train_step, (probe,)))
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
     batch = (torch.randint(0, 61, (4 * sharded.distributed.world_size(), 8)),) * 2
@@ -56,7 +60,7 @@ def _model_state_on_rank(stage):
     return {
         "rank": sharded.distributed.rank(),
         "params": live_bytes(state.params),
-        "grads": probe.seen[0],
+        "grads": probe.grads[0],
         "optimizer": live_bytes(state.opt_state) - sum(c.nbytes for c in counts),
     }
 
@@ -163,26 +167,6 @@ def test_nothing_keeps_the_state_alive(stage):
     assert get_pool(2).run(_state_is_freed_with_the_step, stage) == [0, 0]
 
 
-class LiveProbe(Transform):
-    """Innermost: at the update, the bytes of every tensor Python can reach."""
-
-    name = "live_probe"
-
-    def __init__(self):
-        self.seen = []
-        self.handlers = {"update": self._update}
-
-    def _update(self, next_, tx, grads, opt_state, params):
-        import gc
-
-        storages = {}
-        for o in gc.get_objects():
-            if isinstance(o, torch.Tensor) and o.device.type != "meta":
-                storages[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
-        self.seen.append((sum(storages.values()), live_bytes(grads)))
-        return next_(tx, grads, opt_state, params)
-
-
 def _live_at_update(stage):
     model = _gpt()
 
@@ -190,7 +174,7 @@ def _live_at_update(stage):
         value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
         return state.apply_gradients(grads), {"loss": value}
 
-    probe = LiveProbe()
+    probe = UpdateProbe()
     inner = sharded.Step(train_step, (probe,))
     step = sharded.shard_zero(stage=stage)(inner) if stage else sharded.data_parallel(inner)
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
@@ -198,7 +182,7 @@ def _live_at_update(stage):
     for _ in range(3):
         state, _ = step(state, batch)
     held = live_bytes((state, batch, model.module.state_dict()))
-    return [total - held - grads for total, grads in probe.seen]
+    return [total - held - grads for total, grads in zip(probe.reachable, probe.grads)]
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

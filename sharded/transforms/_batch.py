@@ -40,6 +40,12 @@ def split(batch: Any, parts: int, who: str, fix: str) -> list[Any]:
     return [part(i) for i in range(parts)]
 
 
+def rank_rows(batch: Any, ranks: int, rank: int, who: str) -> Any:
+    """This rank's equal share of the global batch's rows (data parallelism)."""
+    fix = f"use a global batch that is a multiple of {ranks} ranks × micro-batches (drop or pad the last batch)"
+    return split(batch, ranks, who=f"{who} over {ranks} ranks", fix=fix)[rank]
+
+
 def mean_floats(values: list[Any]) -> Any:
     """Average the floating tensor leaves of equal-structured trees; others from the last."""
 

@@ -33,7 +33,7 @@ from sharded import tree as T
 from sharded.grad import grad_pass
 from sharded.mesh import Mesh
 from sharded.step import Op, ProgramInfo, Transform, transform
-from sharded.transforms._batch import split
+from sharded.transforms._batch import rank_rows
 
 __all__ = ["data_parallel"]
 
@@ -159,12 +159,7 @@ class DataParallel(Transform):
         size, group = mesh.size(self.axis), mesh.group(self.axis)
         if size == 1:
             return next_(fn, has_aux, params, args, kwargs)
-        local = split(
-            args,
-            size,
-            who=f"data_parallel over {self.axis}={size}",
-            fix=f"use a global batch that is a multiple of {size} ranks × micro-batches (drop or pad the last batch)",
-        )[mesh.rank(self.axis)]
+        local = rank_rows(args, size, mesh.rank(self.axis), who="data_parallel")
         make = lambda gp: Reducer(gp.leaves, self._plan(gp.leaves, gp.treespec), group, size)  # noqa: E731
         return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, group, size)
 

@@ -38,7 +38,7 @@ from sharded.grad import grad_pass
 from sharded.mesh import Mesh
 from sharded.step import Op, ProgramInfo, Transform, transform
 from sharded.transforms import _stage3
-from sharded.transforms._batch import split
+from sharded.transforms._batch import rank_rows
 from sharded.transforms._flat import FlatGroup, gather_leaf, local_chunk, plan_group
 from sharded.transforms._reduce import GradReducer
 from sharded.transforms.data_parallel import broadcast_from_first, mean_over, plan_buckets, reduce_during_backward
@@ -185,12 +185,7 @@ class ShardZero(Transform):
         size, rank, group = self._axis()
         if size == 1:
             return next_(fn, has_aux, params, args, kwargs)
-        local = split(
-            args,
-            size,
-            who=f"shard_zero over {self.axis}={size}",
-            fix=f"use a global batch that is a multiple of {size} ranks × micro-batches (drop or pad the last batch)",
-        )[rank]
+        local = rank_rows(args, size, rank, who=f"shard_zero(stage={self.stage})")
         if self.stage == 3:
             return self._value_and_grad_stage3(next_, fn, has_aux, params, local, kwargs, size, rank, group)
         make = lambda gp: GradReducer(gp.leaves, self._buckets(gp.leaves, size), group, rank, scatter=self.stage == 2)  # noqa: E731
