@@ -17,7 +17,9 @@ __all__ = ["TrainState"]
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     """params, opt_state, step and `extra` (what transforms add: loss scale, error
-    feedback, ...) are the pytree's children; `tx`, the optimizer, is static.
+    feedback, ...) are the pytree's children; `tx`, the optimizer, and `sharding` (a
+    `sharded.sharding.ChunkLayout` when a transform keeps only this rank's chunks of
+    the leaves, else None) are static.
 
     A step may update the tensors of the state it is given in place (as jax.jit with
     donated arguments does): keep using the state it returns, not the one passed in.
@@ -28,6 +30,7 @@ class TrainState:
     step: torch.Tensor
     tx: GradientTransformation
     extra: dict = dataclasses.field(default_factory=dict)
+    sharding: Any = None
 
     @classmethod
     def create(cls, params: Any, tx: GradientTransformation, **extra: Any) -> TrainState:
@@ -44,12 +47,13 @@ class TrainState:
 
 
 def _flatten(s: TrainState):
-    return (s.params, s.opt_state, s.step, s.extra), s.tx, ("params", "opt_state", "step", "extra")
+    return (s.params, s.opt_state, s.step, s.extra), (s.tx, s.sharding), ("params", "opt_state", "step", "extra")
 
 
-def _unflatten(tx: GradientTransformation, children: tuple) -> TrainState:
+def _unflatten(static: tuple, children: tuple) -> TrainState:
     params, opt_state, step, extra = children
-    return TrainState(params=params, opt_state=opt_state, step=step, tx=tx, extra=extra)
+    tx, sharding = static
+    return TrainState(params=params, opt_state=opt_state, step=step, tx=tx, extra=extra, sharding=sharding)
 
 
 optree.register_pytree_node(TrainState, _flatten, _unflatten, namespace="sharded")

@@ -1,16 +1,10 @@
-"""Cutting leaves into per-rank chunks, and the padded flat buffers that move them.
+"""The padded flat buffers that move groups of chunked leaves in one collective.
 
-[Note: chunk layout] A leaf of `n` elements is sharded over N ranks as its flattened
-form cut into chunks of `c = ceil(n / N)`: rank r owns elements [r·c, (r+1)·c) clipped
-to n, so the last ranks may own fewer (or none). This is exactly DTensor's Shard(0)
-of the flattened leaf, so a chunk converts to a DTensor without copying. Chunks are
-views of the flattened leaf where the leaf is whole (stages 1 and 2 update params in
-place through them) and standalone 1-D tensors where it is not (stage 3).
-
-Collectives move a *group* of leaves at once through a padded buffer of N rows of
-`S = Σ c_i` elements: row r holds rank r's chunk of every leaf, each padded with zeros
-to its c_i. An all-gather of the rows rebuilds every leaf (copy-out); a full leaf
-written row-wise (copy-in) reduce-scatters to each rank's chunks.
+Chunks follow [Note: chunk layout] in sharded/sharding.py. Collectives move a *group*
+of leaves at once through a padded buffer of N rows of `S = Σ c_i` elements: row r
+holds rank r's chunk of every leaf, each padded with zeros to its c_i. An all-gather
+of the rows rebuilds every leaf (copy-out); a full leaf written row-wise (copy-in)
+reduce-scatters to each rank's chunks.
 """
 from __future__ import annotations
 
@@ -20,25 +14,9 @@ from typing import Any, Sequence
 import torch
 
 from sharded import comm
+from sharded.sharding import bounds, chunk_size
 
-__all__ = ["chunk_size", "bounds", "local_chunk", "FlatGroup", "plan_group", "gather_leaf"]
-
-
-def chunk_size(numel: int, ranks: int) -> int:
-    return -(-numel // ranks)
-
-
-def bounds(numel: int, ranks: int, rank: int) -> tuple[int, int]:
-    """[start, end) of rank's chunk of a flattened leaf of `numel` elements."""
-    c = chunk_size(numel, ranks)
-    start = min(rank * c, numel)
-    return start, min(start + c, numel)
-
-
-def local_chunk(x: torch.Tensor, ranks: int, rank: int) -> torch.Tensor:
-    """This rank's chunk of `x`: a 1-D view of the flattened (contiguous) leaf."""
-    start, end = bounds(x.numel(), ranks, rank)
-    return x.view(-1)[start:end]
+__all__ = ["FlatGroup", "plan_group", "gather_leaf"]
 
 
 @dataclasses.dataclass(frozen=True)

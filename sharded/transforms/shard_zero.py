@@ -8,8 +8,8 @@ grads averaged over the dp ranks), with the model state split over those ranks:
     stage 3  + params: each rank holds its chunk; whole params exist only while a
              block runs (see [Note: stage 3 params] in _stage3.py)
 
-Chunks follow [Note: chunk layout] in _flat.py (DTensor's Shard(0) of the flattened
-leaf). The optimizer runs only on this rank's chunks, through the optimizer's fused
+Chunks follow [Note: chunk layout] in sharded/sharding.py (DTensor's Shard(0) of the
+flattened leaf); the state records them in `state.sharding`. The optimizer runs only on this rank's chunks, through the optimizer's fused
 path; inside it, tree reductions (`clip_by_global_norm`) sum over the dp ranks. In
 stages 1 and 2 the chunks are views of the full params, updated in place, then
 all-gathered bucket by bucket.
@@ -39,7 +39,8 @@ from sharded.mesh import Mesh
 from sharded.step import Op, ProgramInfo, Transform, transform
 from sharded.transforms import _stage3
 from sharded.transforms._batch import rank_rows
-from sharded.transforms._flat import FlatGroup, gather_leaf, local_chunk, plan_group
+from sharded.sharding import ChunkLayout, local_chunk, map_chunked
+from sharded.transforms._flat import FlatGroup, gather_leaf, plan_group
 from sharded.transforms._reduce import GradReducer
 from sharded.transforms.data_parallel import broadcast_from_first, mean_over, plan_buckets, reduce_during_backward
 
@@ -69,7 +70,7 @@ class ShardZero(Transform):
         self.handlers = {"value_and_grad": self._value_and_grad, "update": self._update}
         if stage == 3:
             self.handlers["apply"] = self._apply
-        self._layout: tuple[Any, list[torch.Size], list[bool]] | None = None  # (treespec, shapes, sharded)
+        self._layout: ChunkLayout | None = None  # set by init
         self._like: list[torch.Tensor] = []  # a meta tensor per param leaf: its shape and dtype
         self._plans: dict[Any, list[FlatGroup]] = {}
 
@@ -105,51 +106,49 @@ class ShardZero(Transform):
 
     # -- layout ---------------------------------------------------------------------
 
-    def _map_mirrors(self, tree: Any, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Any:
-        """Apply fn(leaf, index) to every subtree of `tree` that mirrors the params."""
-        spec = self._layout[0]
-
-        def mirrors(x: Any) -> bool:
-            return not isinstance(x, torch.Tensor) and x is not None and T.structure(x) == spec
-
-        def rebuild(x: Any) -> Any:
-            return T.unflatten(spec, [fn(leaf, i) for i, leaf in enumerate(T.leaves(x))]) if mirrors(x) else x
-
-        return optree.tree_map(rebuild, tree, is_leaf=mirrors, none_is_leaf=True, namespace="sharded")
-
     def init(self, state: Any) -> Any:
         size, rank, group = self._axis()
         broadcast_from_first(state, group)
         leaves = T.leaves(state.params)
-        sharded = [isinstance(p, torch.Tensor) and p.is_floating_point() and p.numel() > 0 for p in leaves]
-        self._layout = (T.structure(state.params), [p.shape for p in leaves], sharded)
+        self._layout = ChunkLayout(
+            axis=self.axis,
+            ranks=size,
+            rank=rank,
+            params=self.stage == 3,
+            treespec=T.structure(state.params),
+            shapes=tuple(p.shape for p in leaves),
+            chunked=tuple(isinstance(p, torch.Tensor) and p.is_floating_point() and p.numel() > 0 for p in leaves),
+        )
         self._like = [torch.empty_like(p, device="meta") for p in leaves]
         self._device = leaves[0].device if leaves else torch.device("cpu")
         if size == 1:
             return state
+        layout = self._layout
 
         def cut(x: torch.Tensor, i: int) -> torch.Tensor:
-            return local_chunk(x.contiguous(), size, rank).clone() if sharded[i] else x
+            return local_chunk(x.contiguous(), size, rank).clone()
 
+        opt_state = map_chunked(state.opt_state, layout.treespec, layout.chunked, cut)
         if self.stage < 3:
-            return state.replace(opt_state=self._map_mirrors(state.opt_state, cut))
-        params = self._map_mirrors(state.params, cut)
-        for x, s in zip(leaves, sharded):  # donated (decision 1): the full params' memory goes back now
-            if s:
+            return state.replace(opt_state=opt_state, sharding=layout)
+        params = map_chunked(state.params, layout.treespec, layout.chunked, cut)
+        for x, chunked in zip(leaves, layout.chunked):  # donated (decision 1): the full params' memory goes back now
+            if chunked:
                 x.untyped_storage().resize_(0)
-        return state.replace(params=params, opt_state=self._map_mirrors(state.opt_state, cut))
+        return state.replace(params=params, opt_state=opt_state, sharding=layout)
 
     def gather(self, state: Any) -> Any:
         size, _, group = self._axis()
-        if size == 1 or self._layout is None:
+        layout = state.sharding
+        if size == 1 or layout is None:
             return state
-        _, shapes, sharded = self._layout
 
         def whole(x: torch.Tensor, i: int) -> torch.Tensor:
-            return gather_leaf(x, shapes[i], group, size) if sharded[i] else x
+            return gather_leaf(x, layout.shapes[i], group, size)
 
-        params = self._map_mirrors(state.params, whole) if self.stage == 3 else state.params
-        return state.replace(params=params, opt_state=self._map_mirrors(state.opt_state, whole))
+        params = map_chunked(state.params, layout.treespec, layout.chunked, whole) if layout.params else state.params
+        opt_state = map_chunked(state.opt_state, layout.treespec, layout.chunked, whole)
+        return state.replace(params=params, opt_state=opt_state, sharding=None)
 
     def _buckets(self, leaves: list[torch.Tensor], size: int) -> list[FlatGroup]:
         key = tuple((x.shape, x.dtype, x.device) for x in leaves)
@@ -162,7 +161,7 @@ class ShardZero(Transform):
         """One group per traced block (stage 3's gather unit), in model.blocks order."""
         key = ("units", id(model))
         if key not in self._plans:
-            spec, shapes, sharded = self._layout
+            spec, shapes, sharded = self._layout.treespec, self._layout.shapes, self._layout.chunked
             names = [path[0] for path in optree.tree_paths(T.unflatten(spec, list(range(len(shapes)))), namespace="sharded")]
             index = {name: i for i, name in enumerate(names)}
             units = []
@@ -192,11 +191,11 @@ class ShardZero(Transform):
         return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, group, size)
 
     def _gatherer(self, chunks: list[torch.Tensor], size: int, group: Any) -> _stage3.Gatherer:
-        _, shapes, sharded = self._layout
-        return _stage3.Gatherer(chunks, shapes, sharded, group, self.prefetch, self.reshard_after_forward)
+        layout = self._layout
+        return _stage3.Gatherer(chunks, layout.shapes, layout.chunked, group, self.prefetch, self.reshard_after_forward)
 
     def _value_and_grad_stage3(self, next_, fn, has_aux, params, local, kwargs, size, rank, group) -> Any:
-        spec = self._layout[0]
+        spec = self._layout.treespec
         with self._gatherer(T.leaves(params), size, group) as gatherer:
             full = T.unflatten(spec, gatherer.full)
             with grad_pass(full) as (gp, owner):
@@ -215,7 +214,7 @@ class ShardZero(Transform):
             with self._gatherer(T.leaves(params), size, group) as g:
                 self._bind(g, model, size, rank, group)
                 g.ensure_roots()
-                return next_(model, T.unflatten(self._layout[0], g.full), args, kwargs)
+                return next_(model, T.unflatten(self._layout.treespec, g.full), args, kwargs)
         self._bind(gatherer, model, size, rank, group)
         gatherer.ensure_roots()
         return next_(model, params, args, kwargs)
@@ -242,9 +241,9 @@ class ShardZero(Transform):
         with T.sharded_over(group):
             if self.stage == 3:
                 return next_(tx, grads, opt_state, params)
-            leaves, sharded = T.leaves(params), self._layout[2]
+            leaves, sharded = T.leaves(params), self._layout.chunked
             chunks = [local_chunk(p, size, rank) if s else p for p, s in zip(leaves, sharded)]
-            _, opt_state = next_(tx, grads, opt_state, T.unflatten(self._layout[0], chunks))
+            _, opt_state = next_(tx, grads, opt_state, T.unflatten(self._layout.treespec, chunks))
         buckets = self._buckets(leaves, size)
         started = [b.gather([chunks[i] for i in b.leaves], group, async_op=True) for b in buckets]
         for b, (rows, pending) in zip(buckets, started):

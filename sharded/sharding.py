@@ -1,0 +1,74 @@
+"""How a sharded state is cut: each rank keeps a chunk of the flattened leaf.
+
+[Note: chunk layout] A leaf of `n` elements is sharded over N ranks as its flattened
+form cut into chunks of `c = ceil(n / N)`: rank r owns elements [r·c, (r+1)·c) clipped
+to n, so the last ranks may own fewer (or none). This is exactly DTensor's Shard(0) of
+the flattened leaf (`to_dtensor`), which is how checkpoints reshard across stages and
+world sizes. `ChunkLayout` travels in `TrainState.sharding`, so anything that reads a
+state (checkpoints, `gather`) knows which leaves are chunks without knowing the
+transform that cut them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import optree
+import torch
+
+from sharded import tree as T
+
+__all__ = ["ChunkLayout", "chunk_size", "bounds", "local_chunk", "map_chunked", "to_dtensor"]
+
+
+def chunk_size(numel: int, ranks: int) -> int:
+    return -(-numel // ranks)
+
+
+def bounds(numel: int, ranks: int, rank: int) -> tuple[int, int]:
+    """[start, end) of rank's chunk of a flattened leaf of `numel` elements."""
+    c = chunk_size(numel, ranks)
+    start = min(rank * c, numel)
+    return start, min(start + c, numel)
+
+
+def local_chunk(x: torch.Tensor, ranks: int, rank: int) -> torch.Tensor:
+    """This rank's chunk of `x`: a 1-D view of the flattened (contiguous) leaf."""
+    start, end = bounds(x.numel(), ranks, rank)
+    return x.view(-1)[start:end]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChunkLayout:
+    """Which leaves of a state are this rank's chunks, and of what."""
+
+    axis: str  # the mesh axis the chunks are spread over
+    ranks: int
+    rank: int
+    params: bool  # the params themselves are chunked (ZeRO-3); else only their mirrors
+    treespec: Any  # the params' structure: optimizer-state subtrees with it mirror them
+    shapes: tuple[torch.Size, ...]  # each param leaf's full shape
+    chunked: tuple[bool, ...]  # which param leaves are cut (floating, non-empty)
+
+
+def map_chunked(tree: Any, treespec: Any, chunked: tuple[bool, ...], fn: Callable[[torch.Tensor, int], Any]) -> Any:
+    """`fn(leaf, i)` on leaf i of every subtree of `tree` with the params' structure
+    `treespec` (the params, or an optimizer moment that mirrors them) where
+    `chunked[i]`; every other leaf is left as it is."""
+
+    def mirrors(x: Any) -> bool:
+        return not isinstance(x, torch.Tensor) and x is not None and T.structure(x) == treespec
+
+    def rebuild(x: Any) -> Any:
+        if not mirrors(x):
+            return x
+        return T.unflatten(treespec, [fn(leaf, i) if chunked[i] else leaf for i, leaf in enumerate(T.leaves(x))])
+
+    return optree.tree_map(rebuild, tree, is_leaf=mirrors, none_is_leaf=True, namespace="sharded")
+
+
+def to_dtensor(chunk: torch.Tensor, numel: int, device_mesh: Any) -> Any:
+    """The chunk as the local shard of a DTensor of the flattened leaf (no copy)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(chunk, device_mesh, [Shard(0)], run_check=False, shape=torch.Size([numel]), stride=(1,))
