@@ -1,0 +1,167 @@
+"""Checkpoints that do not depend on the transforms that wrote them.
+
+    sharded.checkpoint.save(state, "ckpt/step_1000")           # every rank calls it
+    state = sharded.checkpoint.load("ckpt/step_1000", like=state)
+
+Every leaf is stored flattened, under its path in the state ("params['wte.weight']",
+"opt_state[1][0].mu['wte.weight']", ...), through torch.distributed.checkpoint (DCP).
+A leaf that is this rank's chunk (`state.sharding`) is handed to DCP as the local
+shard of a DTensor of the flattened leaf, so DCP writes each rank's part once and
+reads back whatever part a loading rank needs: save with ZeRO-3 on 4 ranks, load
+with ZeRO-1 on 2 ranks or into a plain single-process state.
+
+Saves are atomic: ranks write into "<path>.partial", and rank 0 swaps it into place
+after every rank has finished, so a crash leaves the previous checkpoint whole.
+Loading never unpickles arbitrary objects: tensor data goes through
+`torch.load(weights_only=True)` (DCP's own reader), and DCP's metadata file through an
+unpickler that accepts only DCP's metadata classes, torch sizes and dtypes.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from sharded import comm
+from sharded import tree as T
+from sharded.mesh import Mesh
+from sharded.sharding import map_chunked, to_dtensor
+
+__all__ = ["save", "load", "export_safetensors", "UnsafeCheckpoint"]
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A checkpoint's metadata asked to build something other than DCP metadata."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        comm.barrier()
+
+
+def _flat_views(state: Any) -> dict[str, Any]:
+    """{path: flattened leaf}, with this rank's chunks as DTensor shards."""
+    layout = getattr(state, "sharding", None)
+    parts = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "extra": state.extra}
+    if layout is not None and layout.ranks > 1:
+        mesh = Mesh.current().device_mesh[layout.axis]
+
+        def shard(x: torch.Tensor, i: int) -> Any:
+            return to_dtensor(x, layout.shapes[i].numel(), mesh)
+
+        if layout.params:
+            parts["params"] = map_chunked(parts["params"], layout.treespec, layout.chunked, shard)
+        parts["opt_state"] = map_chunked(parts["opt_state"], layout.treespec, layout.chunked, shard)
+    out = {}
+    for part, tree in parts.items():  # params first: a mismatch is named where users look
+        for path, x in T.leaves_with_paths(tree):
+            if isinstance(x, torch.Tensor) and not hasattr(x, "placements"):
+                x = x.view(-1)
+            out[part + path] = x
+    return out
+
+
+def save(state: Any, path: str | os.PathLike) -> None:
+    """Write `state` (a TrainState, sharded or not) to the directory `path`, atomically.
+
+    Every rank of the job calls it; rank 0 also removes a stale "<path>.partial"."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    if _rank() == 0 and partial.exists():
+        shutil.rmtree(partial)
+    _barrier()
+    dcp.save(_flat_views(state), storage_writer=dcp.FileSystemWriter(partial))
+    _barrier()
+    if _rank() == 0:
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            path.rename(old)
+        partial.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+    _barrier()
+
+
+_SAFE_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # any of DCP's metadata classes
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _SAFE_GLOBALS.get(module, set())
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if allowed is None or name in allowed:
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f"checkpoint metadata asks for {module}.{name}, which is not DCP metadata; refusing to load it")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's reader, with the metadata unpickled through an allowlist."""
+
+    def read_metadata(self) -> Any:
+        with open(Path(self.path) / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _check_matches(path: Path, views: dict[str, Any], metadata: Any) -> None:
+    stored = metadata.state_dict_metadata
+    for key, x in views.items():
+        if key not in stored:
+            raise ValueError(
+                f"checkpoint {path} does not match this state: it has no {key!r} "
+                f"(it holds {len(stored)} entries, e.g. {sorted(stored)[:3]}); is it another model or optimizer?"
+            )
+        want, got = tuple(x.shape), tuple(getattr(stored[key], "size", ()))
+        if want != got:
+            raise ValueError(f"checkpoint {path} does not match this state: {key!r} has {got[0] if got else 1} elements there, {want[0]} here")
+    extra = sorted(set(stored) - set(views))
+    if extra:
+        raise ValueError(f"checkpoint {path} does not match this state: it has {extra[0]!r}, which this state lacks")
+
+
+def load(path: str | os.PathLike, like: Any) -> Any:
+    """Read the checkpoint at `path` into `like` (a state of the same model and
+    optimizer, laid out for this rank by any transforms) and return it.
+
+    The tensors of `like` are overwritten in place."""
+    path = Path(path)
+    if not (path / ".metadata").exists():
+        raise FileNotFoundError(f"no checkpoint at {path} (no .metadata); was the save interrupted? see {path}.partial")
+    reader = _SafeReader(path)
+    views = _flat_views(like)
+    _check_matches(path, views, reader.read_metadata())
+    dcp.load(views, storage_reader=reader)
+    return like
+
+
+def export_safetensors(params: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write whole params ({name: tensor}, e.g. `step.gather(state).params`) as one
+    safetensors file, from rank 0, atomically."""
+    from safetensors.torch import save_file
+
+    if _rank() == 0:
+        tmp = Path(str(path) + ".partial")
+        save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp))
+        os.replace(tmp, path)
+    _barrier()
