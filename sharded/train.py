@@ -2,8 +2,9 @@
 
 `sharded train` runs `main(TrainConfig(...))`; it is also the example to copy. On each
 rank: build the model from a seed, trace it, compose the step, loop over the embedded
-corpus with a progress bar, log loss / tokens/s / memory per rank, and end with an
-eval of held-out loss against the unigram baseline.
+corpus with a progress bar, log loss / tokens/s / memory per rank, end with an eval of
+held-out loss against the unigram baseline, and write a checkpoint (loadable under any
+transforms) and the weights as safetensors.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def run_rank(cfg: TrainConfig) -> dict:
         print(step.explain(rank=0))
 
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     log = []
     tokens_per_step = cfg.batch_size * seq_len
     batches = corpus.batches("train", cfg.batch_size, seq_len, seed=cfg.seed)
@@ -137,7 +139,10 @@ def run_rank(cfg: TrainConfig) -> dict:
             }
             log.append(row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-    val = evaluate(model, step.gather(state).params, corpus, cfg, seq_len, device)
+    full = step.gather(state)
+    val = evaluate(model, full.params, corpus, cfg, seq_len, device)
+    sharded.checkpoint.save(state, out / "checkpoint")  # resumable under any transforms
+    sharded.checkpoint.export_safetensors(full.params, out / "model.safetensors")
     baseline = corpus.unigram_entropy("val")
     summary = {
         "preset": cfg.preset,
