@@ -74,6 +74,27 @@ BUILD = {
 }
 
 
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+def comm_hidden_fraction(prof) -> dict:
+    """From a torch.profiler trace: the time NCCL kernels ran, and the fraction of it
+    during which some compute kernel ran too (communication hidden under compute)."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
+    compute = _merge([(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()])
+    total = sum(b - a for a, b in comm)
+    hidden = sum(max(0.0, min(b, d) - max(a, c)) for a, b in comm for c, d in compute if c < b and d > a)
+    return {"comm_kernel_s": total / 1e6, "hidden_fraction": hidden / total if total else None}
+
+
 def measure(name: str, args) -> dict:
     dev = sharded.distributed.device()
     cfg = GPTConfig.preset(args.preset, seq_len=args.seq)
@@ -98,12 +119,19 @@ def measure(name: str, args) -> dict:
     peak = torch.tensor([torch.cuda.max_memory_allocated(dev)], dtype=torch.float64, device=dev)
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     med = statistics.median(times)
-    return {
+    result = {
         "median_step_s": med,
         "step_s": times,
         "tokens_per_s": args.batch * world * args.seq / med,
         "peak_memory_gib_max_rank": peak.item() / 2**30,
     }
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step(x, y)
+            torch.cuda.synchronize()
+        result["communication"] = comm_hidden_fraction(prof)
+    return result
 
 
 def main() -> None:
@@ -114,6 +142,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="sequences per rank")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="also profile 3 steps: how much NCCL time is hidden under compute")
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default=os.environ.get("SHARDED_COMMIT"))
     args = ap.parse_args()
