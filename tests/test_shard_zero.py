@@ -191,3 +191,27 @@ def test_no_buffer_outlives_its_step(stage):
     bucket of an earlier step waits for the cyclic garbage collector."""
     for extra in get_pool(2).run(_live_at_update, stage):
         assert max(extra) <= 4096, extra
+
+
+def _reductions_in(stage, dtype):
+    model = sharded.trace(ToyLM(ToyConfig(width=6, hidden=9)))
+    step = sharded.shard_zero(stage=stage, reduce_dtype=dtype)(make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.sgd(0.1)))
+    with sharded.comm.recording() as ops:
+        state, metrics = step(state, (torch.randint(0, 11, (4, 3)),) * 2)
+    grads_ops = [op for op in ops if op.name in ("all_reduce", "reduce_scatter") and op.shape[0] > 8]
+    return sorted({str(op.dtype) for op in grads_ops}), metrics["loss"].item()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_reduce_dtype_sets_the_bytes_on_the_wire(stage):
+    pool = get_pool(2)
+    (wire32, loss32), _ = pool.run(_reductions_in, stage, None)
+    (wire16, loss16), _ = pool.run(_reductions_in, stage, torch.bfloat16)
+    assert wire32 == ["torch.float32"] and wire16 == ["torch.bfloat16"]
+    assert loss16 == pytest.approx(loss32, rel=1e-6)  # the loss is computed before any reduction
+
+
+def test_bad_reduce_dtype_is_named():
+    with pytest.raises(ValueError, match="reduce_dtype=...\\) must be a floating torch.dtype"):
+        sharded.shard_zero(stage=2, reduce_dtype="bf16")

@@ -5,7 +5,8 @@ row (the full grads stay alive, as ZeRO-1 holds them); stages 2 and 3 reduce-sca
 so only this rank's row is ever kept. Groups start in index order on every rank
 (collectives must be issued in the same order everywhere), each as soon as all its
 leaves' grads are final; the grads are copied in with the 1/N mean fused, and each
-leaf's own grad is freed at once.
+leaf's own grad is freed at once. With `dtype` the buffers (and so the bytes on the
+wire and the sums) are in that dtype; the grads come back in the params' dtype.
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ class GradReducer:
         rank: int,
         scatter: bool,
         on_filled: Callable[[int], None] | None = None,
+        dtype: torch.dtype | None = None,
     ):
         self.leaves, self.groups, self.group, self.rank, self.scatter = leaves, groups, group, rank, scatter
+        self.dtype = dtype  # the reduction's dtype (None: each group's own)
         self.on_filled = on_filled
         self.where = {i: (g, k) for g, fg in enumerate(groups) for k, i in enumerate(fg.leaves)}
         self.inputs: list[torch.Tensor | None] = [None] * len(groups)
@@ -41,7 +44,7 @@ class GradReducer:
     def _input(self, g: int) -> torch.Tensor:
         if self.inputs[g] is None:
             fg = self.groups[g]
-            self.inputs[g] = torch.empty(fg.ranks * fg.size, dtype=fg.dtype, device=fg.device)
+            self.inputs[g] = torch.empty(fg.ranks * fg.size, dtype=self.dtype or fg.dtype, device=fg.device)
         return self.inputs[g]
 
     def ready(self, i: int, leaf: torch.Tensor) -> None:
@@ -67,7 +70,7 @@ class GradReducer:
             g = len(self.pending)
             fg, inp = self.groups[g], self._input(g)
             if self.scatter:
-                out = torch.empty(fg.size, dtype=fg.dtype, device=fg.device)
+                out = torch.empty(fg.size, dtype=inp.dtype, device=fg.device)
                 self.pending.append(comm.reduce_scatter_tensor(out, inp, group=self.group, async_op=True))
             else:
                 out = fg.rows(inp)[self.rank]
@@ -94,6 +97,6 @@ class GradReducer:
             self.inputs = [None] * len(self.groups)
         grads: list[torch.Tensor] = [torch.zeros_like(x) for x in self.leaves]
         for fg, out in zip(self.groups, self.outputs):
-            for i, view in zip(fg.leaves, fg.chunk_views(out, self.rank)):
+            for i, view in zip(fg.leaves, fg.chunk_views(out.to(fg.dtype), self.rank)):
                 grads[i] = view
         return grads

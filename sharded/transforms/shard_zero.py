@@ -56,6 +56,7 @@ class ShardZero(Transform):
         bucket_mb: float = 25.0,
         prefetch: int = 1,
         reshard_after_forward: bool = True,
+        reduce_dtype: torch.dtype | None = None,
         mesh: Mesh | None = None,
         axis: str = "dp",
     ):
@@ -66,7 +67,9 @@ class ShardZero(Transform):
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"shard_zero(prefetch=...) is how many blocks to gather ahead (an int >= 0); got {prefetch!r}")
         self.stage, self.bucket_bytes, self.prefetch = stage, int(bucket_mb * 2**20), prefetch
-        self.reshard_after_forward, self.mesh, self.axis = reshard_after_forward, mesh, axis
+        if reduce_dtype is not None and not (isinstance(reduce_dtype, torch.dtype) and reduce_dtype.is_floating_point):
+            raise ValueError(f"shard_zero(reduce_dtype=...) must be a floating torch.dtype (or None: the grads' own); got {reduce_dtype!r}")
+        self.reshard_after_forward, self.reduce_dtype, self.mesh, self.axis = reshard_after_forward, reduce_dtype, mesh, axis
         self.handlers = {"value_and_grad": self._value_and_grad, "update": self._update}
         if stage == 3:
             self.handlers["apply"] = self._apply
@@ -187,7 +190,7 @@ class ShardZero(Transform):
         local = rank_rows(args, size, rank, who=f"shard_zero(stage={self.stage})")
         if self.stage == 3:
             return self._value_and_grad_stage3(next_, fn, has_aux, params, local, kwargs, size, rank, group)
-        make = lambda gp: GradReducer(gp.leaves, self._buckets(gp.leaves, size), group, rank, scatter=self.stage == 2)  # noqa: E731
+        make = lambda gp: GradReducer(gp.leaves, self._buckets(gp.leaves, size), group, rank, scatter=self.stage == 2, dtype=self.reduce_dtype)  # noqa: E731
         return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, group, size)
 
     def _gatherer(self, chunks: list[torch.Tensor], size: int, group: Any) -> _stage3.Gatherer:
@@ -229,7 +232,9 @@ class ShardZero(Transform):
         gp = getattr(g, "grad_pass", None)
         if gp is not None:
             order = [u for u in reversed(range(len(units))) if units[u] is not None]
-            reducer = GradReducer(gp.leaves, [units[u] for u in order], group, rank, scatter=True, on_filled=lambda j: g.free(order[j]))
+            reducer = GradReducer(
+                gp.leaves, [units[u] for u in order], group, rank, scatter=True, on_filled=lambda j: g.free(order[j]), dtype=self.reduce_dtype
+            )
             gp.attached[self] = reducer
             gp.on_ready.append(reducer.ready)
             gp.finalize = lambda: T.unflatten(gp.treespec, reducer.result())
