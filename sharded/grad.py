@@ -115,7 +115,7 @@ def _value_and_grad_impl(fn: Callable, has_aux: bool, params: Any, args: tuple, 
                 "value_and_grad needs fn to return a scalar float tensor"
                 + (" as the first element of (loss, aux)" if has_aux else "; pass has_aux=True to return (loss, aux)")
             )
-        (loss * gp.loss_scale if gp.loss_scale != 1.0 else loss).backward()
+        (loss if isinstance(gp.loss_scale, float) and gp.loss_scale == 1.0 else loss * gp.loss_scale).backward()
         value = (loss.detach(), _detach(aux)) if has_aux else loss.detach()
         return value, (gp.grads() if owner else None)
 

@@ -15,10 +15,11 @@ import contextlib
 import contextvars
 from typing import Any, Callable, Iterator
 
-__all__ = ["bind", "register", "active", "handling"]
+__all__ = ["bind", "register", "active", "handling", "step_state"]
 
 _impls: dict[str, Callable[..., Any]] = {}
 _stack: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("sharded_transforms", default=())
+_state: contextvars.ContextVar[Any] = contextvars.ContextVar("sharded_step_state", default=None)
 
 
 def register(name: str, impl: Callable[..., Any]) -> None:
@@ -31,14 +32,21 @@ def active() -> tuple[Any, ...]:
     return _stack.get()
 
 
+def step_state() -> Any:
+    """The state the running step was called with (None outside a step): where a
+    handler reads what its transform keeps in the state, such as a loss scale."""
+    return _state.get()
+
+
 @contextlib.contextmanager
-def handling(transforms: tuple[Any, ...]) -> Iterator[None]:
+def handling(transforms: tuple[Any, ...], state: Any = None) -> Iterator[None]:
     """Run the body with `transforms` (outermost first) handling every bind."""
-    token = _stack.set(transforms)
+    token, state_token = _stack.set(transforms), _state.set(state)
     try:
         yield
     finally:
         _stack.reset(token)
+        _state.reset(state_token)
 
 
 def bind(name: str, *args: Any) -> Any:

@@ -10,7 +10,8 @@ A transform is a small object with
   - `init(state) -> state`: the state's layout on this rank;
   - `gather(state) -> state`: the inverse, the full state;
   - `explain(program, info) -> program`: its rewrite of the step's program, as `Op`s;
-  - `check(stack)`: raise at composition when it conflicts with another transform.
+  - `check(stack)`: raise at composition when it conflicts with another transform;
+  - `metrics(state) -> dict`: what it adds to the step's metrics (a loss scale, say).
 Handlers apply outermost first; `init` runs innermost first, `gather` outermost first.
 """
 from __future__ import annotations
@@ -80,6 +81,10 @@ class Transform:
     def check(self, stack: Sequence[Transform]) -> None:
         """Raise if this transform cannot run in `stack` (outermost first)."""
 
+    def metrics(self, state: Any) -> dict:
+        """Entries this transform adds to the metrics the step returns."""
+        return {}
+
     def describe(self) -> str:
         return self.name
 
@@ -140,8 +145,13 @@ class Step:
         return state
 
     def __call__(self, state: Any, *args: Any, **kwargs: Any) -> Any:
-        with primitives.handling(self.transforms):
-            return self.fn(state, *args, **kwargs)
+        with primitives.handling(self.transforms, state):
+            state, metrics = self.fn(state, *args, **kwargs)
+        for t in self.transforms:
+            extra = t.metrics(state)
+            if extra:
+                metrics = {**metrics, **extra}
+        return state, metrics
 
     def gather(self, state: Any) -> Any:
         """The full, unsharded state (for eval or export)."""
@@ -172,14 +182,18 @@ class Step:
 
 
 def transform(cls: type[Transform]) -> Callable:
-    """Make `cls` usable as `t(fn)`, `t(step)` and `t(**options)(fn)`."""
+    """Make `cls` usable as `t(fn)`, `t(step)`, `t(**options)(fn)` and, where the
+    first option reads naturally unnamed, `t("bf16")(fn)`."""
 
     @functools.wraps(cls, updated=())
-    def factory(fn: Callable | None = None, /, **options: Any) -> Any:
-        t = cls(**options)
-        if fn is None:
-            return lambda f: _wrap(t, f)
-        return _wrap(t, fn)
+    def factory(*args: Any, **options: Any) -> Any:
+        if args and callable(args[0]):
+            fn, rest = args[0], args[1:]
+            if rest:
+                raise TypeError(f"{cls.name}(fn) takes the step alone; pass options by name: {cls.name}(**options)(fn)")
+            return _wrap(cls(**options), fn)
+        t = cls(*args, **options)
+        return lambda f: _wrap(t, f)
 
     return factory
 

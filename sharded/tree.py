@@ -23,6 +23,7 @@ __all__ = [
     "path_str",
     "global_norm",
     "sharded_over",
+    "reduction_group",
     "ravel",
     "zeros_like",
     "tree_bytes",
@@ -73,6 +74,11 @@ def sharded_over(group: Any) -> Iterator[None]:
         yield
     finally:
         _sharded_over.reset(token)
+
+
+def reduction_group() -> Any:
+    """The group that tree reductions sum over now (None: this process's trees are whole)."""
+    return _sharded_over.get()
 
 
 def global_norm(tree: PyTree) -> torch.Tensor:

@@ -66,7 +66,10 @@ def assert_step_equivalent(
     `state` is the full initial state (as `TrainState.create` makes it); each side gets
     its own copy, since steps may update their input in place.
     """
-    ref_state, ref_metrics = run_steps(reference_step, copy.deepcopy(state), batches)
+    ref_state = copy.deepcopy(state)
+    if hasattr(reference_step, "init"):  # a Step (mixed_precision(train_step), say) lays out its state
+        ref_state = reference_step.init(ref_state)
+    ref_state, ref_metrics = run_steps(reference_step, ref_state, batches)
     results = get_pool(world_size).run(_run_on_rank, step, state, list(batches))
     for rank, (params, opt_state, metrics) in enumerate(results):
         _compare(f"rank {rank}: params", params, ref_state.params, rtol, atol)
