@@ -38,6 +38,7 @@ class TrainConfig:
     accumulate: int = 2
     data_parallel: bool = True
     zero: int = 0  # shard_zero stage in place of data_parallel (0: off)
+    precision: str = "fp32"  # or "bf16" / "fp16": mixed_precision around the step
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
@@ -50,6 +51,7 @@ class TrainConfig:
 def make_step(model: sharded.Model, cfg: TrainConfig):
     """The user's step, then the transforms, outermost last (torchtitan style: order matters).
 
+    0. mixed_precision (if asked): innermost, it only changes how each forward runs;
     1. accumulate: micro-batches inside each rank;
     2. data_parallel, or shard_zero(stage=cfg.zero): outside accumulate, so grads are
        reduced once per update, overlapped with the last micro-batch's backward.
@@ -64,6 +66,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
         return state.apply_gradients(grads), {"loss": value}
 
     step = train_step
+    if cfg.precision != "fp32":
+        step = sharded.mixed_precision(cfg.precision)(step)
     if cfg.accumulate > 1:
         step = sharded.accumulate(steps=cfg.accumulate)(step)
     if cfg.zero:

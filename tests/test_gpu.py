@@ -67,3 +67,19 @@ def test_data_parallel_and_zero_over_nccl_match_one_gpu(stack):
     for k, v in state.params.items():
         torch.testing.assert_close(got[k], v.cpu(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, m["loss"].cpu(), rtol=1e-4, atol=1e-5)
+
+
+@needs(1)
+@pytest.mark.parametrize("compute", ["bf16", "fp16"])
+def test_mixed_precision_on_cuda_tracks_fp32(compute):
+    cfg = ToyConfig(tied=True, depth=3, width=64, hidden=96, vocab=50)
+    finals = {}
+    for name in ("fp32", compute):
+        model = sharded.trace(ToyLM(cfg).cuda())
+        f = make_train_step(model)
+        step = sharded.Step(f) if name == "fp32" else sharded.mixed_precision(compute)(f)
+        state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+        for batch in _batches(cfg.vocab, 8, 30, "cuda"):
+            state, metrics = step(state, batch)
+        finals[name] = metrics["loss"].item()
+    assert finals[compute] == pytest.approx(finals["fp32"], rel=0.03)
