@@ -125,3 +125,22 @@ def test_the_loss_scale_is_checkpointed(tmp_path):
     loaded = sharded.checkpoint.load(tmp_path / "c", fresh)
     assert loaded.extra["loss_scale"]["scale"].item() == 2.0**99
     assert loaded.extra["loss_scale"]["skipped_steps"].item() == 1
+
+
+def _wire_dtypes():
+    model = sharded.trace(ToyLM(ToyConfig(width=8, hidden=12, depth=2)))
+    step = sharded.shard_zero(stage=3)(sharded.mixed_precision("bf16")(make_train_step(model)))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
+    with sharded.comm.recording() as ops:
+        state, _ = step(state, (torch.randint(0, 11, (4, 3)),) * 2)
+    by_name = {}
+    for op in ops:
+        by_name.setdefault(op.name, set()).add(str(op.dtype))
+    return by_name, {str(x.dtype) for x in sharded.tree.leaves(state.params)}
+
+
+def test_zero3_gathers_in_bf16_and_reduces_to_fp32_masters():
+    wire, masters = sharded.testing.get_pool(2).run(_wire_dtypes)[0]
+    assert wire["all_gather"] == {"torch.bfloat16"}  # half the bytes of fp32
+    assert wire["reduce_scatter"] == {"torch.float32"}
+    assert masters == {"torch.float32"}

@@ -6,7 +6,8 @@ so only this rank's row is ever kept. Groups start in index order on every rank
 (collectives must be issued in the same order everywhere), each as soon as all its
 leaves' grads are final; the grads are copied in with the 1/N mean fused, and each
 leaf's own grad is freed at once. With `dtype` the buffers (and so the bytes on the
-wire and the sums) are in that dtype; the grads come back in the params' dtype.
+wire and the sums) are in that dtype; the grads come back in `out_dtype` (the
+masters' dtype, when ZeRO-3 gathered low-precision copies), else the params'.
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ class GradReducer:
         scatter: bool,
         on_filled: Callable[[int], None] | None = None,
         dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
     ):
         self.leaves, self.groups, self.group, self.rank, self.scatter = leaves, groups, group, rank, scatter
         self.dtype = dtype  # the reduction's dtype (None: each group's own)
+        self.out_dtype = out_dtype  # the grads' dtype (None: each group's own)
         self.on_filled = on_filled
         self.where = {i: (g, k) for g, fg in enumerate(groups) for k, i in enumerate(fg.leaves)}
         self.inputs: list[torch.Tensor | None] = [None] * len(groups)
@@ -97,6 +100,6 @@ class GradReducer:
             self.inputs = [None] * len(self.groups)
         grads: list[torch.Tensor] = [torch.zeros_like(x) for x in self.leaves]
         for fg, out in zip(self.groups, self.outputs):
-            for i, view in zip(fg.leaves, fg.chunk_views(out.to(fg.dtype), self.rank)):
+            for i, view in zip(fg.leaves, fg.chunk_views(out.to(self.out_dtype or fg.dtype), self.rank)):
                 grads[i] = view
         return grads

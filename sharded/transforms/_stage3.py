@@ -43,7 +43,8 @@ def _free(x: torch.Tensor) -> None:
 
 
 class Gatherer:
-    """The full-shaped params of one differentiation and the state of each unit."""
+    """The full-shaped params of one differentiation (in `dtype`, else the chunks' own)
+    and the state of each unit."""
 
     def __init__(
         self,
@@ -53,11 +54,12 @@ class Gatherer:
         group: Any,
         prefetch: int,
         reshard_after_forward: bool,
+        dtype: torch.dtype | None = None,
     ):
         self.chunks, self.group = chunks, group
         self.prefetch, self.reshard_after_forward = prefetch, reshard_after_forward
         self.full = [
-            torch.empty(shape, dtype=c.dtype, device=c.device) if s else c for c, shape, s in zip(chunks, shapes, sharded)
+            torch.empty(shape, dtype=dtype or c.dtype, device=c.device) if s else c for c, shape, s in zip(chunks, shapes, sharded)
         ]
         self.writers = [x.data for x in self.full]
         for x, s in zip(self.full, sharded):

@@ -76,6 +76,7 @@ class ShardZero(Transform):
         self._layout: ChunkLayout | None = None  # set by init
         self._like: list[torch.Tensor] = []  # a meta tensor per param leaf: its shape and dtype
         self._plans: dict[Any, list[FlatGroup]] = {}
+        self.gather_dtype: torch.dtype | None = None  # set by check()
 
     def describe(self) -> str:
         return f"shard_zero(stage={self.stage}, {self.axis}={self._mesh().size(self.axis)})"
@@ -91,6 +92,10 @@ class ShardZero(Transform):
                 "shard_zero(stage=3) must be outside accumulate, since it provides the params that are differentiated: "
                 "write shard_zero(stage=3)(accumulate(steps=k)(train_step))"
             )
+        # Under mixed_precision, stage 3 gathers params in its param_dtype (half the
+        # bytes for bf16) and reduces their grads back to the masters' dtype.
+        inner = stack[stack.index(self) + 1 :]
+        self.gather_dtype = next((t.param_dtype for t in inner if t.name == "mixed_precision"), None) if self.stage == 3 else None
 
     # -- the axis -------------------------------------------------------------------
 
@@ -177,7 +182,9 @@ class ShardZero(Transform):
                         f"{sorted(str(d) for d in dtypes)}; cast the model to one dtype (mixed_precision keeps the rest)"
                     )
                 unit = plan_group(block.name, idx, self._like, size) if idx else None
-                units.append(dataclasses.replace(unit, device=self._device) if unit else None)
+                if unit is not None:
+                    unit = dataclasses.replace(unit, device=self._device, dtype=self.gather_dtype or unit.dtype)
+                units.append(unit)
             self._plans[key] = units
         return self._plans[key]
 
@@ -195,7 +202,9 @@ class ShardZero(Transform):
 
     def _gatherer(self, chunks: list[torch.Tensor], size: int, group: Any) -> _stage3.Gatherer:
         layout = self._layout
-        return _stage3.Gatherer(chunks, layout.shapes, layout.chunked, group, self.prefetch, self.reshard_after_forward)
+        return _stage3.Gatherer(
+            chunks, layout.shapes, layout.chunked, group, self.prefetch, self.reshard_after_forward, dtype=self.gather_dtype
+        )
 
     def _value_and_grad_stage3(self, next_, fn, has_aux, params, local, kwargs, size, rank, group) -> Any:
         spec = self._layout.treespec
@@ -232,8 +241,10 @@ class ShardZero(Transform):
         gp = getattr(g, "grad_pass", None)
         if gp is not None:
             order = [u for u in reversed(range(len(units))) if units[u] is not None]
+            masters = next(c.dtype for c, chunked in zip(g.chunks, self._layout.chunked) if chunked)
             reducer = GradReducer(
-                gp.leaves, [units[u] for u in order], group, rank, scatter=True, on_filled=lambda j: g.free(order[j]), dtype=self.reduce_dtype
+                gp.leaves, [units[u] for u in order], group, rank, scatter=True, on_filled=lambda j: g.free(order[j]),
+                dtype=self.reduce_dtype or masters, out_dtype=masters,
             )
             gp.attached[self] = reducer
             gp.on_ready.append(reducer.ready)
