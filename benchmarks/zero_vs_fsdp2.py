@@ -6,8 +6,10 @@ bf16 autocast and fused AdamW, in one run on N local GPUs.
 Pairs: sharded stage 3 vs FSDP2 (reshard_after_forward=True); sharded stage 2 vs FSDP2
 with reshard_after_forward=False. Each system runs in its own fresh ranks (one launch
 each) so its peak memory is its own; reports tokens/s and peak memory per rank.
-Both keep fp32 params and communicate in fp32 (no mixed_precision transform yet: both
-compute in bf16 through autocast).
+--precision autocast (default): fp32 params and communication for both, bf16 compute
+through autocast. --precision bf16: sharded's mixed_precision("bf16") against FSDP2's
+MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): bf16 gathers, fp32
+reductions, fp32 masters on both sides.
 """
 from __future__ import annotations
 
@@ -25,13 +27,14 @@ from sharded.models import GPT, GPTConfig, loss_fn
 PAIRS = [("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard")]
 
 
-def _fsdp2(cfg, reshard: bool):
-    from torch.distributed.fsdp import fully_shard
+def _fsdp2(cfg, reshard: bool, precision: str):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
     module = GPT(cfg).to(sharded.distributed.device())
     for block in module.blocks:
-        fully_shard(block, reshard_after_forward=reshard)
-    fully_shard(module, reshard_after_forward=reshard)
+        fully_shard(block, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(module, reshard_after_forward=reshard, mp_policy=policy)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     rank, world = sharded.distributed.rank(), sharded.distributed.world_size()
 
@@ -46,7 +49,7 @@ def _fsdp2(cfg, reshard: bool):
     return step
 
 
-def _sharded(cfg, stage: int):
+def _sharded(cfg, stage: int, precision: str):
     model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
 
     def loss(params, batch):
@@ -57,7 +60,8 @@ def _sharded(cfg, stage: int):
         value, grads = sharded.value_and_grad(loss)(state.params, batch)
         return state.apply_gradients(grads), {"loss": value}
 
-    zero = sharded.shard_zero(stage=stage)(train_step)
+    inner = sharded.mixed_precision("bf16")(train_step) if precision == "bf16" else train_step
+    zero = sharded.shard_zero(stage=stage)(inner)
     box = [zero.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-4, weight_decay=0.1)))]
 
     def step(x, y):
@@ -67,10 +71,10 @@ def _sharded(cfg, stage: int):
 
 
 BUILD = {
-    "fsdp2": lambda cfg: _fsdp2(cfg, reshard=True),
-    "fsdp2_no_reshard": lambda cfg: _fsdp2(cfg, reshard=False),
-    "sharded_zero3": lambda cfg: _sharded(cfg, stage=3),
-    "sharded_zero2": lambda cfg: _sharded(cfg, stage=2),
+    "fsdp2": lambda cfg, p: _fsdp2(cfg, reshard=True, precision=p),
+    "fsdp2_no_reshard": lambda cfg, p: _fsdp2(cfg, reshard=False, precision=p),
+    "sharded_zero3": lambda cfg, p: _sharded(cfg, stage=3, precision=p),
+    "sharded_zero2": lambda cfg, p: _sharded(cfg, stage=2, precision=p),
 }
 
 
@@ -103,7 +107,7 @@ def measure(name: str, args) -> dict:
     x = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
     y = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
     torch.manual_seed(0)
-    step = BUILD[name](cfg)
+    step = BUILD[name](cfg, args.precision)
     for _ in range(args.warmup):
         step(x, y)
     torch.cuda.synchronize()
@@ -142,6 +146,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="sequences per rank")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--precision", default="autocast", choices=["autocast", "bf16"])
     ap.add_argument("--profile", action="store_true", help="also profile 3 steps: how much NCCL time is hidden under compute")
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default=os.environ.get("SHARDED_COMMIT"))
@@ -162,7 +167,7 @@ def main() -> None:
         "preset": args.preset,
         "seq": args.seq,
         "batch_per_rank": args.batch,
-        "precision": "fp32 params and communication, bf16 autocast compute, fused AdamW",
+        "precision": {"autocast": "fp32 params and communication, bf16 autocast compute", "bf16": "bf16 params gathered, fp32 reductions and masters"}[args.precision] + "; fused AdamW",
         "systems": systems,
         "ratios": {
             f"{ours}/{base}": {
