@@ -43,6 +43,7 @@ class GradPass:
         self.on_ready: list[Ready] = []
         self.finalize: Callable[[], Any] | None = None
         self.attached: dict[Any, Any] = {}
+        self.ready_order: list[int] = []  # leaves in the order their final grads arrived
         self._handles = [
             leaf.register_post_accumulate_grad_hook(self._hook(i)) for i, leaf in enumerate(self.leaves) if leaf.requires_grad
         ]
@@ -66,6 +67,7 @@ class GradPass:
     def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(leaf: torch.Tensor) -> None:
             if self.final:
+                self.ready_order.append(i)
                 for ready in self.on_ready:
                     ready(i, leaf)
 

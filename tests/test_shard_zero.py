@@ -215,3 +215,36 @@ def test_reduce_dtype_sets_the_bytes_on_the_wire(stage):
 def test_bad_reduce_dtype_is_named():
     with pytest.raises(ValueError, match="reduce_dtype=...\\) must be a floating torch.dtype"):
         sharded.shard_zero(stage=2, reduce_dtype="bf16")
+
+
+def _most_reduce_buffers_alive(stage):
+    from sharded.transforms._reduce import GradReducer
+
+    most = [0]
+    original = GradReducer._input
+
+    def counting(self, g):
+        out = original(self, g)
+        most[0] = max(most[0], sum(x is not None for x in self.inputs))
+        return out
+
+    GradReducer._input = counting
+    try:
+        model = sharded.trace(ToyLM(ToyConfig(depth=6)))
+        step = sharded.shard_zero(stage=stage, bucket_mb=1e-4)(make_train_step(model))
+        state = step.init(sharded.TrainState.create(model.params, sharded.optim.sgd(0.1)))
+        state, _ = step(state, (torch.randint(0, 11, (4, 3)),) * 2)  # learns the order grads arrive in
+        most[0] = 0
+        step(state, (torch.randint(0, 11, (4, 3)),) * 2)
+    finally:
+        GradReducer._input = original
+    return most[0]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_scattered_reductions_free_their_buffers_as_they_go(stage):
+    """Stages 2-3 never hold the full-size reduce buffers of more than a few groups
+    (once the first step has taught the buckets the order grads arrive in)."""
+    from sharded.transforms._reduce import GradReducer
+
+    assert max(get_pool(2).run(_most_reduce_buffers_alive, stage)) <= GradReducer.IN_FLIGHT + 1

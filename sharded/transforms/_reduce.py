@@ -22,6 +22,7 @@ __all__ = ["GradReducer"]
 
 
 class GradReducer:
+    IN_FLIGHT = 2  # reductions left running while backward goes on
     def __init__(
         self,
         leaves: Sequence[torch.Tensor],
@@ -42,7 +43,8 @@ class GradReducer:
         self.outputs: list[torch.Tensor] = []
         self.missing = [len(fg.leaves) for fg in groups]
         self.filled: set[int] = set()
-        self.pending: list[comm.Pending] = []
+        self.pending: dict[int, comm.Pending] = {}  # started, not yet waited
+        self.started = 0
 
     def _input(self, g: int) -> torch.Tensor:
         if self.inputs[g] is None:
@@ -69,16 +71,27 @@ class GradReducer:
             self._start_ready()
 
     def _start_ready(self) -> None:
-        while len(self.pending) < len(self.groups) and self.missing[len(self.pending)] == 0:
-            g = len(self.pending)
+        while self.started < len(self.groups) and self.missing[self.started] == 0:
+            g = self.started
             fg, inp = self.groups[g], self._input(g)
             if self.scatter:
                 out = torch.empty(fg.size, dtype=inp.dtype, device=fg.device)
-                self.pending.append(comm.reduce_scatter_tensor(out, inp, group=self.group, async_op=True))
+                self.pending[g] = comm.reduce_scatter_tensor(out, inp, group=self.group, async_op=True)
             else:
                 out = fg.rows(inp)[self.rank]
-                self.pending.append(comm.all_reduce(inp, group=self.group, async_op=True))
+                self.pending[g] = comm.all_reduce(inp, group=self.group, async_op=True)
             self.outputs.append(out)
+            self.started += 1
+            self._retire(keep=self.IN_FLIGHT)
+
+    def _retire(self, keep: int) -> None:
+        """Wait for all but the newest `keep` collectives and free their inputs, so a
+        scattered reduction never holds more than a few groups' full-size buffers."""
+        while len(self.pending) > keep:
+            g = min(self.pending)
+            self.pending.pop(g).wait()  # a Pending holds its tensors (for its error message)
+            if self.scatter:
+                self.inputs[g] = None
 
     def result(self) -> list[torch.Tensor]:
         """Every leaf's reduced grad: this rank's chunk for grouped leaves (zeros where
@@ -93,11 +106,7 @@ class GradReducer:
                 fg.rows(self._input(g))[:, fg.offsets[k] : fg.offsets[k] + fg.chunks[k]].zero_()
                 self._filled(i, g)
         self._start_ready()
-        for work in self.pending:
-            work.wait()
-        self.pending = []  # a Pending holds its tensors (for its error message)
-        if self.scatter:
-            self.inputs = [None] * len(self.groups)
+        self._retire(keep=0)
         grads: list[torch.Tensor] = [torch.zeros_like(x) for x in self.leaves]
         for fg, out in zip(self.groups, self.outputs):
             for i, view in zip(fg.leaves, fg.chunk_views(out.to(self.out_dtype or fg.dtype), self.rank)):

@@ -47,8 +47,31 @@ class Bucket:
     device: torch.device
 
 
-def plan_buckets(params: list[torch.Tensor], bucket_bytes: int) -> list[Bucket]:
-    """Group leaves (last registered first) into buckets of one dtype/device, ≤ bucket_bytes."""
+class ReadyOrder:
+    """The order a step's grads become final in, learned from its first backward (as
+    DDP rebuilds its buckets after the first iteration) and taken from the group's
+    first rank, so every rank buckets alike. Until then: reverse flatten order."""
+
+    def __init__(self):
+        self.orders: dict[Any, list[int]] = {}
+
+    def get(self, key: Any) -> list[int] | None:
+        return self.orders.get(key)
+
+    def learn(self, key: Any, gp: Any, group: Any) -> None:
+        if key in self.orders or not gp.ready_order:
+            return
+        seen = list(dict.fromkeys(gp.ready_order))
+        rest = [i for i in reversed(range(len(gp.leaves))) if i not in set(seen)]
+        order = torch.tensor(seen + rest, dtype=torch.int64)
+        if group is not None:
+            comm.broadcast(order, src=torch.distributed.get_global_rank(group, 0), group=group)
+        self.orders[key] = order.tolist()
+
+
+def plan_buckets(params: list[torch.Tensor], bucket_bytes: int, order: list[int] | None = None) -> list[Bucket]:
+    """Group leaves, in `order` (default: last registered first), into buckets of one
+    dtype/device of at most bucket_bytes."""
     buckets: list[Bucket] = []
     cur: list[int] = []
 
@@ -63,7 +86,7 @@ def plan_buckets(params: list[torch.Tensor], bucket_bytes: int) -> list[Bucket]:
             cur.clear()
 
     size = 0
-    for i in reversed(range(len(params))):
+    for i in order if order is not None else reversed(range(len(params))):
         p = params[i]
         if not p.is_floating_point():
             continue
@@ -132,6 +155,7 @@ class DataParallel(Transform):
         self.mesh, self.axis = mesh, axis
         self.handlers = {"value_and_grad": self._value_and_grad}
         self._plans: dict[Any, list[Bucket]] = {}
+        self._order = ReadyOrder()
 
     def describe(self) -> str:
         return f"data_parallel({self.axis}={self._mesh().size(self.axis)})"
@@ -150,9 +174,10 @@ class DataParallel(Transform):
 
     def _plan(self, leaves: list[torch.Tensor], treespec: Any) -> list[Bucket]:
         key = (treespec, tuple((x.shape, x.dtype, x.device) for x in leaves))
-        if key not in self._plans:
-            self._plans[key] = plan_buckets(leaves, self.bucket_bytes)
-        return self._plans[key]
+        order = self._order.get(key)
+        if (key, order is None) not in self._plans:
+            self._plans[(key, order is None)] = plan_buckets(leaves, self.bucket_bytes, order)
+        return self._plans[(key, order is None)]
 
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
         mesh = self._mesh()
@@ -161,7 +186,8 @@ class DataParallel(Transform):
             return next_(fn, has_aux, params, args, kwargs)
         local = rank_rows(args, size, mesh.rank(self.axis), who="data_parallel")
         make = lambda gp: Reducer(gp.leaves, self._plan(gp.leaves, gp.treespec), group, size)  # noqa: E731
-        return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, group, size)
+        learn = lambda gp: self._order.learn((gp.treespec, tuple((x.shape, x.dtype, x.device) for x in gp.leaves)), gp, group)  # noqa: E731
+        return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, group, size, learn)
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
         size = self._mesh().size(self.axis)
@@ -206,10 +232,11 @@ def broadcast_from_first(state: Any, group: Any) -> None:
 
 def reduce_during_backward(
     key: Any, make_reducer: Callable, next_: Callable, fn: Callable, has_aux: bool, params: Any, local: Any,
-    kwargs: dict, group: Any, size: int,
+    kwargs: dict, group: Any, size: int, learn: Callable | None = None,
 ) -> Any:
     """value_and_grad on this rank's rows, with grads reduced over `group` by the reducer
-    that `make_reducer(grad_pass)` builds (once per pass: `accumulate` may call again)."""
+    that `make_reducer(grad_pass)` builds (once per pass: `accumulate` may call again);
+    `learn(grad_pass)` runs after the grads are read (to learn their ready order)."""
     with grad_pass(params) as (gp, owner):
         if key not in gp.attached:
             reducer = make_reducer(gp)
@@ -217,7 +244,10 @@ def reduce_during_backward(
             gp.on_ready.append(reducer.ready)
             gp.finalize = lambda: T.unflatten(gp.treespec, reducer.result())
         value, _ = next_(fn, has_aux, params, local, kwargs)
-        return mean_over(value, group, size), (gp.grads() if owner else None)
+        grads = gp.grads() if owner else None
+        if learn is not None and owner:
+            learn(gp)
+        return mean_over(value, group, size), grads
 
 
 def mean_over(value: Any, group: Any, size: int) -> Any:

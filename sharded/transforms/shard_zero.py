@@ -42,7 +42,7 @@ from sharded.transforms._batch import rank_rows
 from sharded.sharding import ChunkLayout, local_chunk, map_chunked
 from sharded.transforms._flat import FlatGroup, gather_leaf, plan_group
 from sharded.transforms._reduce import GradReducer
-from sharded.transforms.data_parallel import broadcast_from_first, mean_over, plan_buckets, reduce_during_backward
+from sharded.transforms.data_parallel import ReadyOrder, broadcast_from_first, mean_over, plan_buckets, reduce_during_backward
 
 __all__ = ["shard_zero"]
 
@@ -77,6 +77,7 @@ class ShardZero(Transform):
         self._like: list[torch.Tensor] = []  # a meta tensor per param leaf: its shape and dtype
         self._plans: dict[Any, list[FlatGroup]] = {}
         self.gather_dtype: torch.dtype | None = None  # set by check()
+        self._order = ReadyOrder()
 
     def describe(self) -> str:
         return f"shard_zero(stage={self.stage}, {self.axis}={self._mesh().size(self.axis)})"
@@ -160,10 +161,11 @@ class ShardZero(Transform):
 
     def _buckets(self, leaves: list[torch.Tensor], size: int) -> list[FlatGroup]:
         key = tuple((x.shape, x.dtype, x.device) for x in leaves)
-        if key not in self._plans:
-            buckets = plan_buckets(leaves, self.bucket_bytes)
-            self._plans[key] = [plan_group(f"bucket {b}", k.leaves, leaves, size) for b, k in enumerate(buckets)]
-        return self._plans[key]
+        order = self._order.get(key)
+        if (key, order is None) not in self._plans:
+            buckets = plan_buckets(leaves, self.bucket_bytes, order)
+            self._plans[(key, order is None)] = [plan_group(f"bucket {b}", k.leaves, leaves, size) for b, k in enumerate(buckets)]
+        return self._plans[(key, order is None)]
 
     def _units(self, model: Any, size: int) -> list[FlatGroup | None]:
         """One group per traced block (stage 3's gather unit), in model.blocks order."""
@@ -198,7 +200,8 @@ class ShardZero(Transform):
         if self.stage == 3:
             return self._value_and_grad_stage3(next_, fn, has_aux, params, local, kwargs, size, rank, group)
         make = lambda gp: GradReducer(gp.leaves, self._buckets(gp.leaves, size), group, rank, scatter=self.stage == 2, dtype=self.reduce_dtype)  # noqa: E731
-        return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, group, size)
+        learn = lambda gp: self._order.learn(tuple((x.shape, x.dtype, x.device) for x in gp.leaves), gp, group)  # noqa: E731
+        return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, group, size, learn)
 
     def _gatherer(self, chunks: list[torch.Tensor], size: int, group: Any) -> _stage3.Gatherer:
         layout = self._layout
