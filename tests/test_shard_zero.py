@@ -44,15 +44,19 @@ def _gpt(seed=0):
     return sharded.trace(GPT(GPTConfig(vocab_size=61, seq_len=8, n_layers=2, d_model=36, n_heads=3)))
 
 
-def _model_state_on_rank(stage):
-    model = _gpt()
-
+def _gpt_train_step(model):
     def train_step(state, batch):
         value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
         return state.apply_gradients(grads), {"loss": value}
 
+    return train_step
+
+
+def _model_state_on_rank(stage):
+    model = _gpt()
     probe = UpdateProbe()
-    step = sharded.shard_zero(stage=stage)(sharded.Step(train_step, (probe,)))
+    train_step = sharded.Step(_gpt_train_step(model), (probe,))
+    step = sharded.shard_zero(stage=stage)(train_step)
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
     batch = (torch.randint(0, 61, (4 * sharded.distributed.world_size(), 8)),) * 2
     state, _ = step(state, batch)
@@ -169,14 +173,9 @@ def test_nothing_keeps_the_state_alive(stage):
 
 def _live_at_update(stage):
     model = _gpt()
-
-    def train_step(state, batch):
-        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
-        return state.apply_gradients(grads), {"loss": value}
-
     probe = UpdateProbe()
-    inner = sharded.Step(train_step, (probe,))
-    step = sharded.shard_zero(stage=stage)(inner) if stage else sharded.data_parallel(inner)
+    train_step = sharded.Step(_gpt_train_step(model), (probe,))
+    step = sharded.shard_zero(stage=stage)(train_step) if stage else sharded.data_parallel(train_step)
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
     batch = (torch.randint(0, 61, (8, 8)),) * 2
     for _ in range(3):
