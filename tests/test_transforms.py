@@ -122,3 +122,34 @@ def test_explain_shows_collectives_and_overlap():
 def test_explain_needs_init():
     with pytest.raises(RuntimeError, match="call step.init"):
         sharded.data_parallel(lambda s, b: (s, {})).explain()
+
+
+def _filled_when_first_bucket_starts(steps):
+    from sharded.transforms.data_parallel import Reducer
+
+    seen = []
+    original = Reducer._start_ready
+
+    def spy(self):
+        before = len(self.pending)
+        original(self)
+        if before == 0 and self.pending:
+            seen.append(len(self.filled) / len(self.where))
+
+    Reducer._start_ready = spy
+    try:
+        model = sharded.trace(ToyLM(ToyConfig(depth=6, tied=True)))
+        step = sharded.data_parallel(bucket_mb=1e-4)(make_train_step(model))
+        state = step.init(sharded.TrainState.create(model.params, sharded.optim.sgd(0.1)))
+        for _ in range(steps):
+            state, _ = step(state, (torch.randint(0, 11, (4, 3)),) * 2)
+    finally:
+        Reducer._start_ready = original
+    return seen
+
+
+def test_all_reduce_starts_while_backward_runs():
+    """From the second step (once the grads' arrival order is learned), the first bucket
+    is reduced when its own grads are ready, not after the whole backward."""
+    seen = sharded.testing.get_pool(2).run(_filled_when_first_bucket_starts, 2)[0]
+    assert seen[-1] < 0.5, seen
