@@ -1,5 +1,6 @@
 """mixed_precision: tracks fp32, skips overflowing fp16 steps untouched, composes."""
 import copy
+import sys
 import warnings
 
 import pytest
@@ -94,7 +95,8 @@ def test_bad_input_is_named(monkeypatch):
     with pytest.raises(ValueError, match="unknown dtype; use one of bf16"):
         sharded.mixed_precision("fp8")
     model = sharded.trace(ToyLM(ToyConfig()))
-    monkeypatch.setattr(sharded.transforms.mixed_precision_module, "_supports", lambda dtype, device: False)
+    module = sys.modules["sharded.transforms.mixed_precision"]  # the attribute is the transform itself
+    monkeypatch.setattr(module, "_supports", lambda dtype, device: False)
     step = sharded.mixed_precision("fp16")(make_train_step(model))
     with pytest.raises(ValueError, match="float16 is not supported on cpu; use compute='bf16'"):
         step.init(sharded.TrainState.create(model.params, sharded.optim.sgd(0.1)))

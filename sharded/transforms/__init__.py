@@ -1,7 +1,6 @@
 """Transforms of a step function; each file is one transform."""
 from sharded.transforms.accumulate import accumulate as accumulate
 from sharded.transforms.data_parallel import data_parallel as data_parallel
-from sharded.transforms import mixed_precision as mixed_precision_module
 from sharded.transforms.mixed_precision import mixed_precision as mixed_precision
 from sharded.transforms.shard_zero import shard_zero as shard_zero
 
