@@ -30,7 +30,6 @@ import torch.distributed.checkpoint as dcp
 
 from sharded import comm
 from sharded import tree as T
-from sharded.mesh import Mesh
 from sharded.sharding import map_chunked, to_dtensor
 
 __all__ = ["save", "load", "export_safetensors", "UnsafeCheckpoint"]
@@ -54,10 +53,9 @@ def _flat_views(state: Any) -> dict[str, Any]:
     layout = getattr(state, "sharding", None)
     parts = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "extra": state.extra}
     if layout is not None and layout.ranks > 1:
-        mesh = Mesh.current().device_mesh[layout.axis]
 
         def shard(x: torch.Tensor, i: int) -> Any:
-            return to_dtensor(x, layout.shapes[i].numel(), mesh)
+            return to_dtensor(x, layout.shapes[i].numel(), layout.group)
 
         if layout.params:
             parts["params"] = map_chunked(parts["params"], layout.treespec, layout.chunked, shard)

@@ -42,7 +42,7 @@ def local_chunk(x: torch.Tensor, ranks: int, rank: int) -> torch.Tensor:
 class ChunkLayout:
     """Which leaves of a state are this rank's chunks, and of what."""
 
-    axis: str  # the mesh axis the chunks are spread over
+    group: Any  # the process group the chunks are spread over (None: one process)
     ranks: int
     rank: int
     params: bool  # the params themselves are chunked (ZeRO-3); else only their mirrors
@@ -67,8 +67,11 @@ def map_chunked(tree: Any, treespec: Any, chunked: tuple[bool, ...], fn: Callabl
     return optree.tree_map(rebuild, tree, is_leaf=mirrors, none_is_leaf=True, namespace="sharded")
 
 
-def to_dtensor(chunk: torch.Tensor, numel: int, device_mesh: Any) -> Any:
-    """The chunk as the local shard of a DTensor of the flattened leaf (no copy)."""
+def to_dtensor(chunk: torch.Tensor, numel: int, group: Any) -> Any:
+    """The chunk as the local shard of a DTensor of the flattened leaf over `group`
+    (no copy). Replicas of the group (hybrid sharding) make equal DTensors."""
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
 
-    return DTensor.from_local(chunk, device_mesh, [Shard(0)], run_check=False, shape=torch.Size([numel]), stride=(1,))
+    mesh = DeviceMesh.from_group(group, chunk.device.type)
+    return DTensor.from_local(chunk, mesh, [Shard(0)], run_check=False, shape=torch.Size([numel]), stride=(1,))

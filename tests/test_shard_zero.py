@@ -247,3 +247,42 @@ def test_scattered_reductions_free_their_buffers_as_they_go(stage):
     from sharded.transforms._reduce import GradReducer
 
     assert max(get_pool(2).run(_most_reduce_buffers_alive, stage)) <= GradReducer.IN_FLIGHT + 1
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_hybrid_sharding_matches_the_single_process_step(stage):
+    """HSDP / ZeRO++ hpZ: shard within pairs of the 4 dp ranks, replicate across them."""
+    model = sharded.trace(ToyLM(ToyConfig(tied=True, width=5, hidden=7, depth=3)).double())
+    train_step = make_train_step(model)
+    g = torch.Generator().manual_seed(stage)
+    batches = [(torch.randint(0, 11, (8, 3), generator=g), torch.randint(0, 11, (8, 3), generator=g)) for _ in range(3)]
+    tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(0.5), sharded.optim.adamw(1e-2))
+    state = sharded.TrainState.create(model.params, tx)
+    step = sharded.shard_zero(stage=stage, hybrid=2)(sharded.accumulate(steps=2)(train_step))
+    sharded.testing.assert_step_equivalent(step, train_step, state, batches, world_size=4, rtol=1e-7, atol=1e-9)
+
+
+def _hybrid_chunk_sizes():
+    model = sharded.trace(ToyLM(ToyConfig(width=8, hidden=8)))
+    step = sharded.shard_zero(stage=3, hybrid=2)(make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.sgd(0.1)))
+    return sum(x.numel() for x in state.params.values())
+
+
+def test_hybrid_chunks_are_half_the_params_on_4_ranks():
+    for chunk in get_pool(4).run(_hybrid_chunk_sizes):
+        full = sum(p.numel() for p in sharded.trace(ToyLM(ToyConfig(width=8, hidden=8))).params.values())
+        assert full / 2 <= chunk <= full / 2 + 16  # half of each leaf, rounded up
+
+
+def test_hybrid_must_divide_the_dp_axis():
+    with pytest.raises(sharded.RankError, match=r"hybrid=3\) needs the dp size \(4\) to be a multiple of 3"):
+        get_pool(4).run(_hybrid_of, 3)
+    with pytest.raises(ValueError, match="groups of k dp ranks"):
+        sharded.shard_zero(stage=3, hybrid=0)
+
+
+def _hybrid_of(k):
+    model = sharded.trace(ToyLM(ToyConfig()))
+    step = sharded.shard_zero(stage=3, hybrid=k)(make_train_step(model))
+    step.init(sharded.TrainState.create(model.params, sharded.optim.sgd(0.1)))

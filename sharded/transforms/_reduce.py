@@ -5,7 +5,8 @@ row (the full grads stay alive, as ZeRO-1 holds them); stages 2 and 3 reduce-sca
 so only this rank's row is ever kept. Groups start in index order on every rank
 (collectives must be issued in the same order everywhere), each as soon as all its
 leaves' grads are final; the grads are copied in with the 1/N mean fused, and each
-leaf's own grad is freed at once. With `dtype` the buffers (and so the bytes on the
+leaf's own grad is freed at once. With hybrid sharding each reduced chunk is then
+all-reduced over the ranks that hold the same chunk (the replicas). With `dtype` the buffers (and so the bytes on the
 wire and the sums) are in that dtype; the grads come back in `out_dtype` (the
 masters' dtype, when ZeRO-3 gathered low-precision copies), else the params'.
 """
@@ -33,10 +34,15 @@ class GradReducer:
         on_filled: Callable[[int], None] | None = None,
         dtype: torch.dtype | None = None,
         out_dtype: torch.dtype | None = None,
+        replicate_group: Any = None,
+        scale: float | None = None,
     ):
         self.leaves, self.groups, self.group, self.rank, self.scatter = leaves, groups, group, rank, scatter
         self.dtype = dtype  # the reduction's dtype (None: each group's own)
         self.out_dtype = out_dtype  # the grads' dtype (None: each group's own)
+        self.replicate_group = replicate_group  # hybrid sharding: chunks are then summed over replicas
+        self.scale = scale  # folded into the copy-in (None: 1 / the group's ranks, a mean)
+        self.replicas: list[comm.Pending] = []
         self.on_filled = on_filled
         self.where = {i: (g, k) for g, fg in enumerate(groups) for k, i in enumerate(fg.leaves)}
         self.inputs: list[torch.Tensor | None] = [None] * len(groups)
@@ -58,7 +64,7 @@ class GradReducer:
             return
         g, k = self.where[i]
         fg = self.groups[g]
-        fg.write_full(k, fg.rows(self._input(g)), leaf.grad, 1.0 / fg.ranks)
+        fg.write_full(k, fg.rows(self._input(g)), leaf.grad, self.scale if self.scale is not None else 1.0 / fg.ranks)
         leaf.grad = None
         self._filled(i, g)
 
@@ -92,6 +98,8 @@ class GradReducer:
             self.pending.pop(g).wait()  # a Pending holds its tensors (for its error message)
             if self.scatter:
                 self.inputs[g] = None
+            if self.replicate_group is not None:
+                self.replicas.append(comm.all_reduce(self.outputs[g], group=self.replicate_group, async_op=True))
 
     def result(self) -> list[torch.Tensor]:
         """Every leaf's reduced grad: this rank's chunk for grouped leaves (zeros where
@@ -107,6 +115,9 @@ class GradReducer:
                 self._filled(i, g)
         self._start_ready()
         self._retire(keep=0)
+        for work in self.replicas:
+            work.wait()
+        self.replicas = []
         grads: list[torch.Tensor] = [torch.zeros_like(x) for x in self.leaves]
         for fg, out in zip(self.groups, self.outputs):
             for i, view in zip(fg.leaves, fg.chunk_views(out.to(self.out_dtype or fg.dtype), self.rank)):

@@ -28,7 +28,7 @@ differentiation starts from.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import optree
 import torch
@@ -57,6 +57,7 @@ class ShardZero(Transform):
         prefetch: int = 1,
         reshard_after_forward: bool = True,
         reduce_dtype: torch.dtype | None = None,
+        hybrid: int | None = None,
         mesh: Mesh | None = None,
         axis: str = "dp",
     ):
@@ -69,7 +70,11 @@ class ShardZero(Transform):
         self.stage, self.bucket_bytes, self.prefetch = stage, int(bucket_mb * 2**20), prefetch
         if reduce_dtype is not None and not (isinstance(reduce_dtype, torch.dtype) and reduce_dtype.is_floating_point):
             raise ValueError(f"shard_zero(reduce_dtype=...) must be a floating torch.dtype (or None: the grads' own); got {reduce_dtype!r}")
+        if hybrid is not None and (not isinstance(hybrid, int) or isinstance(hybrid, bool) or hybrid < 1):
+            raise ValueError(f"shard_zero(hybrid=k) shards within groups of k dp ranks (an int >= 1); got {hybrid!r}")
         self.reshard_after_forward, self.reduce_dtype, self.mesh, self.axis = reshard_after_forward, reduce_dtype, mesh, axis
+        self.hybrid = hybrid
+        self._topology: _Topology | None = None
         self.handlers = {"value_and_grad": self._value_and_grad, "update": self._update}
         if stage == 3:
             self.handlers["apply"] = self._apply
@@ -80,7 +85,8 @@ class ShardZero(Transform):
         self._order = ReadyOrder()
 
     def describe(self) -> str:
-        return f"shard_zero(stage={self.stage}, {self.axis}={self._mesh().size(self.axis)})"
+        hybrid = f", sharded in groups of {self.hybrid}" if self.hybrid else ""
+        return f"shard_zero(stage={self.stage}, {self.axis}={self._mesh().size(self.axis)}{hybrid})"
 
     def check(self, stack: Any) -> None:
         names = [t.name for t in stack]
@@ -104,6 +110,13 @@ class ShardZero(Transform):
         return self.mesh if self.mesh is not None else Mesh.current()
 
     def _axis(self) -> tuple[int, int, Any]:
+        """(shard ranks, this rank among them, their group): what chunks are cut over."""
+        t = self._topo()
+        return t.shard_size, t.shard_rank, t.shard_group
+
+    def _topo(self) -> _Topology:
+        if self._topology is not None:
+            return self._topology
         mesh = self._mesh()
         size = mesh.size(self.axis)
         if size == 1 and mesh.world_size > 1:
@@ -111,16 +124,27 @@ class ShardZero(Transform):
                 f"shard_zero shards over the mesh's {self.axis!r} axis, which has size 1 in {mesh}; "
                 f"give the mesh a {self.axis} axis (e.g. sharded.Mesh({self.axis}={mesh.world_size})) or drop shard_zero"
             )
-        return size, mesh.rank(self.axis), mesh.group(self.axis)
+        rank, group = mesh.rank(self.axis), mesh.group(self.axis)
+        k = self.hybrid or size
+        if size % k:
+            raise ValueError(f"shard_zero(hybrid={k}) needs the {self.axis} size ({size}) to be a multiple of {k}")
+        if k == size:
+            self._topology = _Topology(size, rank, group, size, rank, group, None)
+        else:
+            shard, replicate = _hybrid_groups(group, size, k)
+            self._topology = _Topology(size, rank, group, k, rank % k, shard, replicate)
+        return self._topology
 
     # -- layout ---------------------------------------------------------------------
 
     def init(self, state: Any) -> Any:
-        size, rank, group = self._axis()
-        broadcast_from_first(state, group)
+        self._topology = None
+        self._topology = topo = self._topo()
+        size, rank, group = topo.shard_size, topo.shard_rank, topo.shard_group
+        broadcast_from_first(state, topo.dp_group)
         leaves = T.leaves(state.params)
         self._layout = ChunkLayout(
-            axis=self.axis,
+            group=group,
             ranks=size,
             rank=rank,
             params=self.stage == 3,
@@ -192,16 +216,23 @@ class ShardZero(Transform):
 
     # -- handlers -------------------------------------------------------------------
 
+    def _reducer(self, gp: Any, groups: list[FlatGroup], **options: Any) -> GradReducer:
+        t = self._topo()
+        return GradReducer(
+            gp.leaves, groups, t.shard_group, t.shard_rank, dtype=options.pop("dtype", self.reduce_dtype),
+            replicate_group=t.replicate_group, scale=1.0 / t.dp_size, **options,
+        )
+
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
-        size, rank, group = self._axis()
-        if size == 1:
+        t = self._topo()
+        if t.dp_size == 1:
             return next_(fn, has_aux, params, args, kwargs)
-        local = rank_rows(args, size, rank, who=f"shard_zero(stage={self.stage})")
+        local = rank_rows(args, t.dp_size, t.dp_rank, who=f"shard_zero(stage={self.stage})")
         if self.stage == 3:
-            return self._value_and_grad_stage3(next_, fn, has_aux, params, local, kwargs, size, rank, group)
-        make = lambda gp: GradReducer(gp.leaves, self._buckets(gp.leaves, size), group, rank, scatter=self.stage == 2, dtype=self.reduce_dtype)  # noqa: E731
-        learn = lambda gp: self._order.learn(tuple((x.shape, x.dtype, x.device) for x in gp.leaves), gp, group)  # noqa: E731
-        return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, group, size, learn)
+            return self._value_and_grad_stage3(next_, fn, has_aux, params, local, kwargs, t)
+        make = lambda gp: self._reducer(gp, self._buckets(gp.leaves, t.shard_size), scatter=self.stage == 2)  # noqa: E731
+        learn = lambda gp: self._order.learn(tuple((x.shape, x.dtype, x.device) for x in gp.leaves), gp, t.dp_group)  # noqa: E731
+        return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, t.dp_group, t.dp_size, learn)
 
     def _gatherer(self, chunks: list[torch.Tensor], size: int, group: Any) -> _stage3.Gatherer:
         layout = self._layout
@@ -209,16 +240,16 @@ class ShardZero(Transform):
             chunks, layout.shapes, layout.chunked, group, self.prefetch, self.reshard_after_forward, dtype=self.gather_dtype
         )
 
-    def _value_and_grad_stage3(self, next_, fn, has_aux, params, local, kwargs, size, rank, group) -> Any:
+    def _value_and_grad_stage3(self, next_, fn, has_aux, params, local, kwargs, t: _Topology) -> Any:
         spec = self._layout.treespec
-        with self._gatherer(T.leaves(params), size, group) as gatherer:
+        with self._gatherer(T.leaves(params), t.shard_size, t.shard_group) as gatherer:
             full = T.unflatten(spec, gatherer.full)
             with grad_pass(full) as (gp, owner):
                 gatherer.grad_pass = gp
                 value, _ = next_(fn, has_aux, full, local, kwargs)
                 if gatherer.units is None:
                     raise RuntimeError("shard_zero(stage=3) gathers params inside model.apply; the loss never called it")
-                return mean_over(value, group, size), (gp.grads() if owner else None)
+                return mean_over(value, t.dp_group, t.dp_size), (gp.grads() if owner else None)
 
     def _apply(self, next_: Callable, model: Any, params: Any, args: tuple, kwargs: dict) -> Any:
         size, rank, group = self._axis()
@@ -245,8 +276,8 @@ class ShardZero(Transform):
         if gp is not None:
             order = [u for u in reversed(range(len(units))) if units[u] is not None]
             masters = next(c.dtype for c, chunked in zip(g.chunks, self._layout.chunked) if chunked)
-            reducer = GradReducer(
-                gp.leaves, [units[u] for u in order], group, rank, scatter=True, on_filled=lambda j: g.free(order[j]),
+            reducer = self._reducer(
+                gp, [units[u] for u in order], scatter=True, on_filled=lambda j: g.free(order[j]),
                 dtype=self.reduce_dtype or masters, out_dtype=masters,
             )
             gp.attached[self] = reducer
@@ -274,7 +305,7 @@ class ShardZero(Transform):
     # -- explain --------------------------------------------------------------------
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
-        size = self._mesh().size(self.axis)
+        size = self.hybrid or self._mesh().size(self.axis)
         if size == 1:
             return program
         leaves = T.leaves(info.params)
@@ -298,6 +329,46 @@ class ShardZero(Transform):
                     for g in buckets:
                         out.append(Op("collective", f"all_gather params {g.name}", "updated chunks to every rank", nbytes=size * g.size * itemsize(g), overlaps="the next bucket's gather"))
         return out
+
+
+class _Topology(NamedTuple):
+    """The dp ranks (the batch is split and loss averaged over all of them), the group
+    that chunks are cut over, and (hybrid sharding) the group that holds replicas."""
+
+    dp_size: int
+    dp_rank: int
+    dp_group: Any
+    shard_size: int
+    shard_rank: int
+    shard_group: Any
+    replicate_group: Any
+
+
+def _hybrid_groups(dp_group: Any, size: int, k: int) -> tuple[Any, Any]:
+    """This rank's shard group (k consecutive dp ranks) and replica group (the ranks at
+    its position in every shard group). Every rank creates every group, in one order."""
+    dist = torch.distributed
+    ranks = dist.get_process_group_ranks(dp_group)
+    everyone = _every_dp_group(ranks)
+    shard = replicate = None
+    for dp_ranks in everyone:
+        for s in range(size // k):
+            g = dist.new_group(dp_ranks[s * k : (s + 1) * k])
+            if dp_ranks == ranks and dist.get_rank() in dp_ranks[s * k : (s + 1) * k]:
+                shard = g
+        for j in range(k):
+            g = dist.new_group(dp_ranks[j::k])
+            if dp_ranks == ranks and dist.get_rank() in dp_ranks[j::k]:
+                replicate = g
+    return shard, replicate
+
+
+def _every_dp_group(mine: list[int]) -> list[list[int]]:
+    """The ranks of every dp group of the world (one per coordinate on the other axes)."""
+    dist = torch.distributed
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return [list(r) for r in sorted({tuple(r) for r in gathered})]
 
 
 def _contains(op: Op, name: str) -> bool:
