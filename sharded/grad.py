@@ -44,6 +44,8 @@ class GradPass:
         self.finalize: Callable[[], Any] | None = None
         self.attached: dict[Any, Any] = {}
         self.ready_order: list[int] = []  # leaves in the order their final grads arrived
+        self.every_pass = False  # fire on_ready on every backward, not just the final one
+        self.on_pass_end: list[Callable[[], None]] = []  # after each backward
         self._handles = [
             leaf.register_post_accumulate_grad_hook(self._hook(i)) for i, leaf in enumerate(self.leaves) if leaf.requires_grad
         ]
@@ -54,7 +56,7 @@ class GradPass:
         would keep a step's bucket buffers (device memory) alive for several steps."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self.on_ready, self.finalize = [], [], None
+        self._handles, self.on_ready, self.on_pass_end, self.finalize = [], [], [], None
         self.attached.clear()
         self.leaves = []
 
@@ -68,6 +70,7 @@ class GradPass:
         def hook(leaf: torch.Tensor) -> None:
             if self.final:
                 self.ready_order.append(i)
+            if self.final or self.every_pass:
                 for ready in self.on_ready:
                     ready(i, leaf)
 
@@ -118,6 +121,8 @@ def _value_and_grad_impl(fn: Callable, has_aux: bool, params: Any, args: tuple, 
                 + (" as the first element of (loss, aux)" if has_aux else "; pass has_aux=True to return (loss, aux)")
             )
         (loss if isinstance(gp.loss_scale, float) and gp.loss_scale == 1.0 else loss * gp.loss_scale).backward()
+        for end in gp.on_pass_end:
+            end()
         value = (loss.detach(), _detach(aux)) if has_aux else loss.detach()
         return value, (gp.grads() if owner else None)
 

@@ -43,6 +43,7 @@ class GradReducer:
         self.replicate_group = replicate_group  # hybrid sharding: chunks are then summed over replicas
         self.scale = scale  # folded into the copy-in (None: 1 / the group's ranks, a mean)
         self.replicas: list[comm.Pending] = []
+        self.sums: list[torch.Tensor] | None = None  # reduce_each_pass: the chunks summed so far
         self.on_filled = on_filled
         self.where = {i: (g, k) for g, fg in enumerate(groups) for k, i in enumerate(fg.leaves)}
         self.inputs: list[torch.Tensor | None] = [None] * len(groups)
@@ -101,9 +102,17 @@ class GradReducer:
             if self.replicate_group is not None:
                 self.replicas.append(comm.all_reduce(self.outputs[g], group=self.replicate_group, async_op=True))
 
-    def result(self) -> list[torch.Tensor]:
-        """Every leaf's reduced grad: this rank's chunk for grouped leaves (zeros where
-        the loss did not touch a leaf), zeros of the leaf's shape for the rest."""
+    def end_pass(self) -> None:
+        """For a reduction per micro-batch: finish this backward's reductions, add them
+        to the running sums, and start afresh for the next backward."""
+        self._complete()
+        self.sums = self.outputs if self.sums is None else [a.add_(b) for a, b in zip(self.sums, self.outputs)]
+        self.inputs = [None] * len(self.groups)
+        self.outputs, self.filled, self.started = [], set(), 0
+        self.missing = [len(fg.leaves) for fg in self.groups]
+
+    def _complete(self) -> None:
+        """Zero-fill the leaves the loss did not touch, start what is left, wait for all."""
         for i, (g, k) in self.where.items():
             if i in self.filled:
                 continue
@@ -118,8 +127,15 @@ class GradReducer:
         for work in self.replicas:
             work.wait()
         self.replicas = []
+
+    def result(self) -> list[torch.Tensor]:
+        """Every leaf's reduced grad: this rank's chunk for grouped leaves (zeros where
+        the loss did not touch a leaf), zeros of the leaf's shape for the rest."""
+        if self.sums is None:
+            self._complete()
+        outputs = self.sums if self.sums is not None else self.outputs
         grads: list[torch.Tensor] = [torch.zeros_like(x) for x in self.leaves]
-        for fg, out in zip(self.groups, self.outputs):
+        for fg, out in zip(self.groups, outputs):
             for i, view in zip(fg.leaves, fg.chunk_views(out.to(self.out_dtype or fg.dtype), self.rank)):
                 grads[i] = view
         return grads

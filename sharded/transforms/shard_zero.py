@@ -58,6 +58,7 @@ class ShardZero(Transform):
         reshard_after_forward: bool = True,
         reduce_dtype: torch.dtype | None = None,
         hybrid: int | None = None,
+        reduce_every_microbatch: bool = False,
         mesh: Mesh | None = None,
         axis: str = "dp",
     ):
@@ -74,6 +75,9 @@ class ShardZero(Transform):
             raise ValueError(f"shard_zero(hybrid=k) shards within groups of k dp ranks (an int >= 1); got {hybrid!r}")
         self.reshard_after_forward, self.reduce_dtype, self.mesh, self.axis = reshard_after_forward, reduce_dtype, mesh, axis
         self.hybrid = hybrid
+        if reduce_every_microbatch and stage == 1:
+            raise ValueError("shard_zero(stage=1) keeps whole grads, so reduce_every_microbatch saves nothing; use stage=2 or 3")
+        self.reduce_every_microbatch = reduce_every_microbatch
         self._topology: _Topology | None = None
         self.handlers = {"value_and_grad": self._value_and_grad, "update": self._update}
         if stage == 3:
@@ -217,11 +221,17 @@ class ShardZero(Transform):
     # -- handlers -------------------------------------------------------------------
 
     def _reducer(self, gp: Any, groups: list[FlatGroup], **options: Any) -> GradReducer:
+        """The grad pass's reducer; with reduce_every_microbatch it reduces after every
+        backward into summed chunks, so no whole-size grad outlives a micro-batch."""
         t = self._topo()
-        return GradReducer(
+        reducer = GradReducer(
             gp.leaves, groups, t.shard_group, t.shard_rank, dtype=options.pop("dtype", self.reduce_dtype),
             replicate_group=t.replicate_group, scale=1.0 / t.dp_size, **options,
         )
+        if self.reduce_every_microbatch:
+            gp.every_pass = True
+            gp.on_pass_end.append(reducer.end_pass)
+        return reducer
 
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
         t = self._topo()
