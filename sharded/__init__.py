@@ -21,6 +21,7 @@ from sharded.trace import trace as trace
 from sharded.transforms import accumulate as accumulate
 from sharded.transforms import data_parallel as data_parallel
 from sharded.transforms import mixed_precision as mixed_precision
+from sharded.transforms import pipeline as pipeline
 from sharded.transforms import shard_zero as shard_zero
 
 __version__ = "0.1.0"

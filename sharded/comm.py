@@ -28,9 +28,13 @@ __all__ = [
     "Op",
     "Pending",
     "all_gather_into_tensor",
+    "all_gather_object",
     "all_reduce",
     "barrier",
     "broadcast",
+    "broadcast_object",
+    "recv",
+    "send",
     "recording",
     "reduce_scatter_tensor",
 ]
@@ -53,7 +57,7 @@ class CollectiveTimeout(RuntimeError):
 class Op:
     """One collective call, as `recording()` sees it (group_size 1: a no-op in this process)."""
 
-    name: str  # "all_reduce" | "all_gather" | "reduce_scatter" | "broadcast" | "barrier"
+    name: str  # "all_reduce" | "all_gather" | "reduce_scatter" | "broadcast" | "barrier" | "send" | "recv"
     shape: tuple[int, ...]
     dtype: torch.dtype | None
     group_size: int
@@ -271,3 +275,43 @@ def barrier(group: Any = None) -> None:
     if size == 1:
         return
     _start(("barrier", None, size), lambda: dist.barrier(group=group, async_op=True), async_op=False)
+
+
+def send(t: torch.Tensor, dst: int) -> Pending:
+    """Start sending `t` to global rank `dst` (point to point; keep `t` alive until waited).
+
+    Messages between two ranks are matched in the order they were posted (NCCL's rule;
+    gloo is given one tag so that it behaves the same and CPU tests catch misorders)."""
+    if _recorders:
+        _record("send", t, 2, True)
+    return _start(("send to rank %d" % dst, t, 2), lambda: dist.isend(t, dst=dst, tag=0), async_op=True)
+
+
+def recv(t: torch.Tensor, src: int) -> Pending:
+    """Start receiving into `t` from global rank `src`; `wait()` before reading `t`."""
+    if _recorders:
+        _record("recv", t, 2, True)
+    return _start(("receive from rank %d" % src, t, 2), lambda: dist.irecv(t, src=src, tag=0), async_op=True)
+
+
+def broadcast_object(obj: Any, src: int, group: Any = None) -> Any:
+    """Global rank `src`'s `obj` (picklable; small) on every rank of the group.
+
+    Only for values this program made on another rank (a pytree's structure, say):
+    it unpickles, so never point it at data from outside."""
+    if _group_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's `obj` (picklable; small), in group rank order. Same caveat as
+    `broadcast_object`: only for values this program made."""
+    size = _group_size(group)
+    if size == 1:
+        return [obj]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -46,6 +46,7 @@ class GradPass:
         self.ready_order: list[int] = []  # leaves in the order their final grads arrived
         self.every_pass = False  # fire on_ready on every backward, not just the final one
         self.on_pass_end: list[Callable[[], None]] = []  # after each backward
+        self.held: set[int] = set()  # leaves whose grad is not final until `release` (another rank adds to it)
         self._handles = [
             leaf.register_post_accumulate_grad_hook(self._hook(i)) for i, leaf in enumerate(self.leaves) if leaf.requires_grad
         ]
@@ -68,6 +69,8 @@ class GradPass:
 
     def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(leaf: torch.Tensor) -> None:
+            if i in self.held:
+                return
             if self.final:
                 self.ready_order.append(i)
             if self.final or self.every_pass:
@@ -75,6 +78,11 @@ class GradPass:
                     ready(i, leaf)
 
         return hook
+
+    def release(self, i: int) -> None:
+        """Leaf i's grad is complete now: fire what its final grad would have fired."""
+        self.held.discard(i)
+        self._hook(i)(self.leaves[i])
 
     def params(self) -> Any:
         return T.unflatten(self.treespec, self.leaves)

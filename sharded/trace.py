@@ -12,6 +12,7 @@ that sharding, pipelining, offload and remat work on.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch.func import functional_call
 
 from sharded import primitives
 
-__all__ = ["Block", "Model", "trace"]
+__all__ = ["Block", "Model", "trace", "model_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +40,29 @@ class Model:
     blocks: tuple[Block, ...]
     tied: dict[str, str]
 
+    def __post_init__(self) -> None:
+        _traced[frozenset(self.params)] = self
+
+    def __reduce__(self) -> tuple:
+        # Rebuilt through __init__, so a model sent to another rank is found there too.
+        return (Model, (self.module, self.params, self.buffers, self.blocks, self.tied))
+
     def apply(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """The module's forward with `params` (and `model.buffers`) in place of its own state."""
         return primitives.bind("apply", self, params, args, kwargs)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
+
+
+# The traced models of this process by their param names: how a transform whose
+# layout depends on the blocks (pipeline) finds them from a state's params at init.
+_traced: "weakref.WeakValueDictionary[frozenset, Model]" = weakref.WeakValueDictionary()
+
+
+def model_of(params: Any) -> Model | None:
+    """The traced model whose params have exactly these names (None if none is alive)."""
+    return _traced.get(frozenset(params)) if isinstance(params, dict) else None
 
 
 def _apply_impl(model: Model, params: dict, args: tuple, kwargs: dict) -> Any:
@@ -54,7 +72,11 @@ def _apply_impl(model: Model, params: dict, args: tuple, kwargs: dict) -> Any:
             f"model.apply got params without {sorted(missing)[:3]}; pass the full tree "
             "(`step.gather(state)` reassembles a sharded one)"
         )
-    return functional_call(model.module, (params, model.buffers), args, kwargs, tie_weights=True, strict=False)
+    # Every tied name is passed explicitly (its canonical tensor unless the caller gave
+    # it its own), so a transform can hand one name a placeholder and the other the
+    # weight (pipeline: the embedding on the first stage, the head on the last).
+    named = {**{alias: params[canonical] for alias, canonical in model.tied.items()}, **params}
+    return functional_call(model.module, (named, model.buffers), args, kwargs, tie_weights=False, strict=False)
 
 
 primitives.register("apply", _apply_impl)
