@@ -23,7 +23,7 @@ __all__ = [
     "path_str",
     "global_norm",
     "sharded_over",
-    "reduction_group",
+    "reduction_groups",
     "ravel",
     "zeros_like",
     "tree_bytes",
@@ -61,39 +61,46 @@ def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
     return [(path_str(p), x) for p, x in zip(paths, leaves_)]
 
 
-_sharded_over: contextvars.ContextVar[Any] = contextvars.ContextVar("sharded_tree_sharded_over", default=None)
+_sharded_over: contextvars.ContextVar[tuple[tuple[Any, frozenset[int]], ...]] = contextvars.ContextVar(
+    "sharded_tree_sharded_over", default=()
+)
 
 
 @contextlib.contextmanager
-def sharded_over(group: Any) -> Iterator[None]:
-    """Within the block, trees hold this rank's shards of leaves split over `group`:
+def sharded_over(group: Any, counted_elsewhere: Any = ()) -> Iterator[None]:
+    """Within the block, trees hold this rank's part of leaves split over `group`:
     reductions such as `global_norm` sum over the group, so `clip_by_global_norm` inside
-    a ZeRO optimizer step clips by the norm of the whole gradient."""
-    token = _sharded_over.set(group)
+    a ZeRO or pipeline optimizer step clips by the norm of the whole gradient. Blocks
+    nest (a pipeline stage's ZeRO shards: sums over dp, then over pp). Leaves in
+    `counted_elsewhere` (a tied weight that another stage holds too) are left out of
+    this rank's part, so they count once."""
+    token = _sharded_over.set(_sharded_over.get() + ((group, frozenset(map(id, counted_elsewhere))),))
     try:
         yield
     finally:
         _sharded_over.reset(token)
 
 
-def reduction_group() -> Any:
-    """The group that tree reductions sum over now (None: this process's trees are whole)."""
-    return _sharded_over.get()
+def reduction_groups() -> list[Any]:
+    """The groups that tree reductions sum over now ([]: this process's trees are whole)."""
+    return [g for g, _ in _sharded_over.get() if g is not None]
 
 
 def global_norm(tree: PyTree) -> torch.Tensor:
     """sqrt(sum of squares) over every leaf, accumulated in fp32 or wider (over every
-    rank's shard inside `sharded_over`)."""
-    xs = [x for x in leaves(tree) if isinstance(x, torch.Tensor)]
-    group = _sharded_over.get()
-    if not xs and group is None:
+    rank's part inside `sharded_over`)."""
+    scopes = _sharded_over.get()
+    skip = frozenset().union(*(s for _, s in scopes))
+    xs = [x for x in leaves(tree) if isinstance(x, torch.Tensor) and id(x) not in skip]
+    if not xs and not scopes:
         return torch.zeros(())
     norms = torch._foreach_norm([x.float() if x.element_size() < 4 else x for x in xs])
     square = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float32)
-    if group is not None:
+    if scopes:
         from sharded import comm
 
-        comm.all_reduce(square, group=group)
+        for group in reduction_groups():
+            comm.all_reduce(square, group=group)
     return square.sqrt()
 
 

@@ -31,7 +31,11 @@ def run_steps(step: Callable, state: Any, batches: Sequence[Any]) -> tuple[Any, 
     return state, metrics
 
 
-def _run_on_rank(step: Any, state: Any, batches: Sequence[Any]) -> tuple[Any, Any, list[Any]]:
+def _run_on_rank(step: Any, state: Any, batches: Sequence[Any], mesh: dict | None = None) -> tuple[Any, Any, list[Any]]:
+    if mesh is not None:
+        from sharded.mesh import Mesh
+
+        Mesh.set_current(Mesh(**mesh))
     state = step.init(state)
     state, metrics = run_steps(step, state, batches)
     full = step.gather(state)
@@ -60,17 +64,19 @@ def assert_step_equivalent(
     world_size: int = 2,
     rtol: float = 1e-5,
     atol: float = 1e-6,
+    mesh: dict | None = None,
 ) -> None:
     """Raise AssertionError unless `step` on `world_size` ranks matches `reference_step`.
 
     `state` is the full initial state (as `TrainState.create` makes it); each side gets
-    its own copy, since steps may update their input in place.
+    its own copy, since steps may update their input in place. `mesh` gives the ranks'
+    axes (e.g. ``dict(pp=2, dp=2)``); by default every rank is on dp.
     """
     ref_state = copy.deepcopy(state)
     if hasattr(reference_step, "init"):  # a Step (mixed_precision(train_step), say) lays out its state
         ref_state = reference_step.init(ref_state)
     ref_state, ref_metrics = run_steps(reference_step, ref_state, batches)
-    results = get_pool(world_size).run(_run_on_rank, step, state, list(batches))
+    results = get_pool(world_size).run(_run_on_rank, step, state, list(batches), mesh)
     for rank, (params, opt_state, metrics) in enumerate(results):
         _compare(f"rank {rank}: params", params, ref_state.params, rtol, atol)
         _compare(f"rank {rank}: opt_state", opt_state, ref_state.opt_state, rtol, atol)

@@ -60,6 +60,8 @@ def one_f_one_b(stages: int, microbatches: int, virtual: int = 1) -> Schedule:
 def interleaved(stages: int, microbatches: int, virtual: int = 2) -> Schedule:
     """Interleaved 1F1B (Megatron): each rank holds `virtual` chunks; micro-batches go
     through them in rounds of `stages`, which shrinks the bubble by a factor `virtual`."""
+    if stages < 2:
+        raise ValueError("pipeline(schedule='interleaved') interleaves chunks across stages; it needs stages >= 2 (use '1f1b' on one stage)")
     if microbatches % stages:
         raise ValueError(
             f"pipeline(schedule='interleaved') runs micro-batches in rounds of stages={stages}; "

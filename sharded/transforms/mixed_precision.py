@@ -130,7 +130,8 @@ class MixedPrecision(Transform):
         if not self.cast_at_use:
             casts = self._casts(params)
             params = {k: (p.to(self.param_dtype) if casts.get(k, False) else p) for k, p in params.items()}
-        device = next(iter(params.values())).device.type
+        # The compute device (a pipeline hands other stages' params over as meta placeholders).
+        device = next((p.device.type for p in params.values() if p.device.type != "meta"), "cpu")
         with torch.autocast(device, dtype=self.compute):
             return next_(model, params, args, kwargs)
 
@@ -150,8 +151,7 @@ class MixedPrecision(Transform):
         inv = 1.0 / ls["scale"]
         grads = T.map(lambda g: g * inv.to(g.dtype), grads)
         found = torch.stack([(~torch.isfinite(g)).any() for g in T.leaves(grads)]).any().float() if T.leaves(grads) else torch.zeros(())
-        group = T.reduction_group()  # grads are shards (ZeRO): every holder must agree
-        if group is not None:
+        for group in T.reduction_groups():  # grads are parts (ZeRO, pipeline): every holder must agree
             comm.all_reduce(found, group=group, op="max")
         overflow = bool(found.item())
         self._rescale(ls, overflow)

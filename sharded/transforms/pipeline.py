@@ -68,6 +68,7 @@ class _Forward:
     plan: ChunkPlan
     chunk: int
     inputs: list[torch.Tensor] | None
+    swapped: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)  # id(meta) -> (meta, received)
 
 
 _running: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("sharded_pipeline", default=None)
@@ -86,11 +87,15 @@ def _install_hooks(model: Model) -> None:
             if run is None:
                 return None
             first = run.plan.first_block
+            if run.chunk > 0 and i == first[run.chunk]:
+                metas = _tensors((args, kwargs))
+                run.swapped = {id(m): (m, x) for m, x in zip(metas, run.inputs)}
+                return _replace_tensors((args, kwargs), run.inputs)
+            if run.swapped:  # later blocks get the prefix's values (a mask, say) again: swap them too
+                args, kwargs = _replace_tensors((args, kwargs), [run.swapped.get(id(x), (x, x))[1] for x in _tensors((args, kwargs))])
             if run.chunk + 1 < run.plan.chunks and i == first[run.chunk + 1]:
                 raise _Boundary((args, kwargs))
-            if run.chunk > 0 and i == first[run.chunk]:
-                return _replace_tensors((args, kwargs), run.inputs)
-            return None
+            return (args, kwargs) if run.swapped else None
 
         model.module.get_submodule(name).register_forward_pre_hook(pre, with_kwargs=True)
     _hooked[id(model.module)] = True
@@ -156,9 +161,10 @@ class Pipeline(Transform):
         self.schedule = SCHEDULES[schedule](stages, microbatches, self.virtual)  # validates m, v
         self.partition, self.mesh, self.axis = partition, mesh, axis
         self.who = f"pipeline(stages={stages})" if self.virtual == 1 else f"pipeline(stages={stages}, virtual={self.virtual})"
-        self.handlers = {"value_and_grad": self._value_and_grad, "apply": self._apply}
+        self.handlers = {"value_and_grad": self._value_and_grad, "apply": self._apply, "update": self._update}
         self.record_timeline = False  # set True to keep each step's measured action times
         self.timeline: list[tuple[Action, float, float]] = []
+        self.peak_held = 0  # the last step's most micro-batches whose activations this rank held at once
         self._plan: ChunkPlan | None = None
         self._views: dict[int, tuple[Model, dict]] = {}
         self._value_spec: Any = None
@@ -255,6 +261,17 @@ class Pipeline(Transform):
             next_(whole_schedule, has_aux, params, args, kwargs)
             return box["value"], (gp.grads() if owner else None)
 
+    def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
+        """The optimizer sees this stage's part of the grads: its reductions (a global
+        norm) sum over the stages, counting a weight that two stages hold once."""
+        if self.stages == 1:
+            return next_(tx, grads, opt_state, params)
+        rank, group, _ = self._topo()
+        holders = self._plan.holders
+        elsewhere = [g for n, g in grads.items() if n in holders and min(k % self.stages for k in holders[n]) != rank]
+        with T.sharded_over(group, counted_elsewhere=elsewhere):
+            return next_(tx, grads, opt_state, params)
+
     # -- explain --------------------------------------------------------------------
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
@@ -322,6 +339,7 @@ class _Run:
                     t.timeline.append((a, start, time.perf_counter()))
             for pending in self.sends:
                 pending.wait()
+            t.peak_held = self.peak_saved
         finally:
             gp.final = outer_final
         self._sum_shared([(i, names[i]) for i in shared], outer_final)
@@ -394,8 +412,12 @@ class _Run:
     # -- end of the step -----------------------------------------------------------
 
     def _sum_shared(self, shared: list[tuple[int, str]], final: bool) -> None:
-        """Grads of weights held by several chunks: summed over the pp ranks (each rank
-        joins every sum, in the plan's order; those that hold none add zeros), then final."""
+        """Grads of weights held by several chunks: once the last backward of the update
+        is in (accumulate may run the schedule several times), summed over the pp ranks
+        (each rank joins every sum in the plan's order; those that hold none add zeros)
+        and released as final."""
+        if not final:
+            return
         mine = {name: i for i, name in shared}
         for name in self.t._plan.shared():
             i = mine.get(name)
@@ -405,12 +427,8 @@ class _Run:
                 like = self.t._like[name]
                 grad = self.gp.leaves[i].grad if i is not None else torch.zeros(like.shape, dtype=like.dtype, device=self.device)
                 comm.all_reduce(grad, group=self.group)
-            if i is None:
-                continue
-            if final:
+            if i is not None:
                 self.gp.release(i)
-            else:
-                self.gp.held.discard(i)
 
     def _value(self) -> Any:
         """The mean of the micro-batch values, from the last chunk's rank to every rank."""
