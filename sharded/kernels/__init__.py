@@ -1,0 +1,227 @@
+"""Triton kernels for the runtime's memory-bound passes, each beside a torch reference.
+
+    fused_adamw_ / fused_sgd_ / fused_lion_   one pass over a flat fp32 shard: update p
+                                              and its state in place, optionally write
+                                              a bf16/fp16 copy of p, skip on found_inf
+    unscale_and_check_                        grads *= 1/scale and an inf/nan flag, one pass
+    copy_in / copy_out                        tensors <-> slots of a flat buffer, cast fused
+
+Each public function checks its inputs (ValueError naming the fix), then runs the
+Triton kernel where it can (`uses_triton`): CUDA tensors when triton imports, or CPU
+tensors when this package was imported under TRITON_INTERPRET=1 (Triton's interpreter,
+how tests/test_kernels.py runs the kernels without a GPU). Everywhere else it runs the
+`reference_*` function in torch, which computes the same thing. Nothing here reads a
+device value on the host.
+"""
+from __future__ import annotations
+
+import contextlib
+from numbers import Real
+from typing import Sequence
+
+import torch
+
+from sharded.kernels import adamw, flat_copy, lion, sgd, unscale
+from sharded.kernels._launch import (
+    FLOAT_DTYPES,
+    HAVE_TRITON,
+    INTERPRETED,
+    check_flat,
+    check_optimizer_operands,
+    check_scalar,
+    uses_triton,
+)
+
+__all__ = [
+    "fused_adamw_",
+    "fused_sgd_",
+    "fused_lion_",
+    "unscale_and_check_",
+    "copy_in",
+    "copy_out",
+    "triton_available",
+    "uses_triton",
+]
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run in this process: triton imports and there is a
+    CUDA device, or the kernels were built for Triton's interpreter (TRITON_INTERPRET=1
+    when this package was first imported)."""
+    return HAVE_TRITON and (INTERPRETED or torch.cuda.is_available())
+
+
+def _dispatch(kernel, reference, anchor: torch.Tensor, *args, **kwargs):
+    """`kernel` where Triton runs for anchor's device (on that device: Triton launches on the
+    current one), else `reference`."""
+    if not uses_triton(anchor):
+        return reference(*args, **kwargs)
+    with torch.cuda.device(anchor.device) if anchor.device.type == "cuda" else contextlib.nullcontext():
+        return kernel(*args, **kwargs)
+
+
+def _check_numbers(fn: str, **values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise ValueError(f"{fn}: {name} must be a Python number, got {type(value).__name__}; pass float({name})")
+
+
+def _check_beta(fn: str, name: str, beta: float) -> None:
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"{fn}: {name}={beta} must be in [0, 1)")
+
+
+def fused_adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int | torch.Tensor,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    out_lowp: torch.Tensor | None = None,
+) -> None:
+    """One torch.optim.AdamW step over a flat shard, in place (math in kernels/adamw.py).
+
+    param, exp_avg, exp_avg_sq: flat fp32; grad: flat fp32, bf16 or fp16; step: this
+    update's number counting from 1, an int or a 0-dim tensor on param's device;
+    grad_scale: 0-dim fp32, grads are divided by it; found_inf: 0-dim fp32, nonzero
+    skips the update (everything, out_lowp included, stays bitwise as it was);
+    out_lowp: flat bf16/fp16, receives the updated param."""
+    fn = "fused_adamw_"
+    check_optimizer_operands(fn, param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, grad_scale, found_inf, out_lowp)
+    _check_numbers(fn, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    _check_beta(fn, "beta1", beta1)
+    _check_beta(fn, "beta2", beta2)
+    if isinstance(step, torch.Tensor):
+        if step.dim() != 0 or step.device != param.device or step.is_complex() or step.dtype == torch.bool:
+            got = f"shape {tuple(step.shape)}, {step.dtype} on {step.device}"
+            raise ValueError(f"{fn}: a tensor step must be a real 0-dim tensor on {param.device}, got {got}")
+    elif isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"{fn}: step must be an int >= 1 (this update's number) or a 0-dim tensor, got {step!r}")
+    _dispatch(adamw.adamw_, adamw.reference_adamw_, param, param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
+              beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf, out_lowp=out_lowp)
+
+
+def fused_sgd_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None = None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    out_lowp: torch.Tensor | None = None,
+) -> None:
+    """One torch.optim.SGD step (dampening 0) over a flat shard, in place (math in
+    kernels/sgd.py). momentum_buffer: flat fp32, zeros before the first step; needed
+    when momentum != 0, untouched otherwise. Other operands as in `fused_adamw_`."""
+    fn = "fused_sgd_"
+    states = {} if momentum == 0 else {"momentum_buffer": momentum_buffer}
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError(f"{fn}: momentum={momentum} needs momentum_buffer: a float32 tensor like param, zeros before the first step")
+    check_optimizer_operands(fn, param, grad, states, grad_scale, found_inf, out_lowp)
+    _check_numbers(fn, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if nesterov and momentum <= 0:
+        raise ValueError(f"{fn}: nesterov=True needs momentum > 0, got momentum={momentum}")
+    _dispatch(sgd.sgd_, sgd.reference_sgd_, param, param, grad, momentum_buffer if momentum != 0 else None, lr=lr, momentum=momentum,
+              nesterov=nesterov, weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf, out_lowp=out_lowp)
+
+
+def fused_lion_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    weight_decay: float = 0.0,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    out_lowp: torch.Tensor | None = None,
+) -> None:
+    """One Lion step over a flat shard, in place (math in kernels/lion.py); exp_avg is
+    Lion's momentum, flat fp32. Other operands as in `fused_adamw_`."""
+    fn = "fused_lion_"
+    check_optimizer_operands(fn, param, grad, {"exp_avg": exp_avg}, grad_scale, found_inf, out_lowp)
+    _check_numbers(fn, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
+    _check_beta(fn, "beta1", beta1)
+    _check_beta(fn, "beta2", beta2)
+    _dispatch(lion.lion_, lion.reference_lion_, param, param, grad, exp_avg, lr=lr, beta1=beta1, beta2=beta2,
+              weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf, out_lowp=out_lowp)
+
+
+def _as_list(fn: str, name: str, tensors) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    if not isinstance(tensors, Sequence):
+        raise ValueError(f"{fn}: {name} must be a tensor or a sequence of tensors, got {type(tensors).__name__}")
+    return list(tensors)
+
+
+def unscale_and_check_(
+    grads: torch.Tensor | Sequence[torch.Tensor], scale: torch.Tensor, found_inf: torch.Tensor | None = None
+) -> torch.Tensor:
+    """grads *= 1/scale in place, and found_inf = 1.0 if any grad held an inf or nan
+    (math in kernels/unscale.py). grads: contiguous fp32/bf16/fp16 tensors (or one flat
+    buffer) on scale's device; scale, found_inf: 0-dim fp32. found_inf is only ever set,
+    never cleared; when not given a zeroed one is made. Returns found_inf."""
+    fn = "unscale_and_check_"
+    grads = _as_list(fn, "grads", grads)
+    check_scalar(fn, "scale", scale)
+    if found_inf is not None:
+        check_scalar(fn, "found_inf", found_inf, scale.device)
+    for i, g in enumerate(grads):
+        check_flat(fn, f"grads[{i}]", g, FLOAT_DTYPES, flat=False)
+        if g.device != scale.device:
+            raise ValueError(f"{fn}: grads[{i}] is on {g.device} but scale is on {scale.device}; move scale with .to({str(g.device)!r})")
+    return _dispatch(unscale.unscale_and_check_, unscale.reference_unscale_and_check_, scale, grads, scale, found_inf)
+
+
+def _check_slots(fn: str, flat: torch.Tensor, name: str, tensors, offsets, disjoint: bool) -> tuple[list, list]:
+    """The tensors and offsets as lists, after checking that each tensor fits its slot."""
+    check_flat(fn, "flat", flat, FLOAT_DTYPES)
+    tensors, offsets = _as_list(fn, name, tensors), list(offsets)
+    if len(offsets) != len(tensors):
+        raise ValueError(f"{fn}: {len(tensors)} {name} but {len(offsets)} offsets; pass one offset per tensor")
+    for i, (x, offset) in enumerate(zip(tensors, offsets)):
+        check_flat(fn, f"{name}[{i}]", x, FLOAT_DTYPES, flat=False)
+        if x.device != flat.device:
+            raise ValueError(f"{fn}: {name}[{i}] is on {x.device} but flat is on {flat.device}; move it with .to({str(flat.device)!r})")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or offset + x.numel() > flat.numel():
+            raise ValueError(
+                f"{fn}: {name}[{i}] ({x.numel()} elements) at offset {offset!r} does not fit in flat ({flat.numel()} elements); "
+                "offsets must be ints with 0 <= offset and offset + numel <= flat.numel()"
+            )
+    if disjoint:
+        slots = sorted((o, o + x.numel(), i) for i, (x, o) in enumerate(zip(tensors, offsets)) if x.numel())
+        for (_, end, i), (start, _, j) in zip(slots, slots[1:]):
+            if start < end:
+                raise ValueError(f"{fn}: the slots of {name}[{i}] and {name}[{j}] overlap in flat; give each tensor its own range")
+    return tensors, offsets
+
+
+def copy_in(flat: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int], *, scale: float = 1.0) -> None:
+    """flat[o : o + n] = (src.view(-1) * scale).to(flat.dtype) for each src and its offset o
+    (math in kernels/flat_copy.py). flat: 1-D contiguous; srcs: contiguous, any shape, on
+    flat's device, slots disjoint; all fp32/bf16/fp16. Padding between slots is untouched."""
+    srcs, offsets = _check_slots("copy_in", flat, "srcs", srcs, offsets, disjoint=True)
+    _check_numbers("copy_in", scale=scale)
+    _dispatch(flat_copy.copy_in, flat_copy.reference_copy_in, flat, flat, srcs, offsets, float(scale))
+
+
+def copy_out(flat: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
+    """dst.view(-1)[:] = flat[o : o + n].to(dst.dtype) for each dst and its offset o (math in
+    kernels/flat_copy.py). Same layout rules as `copy_in`; slots may overlap."""
+    dsts, offsets = _check_slots("copy_out", flat, "dsts", dsts, offsets, disjoint=False)
+    _dispatch(flat_copy.copy_out, flat_copy.reference_copy_out, flat, flat, dsts, offsets)

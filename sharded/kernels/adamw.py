@@ -1,0 +1,99 @@
+"""Fused AdamW over one flat fp32 shard: a single pass reads p, g, m, v and writes p, m,
+v (and, optionally, a bf16/fp16 copy of p for the next forward), where an unfused
+AdamW walks the shard about ten times.
+
+Per element, in float32, torch.optim.AdamW's math (written as its fused CUDA kernel
+writes it; the foreach path's lerp for m differs from it only in rounding):
+
+    g = grad / grad_scale                    (grad_scale optional: unscale fp16 grads)
+    p = p * (1 - lr * weight_decay)          (decoupled weight decay)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    p = p - lr / (1 - beta1**t) * (m / (sqrt(v) / sqrt(1 - beta2**t) + eps))
+    out_lowp = p.to(out_lowp.dtype)          (optional)
+
+and nothing at all is written when found_inf != 0. `t` (step) counts updates from 1;
+it is an int or a 0-dim tensor read on the device (no host sync, CUDA-graph safe). The
+bias corrections are computed in float64 in the kernel: 1 - 0.999**t in float32 loses
+four digits to cancellation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sharded.kernels._launch import (
+    BLOCK, block_offsets, grid, jit, load_grad, reference_commit_, reference_grad, skip_if_found_inf, store_lowp, tl,
+)
+
+__all__ = ["adamw_kernel", "adamw_", "reference_adamw_"]
+
+
+@jit(do_not_specialize=["step"])
+def adamw_kernel(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, lowp_ptr, grad_scale_ptr, found_inf_ptr, step_ptr,
+    n, step, lr, beta1, one_minus_beta1, log2_beta1, beta2, one_minus_beta2, log2_beta2, eps, decay,
+    STEP_ON_DEVICE: tl.constexpr, HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs, mask = block_offsets(n, BLOCK)
+    mask = skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF)
+    if STEP_ON_DEVICE:
+        t = tl.load(step_ptr).to(tl.float64)
+    else:
+        t = step.to(tl.float64)
+    bias_correction1 = 1.0 - tl.exp2(t * log2_beta1)  # float64: the float32 scalars promote to t's type
+    bias_correction2 = 1.0 - tl.exp2(t * log2_beta2)
+    step_size = (lr / bias_correction1).to(tl.float32)
+    bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
+
+    g = load_grad(grad_ptr, offs, mask, grad_scale_ptr, HAS_GRAD_SCALE)
+    p = tl.load(param_ptr + offs, mask=mask)
+    m = tl.load(exp_avg_ptr + offs, mask=mask)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
+    p = p * decay
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+    tl.store(param_ptr + offs, p, mask=mask)
+    tl.store(exp_avg_ptr + offs, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    store_lowp(lowp_ptr, offs, p, mask, HAS_LOWP)
+
+
+def _log2(beta: float) -> float:
+    return math.log2(beta) if beta > 0 else -math.inf  # beta = 0: beta**t = 0
+
+
+def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=None, found_inf=None, out_lowp=None):
+    """Launch `adamw_kernel` over the shard (inputs checked by sharded.kernels.fused_adamw_)."""
+    on_device = isinstance(step, torch.Tensor)
+    adamw_kernel[grid(param.numel())](
+        param, grad, exp_avg, exp_avg_sq,
+        param if out_lowp is None else out_lowp,  # placeholders: [Note: optional operands]
+        param if grad_scale is None else grad_scale,
+        param if found_inf is None else found_inf,
+        step if on_device else param,
+        param.numel(), 1 if on_device else int(step), lr,
+        beta1, 1 - beta1, _log2(beta1), beta2, 1 - beta2, _log2(beta2), eps, 1 - lr * weight_decay,
+        STEP_ON_DEVICE=on_device, HAS_LOWP=out_lowp is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
+    )
+
+
+def reference_adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=None, found_inf=None, out_lowp=None):
+    """The same update in torch ops, with the bias corrections in float64."""
+    t = step.double() if isinstance(step, torch.Tensor) else float(step)
+    bias_correction1, bias_correction2 = 1 - beta1**t, 1 - beta2**t
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    if isinstance(step, torch.Tensor):
+        step_size, bias_correction2_sqrt = step_size.float(), bias_correction2_sqrt.float()
+    g = reference_grad(grad, grad_scale)
+    p = param * (1 - lr * weight_decay)
+    m = beta1 * exp_avg + (1 - beta1) * g
+    v = beta2 * exp_avg_sq + (1 - beta2) * g * g
+    p = p - step_size * (m / (v.sqrt() / bias_correction2_sqrt + eps))
+    reference_commit_(found_inf, [(param, p), (exp_avg, m), (exp_avg_sq, v)], out_lowp)
