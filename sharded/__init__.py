@@ -4,6 +4,7 @@ Read first: trace.py (module -> pure function), grad.py, step.py (the transform
 protocol), transforms/data_parallel.py, testing/equivalence.py.
 """
 from sharded import optim as optim
+from sharded import plot as plot
 from sharded import checkpoint as checkpoint
 from sharded import distributed as distributed
 from sharded import tree as tree

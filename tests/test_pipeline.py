@@ -224,3 +224,22 @@ def test_bad_options():
         sharded.pipeline(stages=2, virtual=2)
     with pytest.raises(ValueError, match=r"stages=\.\.\.\) needs a positive int"):
         sharded.pipeline(stages=0)
+
+
+# -- plots ----------------------------------------------------------------------------------
+
+
+def test_plot_schedule_draws_every_action_and_the_bubble(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    step = sharded.pipeline(stages=4, microbatches=8, schedule="1f1b")(lambda s, b: (s, {}))
+    fig = sharded.plot.schedule(step)
+    ax = fig.axes[0]
+    assert len(ax.collections) == 4 * 8 * 2  # one box per forward and backward on each rank
+    assert f"bubble {3 / 11:.1%}" in ax.get_title()
+    fig.savefig(tmp_path / "schedule.png")
+    measured = [[(Action("F", 0, 0), 0.0, 1.0), (Action("B", 0, 0), 3.0, 5.0)], [(Action("F", 0, 1), 1.0, 2.0), (Action("B", 0, 1), 2.0, 3.0)]]
+    assert "measured: bubble 50.0%" in sharded.plot.schedule(measured).axes[0].get_title()
+    with pytest.raises(TypeError, match="Step with a pipeline"):
+        sharded.plot.schedule(42)
