@@ -243,3 +243,21 @@ def test_plot_schedule_draws_every_action_and_the_bubble(tmp_path):
     assert "measured: bubble 50.0%" in sharded.plot.schedule(measured).axes[0].get_title()
     with pytest.raises(TypeError, match="Step with a pipeline"):
         sharded.plot.schedule(42)
+
+
+def test_the_gpt_preset_through_a_pipeline_with_zero3():
+    """The built-in GPT (SDPA, positions from the input's device, tied head) on pp=2 × dp=2."""
+    from sharded.models import GPT, GPTConfig, loss_fn
+
+    model = sharded.trace(GPT(GPTConfig.preset("tiny", n_layers=4, d_model=32, n_heads=2, vocab_size=64, seq_len=16, tied=True)).double())
+
+    def train_step(state, batch):
+        loss, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3))
+    g = torch.Generator().manual_seed(0)
+    batches = [tuple(torch.randint(0, model.module.cfg.vocab_size, (8, 16), generator=g) for _ in range(2)) for _ in range(2)]
+    step = sharded.shard_zero(stage=3)(sharded.pipeline(stages=2, microbatches=4)(train_step))
+    # loss_fn computes the cross entropy in fp32: fp32 tolerances
+    assert_step_equivalent(step, train_step, state, batches, world_size=4, mesh=dict(pp=2, dp=2), rtol=1e-5, atol=1e-6)
