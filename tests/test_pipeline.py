@@ -261,3 +261,21 @@ def test_the_gpt_preset_through_a_pipeline_with_zero3():
     step = sharded.shard_zero(stage=3)(sharded.pipeline(stages=2, microbatches=4)(train_step))
     # loss_fn computes the cross entropy in fp32: fp32 tolerances
     assert_step_equivalent(step, train_step, state, batches, world_size=4, mesh=dict(pp=2, dp=2), rtol=1e-5, atol=1e-6)
+
+
+def _gathers_per_step(m: int) -> int:
+    from sharded import comm
+
+    sharded.Mesh.set_current(sharded.Mesh(pp=2, dp=2))
+    _, train_step, state, batches = _case(ToyLM(ToyConfig(depth=4)), rows=2 * m)
+    step = sharded.shard_zero(stage=3)(sharded.pipeline(stages=2, microbatches=m)(train_step))
+    state = step.init(state)
+    with comm.recording() as ops:
+        step(state, batches[0])
+    return sum(op.name == "all_gather" for op in ops)
+
+
+def test_zero3_keeps_a_stages_params_gathered_across_microbatches():
+    """Around a pipeline, stage 3 gathers each of a stage's blocks once per step, not per micro-batch."""
+    one, four = get_pool(4).run(_gathers_per_step, 1)[0], get_pool(4).run(_gathers_per_step, 4)[0]
+    assert one == four > 0

@@ -55,7 +55,7 @@ class ShardZero(Transform):
         stage: int | None = None,
         bucket_mb: float = 25.0,
         prefetch: int = 1,
-        reshard_after_forward: bool = True,
+        reshard_after_forward: bool | None = None,
         reduce_dtype: torch.dtype | None = None,
         hybrid: int | None = None,
         reduce_every_microbatch: bool = False,
@@ -107,6 +107,11 @@ class ShardZero(Transform):
         # bytes for bf16) and reduces their grads back to the masters' dtype.
         inner = stack[stack.index(self) + 1 :]
         self.gather_dtype = next((t.param_dtype for t in inner if t.name == "mixed_precision"), None) if self.stage == 3 else None
+        # By default stage 3 frees a block after its forward, except around a pipeline:
+        # there a stage's blocks run once per micro-batch, and re-gathering them for each
+        # would multiply the all-gathers by m; they stay until their grads are reduced.
+        if self.reshard_after_forward is None:
+            self.reshard_after_forward = not any(t.name == "pipeline" for t in inner)
 
     # -- the axis -------------------------------------------------------------------
 
@@ -247,7 +252,7 @@ class ShardZero(Transform):
     def _gatherer(self, chunks: list[torch.Tensor], size: int, group: Any) -> _stage3.Gatherer:
         layout = self._layout
         return _stage3.Gatherer(
-            chunks, layout.shapes, layout.chunked, group, self.prefetch, self.reshard_after_forward, dtype=self.gather_dtype
+            chunks, layout.shapes, layout.chunked, group, self.prefetch, self.reshard_after_forward is not False, dtype=self.gather_dtype
         )
 
     def _value_and_grad_stage3(self, next_, fn, has_aux, params, local, kwargs, t: _Topology) -> Any:
