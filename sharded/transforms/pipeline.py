@@ -431,15 +431,31 @@ class _Run:
                 self.gp.release(i)
 
     def _value(self) -> Any:
-        """The mean of the micro-batch values, from the last chunk's rank to every rank."""
+        """The mean of the micro-batch values, from the last chunk's rank to every rank.
+
+        The value's structure (a pytree of tensors: loss, metrics) goes once, as an
+        object; from then on only its tensors move, by broadcast, with no host sync. So a
+        step must return the same metrics (names, shapes, dtypes) every time."""
         last = self.ranks[(self.t.chunks - 1) % self.t.stages]
         mine = mean_floats(self.values) if self.values else None
         if self.t.stages == 1:
             return mine
-        if mine is not None:
-            mine = T.map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, mine)
-        value = comm.broadcast_object(mine, src=last, group=self.group)
-        return T.map(lambda x: x.to(self.device) if isinstance(x, torch.Tensor) else x, value)
+        if self.t._value_spec is None:
+            like = None
+            if mine is not None:
+                leaves, spec = optree.tree_flatten(mine, namespace="sharded")
+                if all(isinstance(x, torch.Tensor) for x in leaves):
+                    like = (spec, [(x.shape, x.dtype) for x in leaves])
+            self.t._value_spec = comm.broadcast_object(like, src=last, group=self.group) or "objects"
+        if self.t._value_spec == "objects":  # Python values among the metrics: pickled every step
+            cpu = T.map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, mine)
+            value = comm.broadcast_object(cpu, src=last, group=self.group)
+            return T.map(lambda x: x.to(self.device) if isinstance(x, torch.Tensor) else x, value)
+        spec, metas = self.t._value_spec
+        leaves = T.leaves(mine) if mine is not None else [torch.empty(sh, dtype=dt, device=self.device) for sh, dt in metas]
+        for x in leaves:
+            comm.broadcast(x, src=last, group=self.group)
+        return spec.unflatten(leaves)
 
 
 def _detach(tree: Any) -> Any:
