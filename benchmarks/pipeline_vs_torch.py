@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import time
 
 import torch
+from _harness import common_args, run_each
 from torch import nn
 
 import sharded
@@ -165,25 +165,13 @@ def measure(name: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nproc", type=int, default=4)
-    ap.add_argument("--preset", default="1.3b")
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=16, help="sequences per step per pipeline (every pp rank sees the batch)")
+    common_args(ap, nproc=4, batch=16, batch_help="sequences per step (the global batch: every pp rank sees it)")
     ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--systems", default=",".join(BUILD))
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--commit", default=os.environ.get("SHARDED_COMMIT"))
     args = ap.parse_args()
-    systems = {}
-    for name in args.systems.split(","):
-        try:
-            systems[name] = sharded.launch(measure, name, args, nprocs=args.nproc, device=args.device, timeout=900)
-        except sharded.RankError as e:  # an OOM is a result too: record it, measure the rest
-            systems[name] = {"error": str(e).splitlines()[-1][:300]}
-        print(name, json.dumps({k: v for k, v in systems[name].items() if k != "step_s"}), flush=True)
+    systems = run_each(args.systems.split(","), measure, args, device=args.device)
     base = systems.get("torch_1f1b", {})
     result = {
         "benchmark": "pipeline_vs_torch",

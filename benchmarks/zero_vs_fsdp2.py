@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 
 import torch
+from _harness import common_args, run_each
 
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
@@ -140,24 +140,12 @@ def measure(name: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--preset", default="1.3b")
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=4, help="sequences per rank")
-    ap.add_argument("--warmup", type=int, default=3)
+    common_args(ap, nproc=2, batch=4, batch_help="sequences per rank")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--precision", default="autocast", choices=["autocast", "bf16"])
     ap.add_argument("--profile", action="store_true", help="also profile 3 steps: how much NCCL time is hidden under compute")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--commit", default=os.environ.get("SHARDED_COMMIT"))
     args = ap.parse_args()
-    systems = {}
-    for name in [n for pair in PAIRS for n in pair]:
-        try:
-            systems[name] = sharded.launch(measure, name, args, nprocs=args.nproc, device="cuda", timeout=900)
-        except sharded.RankError as e:  # an OOM is a result too: record it, measure the rest
-            systems[name] = {"error": str(e).splitlines()[-1][:300]}
-        print(name, json.dumps({k: v for k, v in systems[name].items() if k != "step_s"}), flush=True)
+    systems = run_each([n for pair in PAIRS for n in pair], measure, args)
     result = {
         "benchmark": "zero_vs_fsdp2",
         "device": f"{args.nproc}x {torch.cuda.get_device_name(0)}",
