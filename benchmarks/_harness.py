@@ -30,3 +30,11 @@ def run_each(names: list[str], measure: Callable, args: argparse.Namespace, devi
             systems[name] = {"error": str(e).splitlines()[-1][:300]}
         print(name, json.dumps({k: v for k, v in systems[name].items() if k != "step_s"}), flush=True)
     return systems
+
+
+def report(result: dict, out: str | None) -> None:
+    """Print the result (without the per-system detail) and write it all to `out`."""
+    print(json.dumps({k: v for k, v in result.items() if k != "systems"}, indent=2))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)

@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from _harness import common_args, run_each
+from _harness import common_args, report, run_each
 from torch import nn
 
 import sharded
@@ -191,10 +191,7 @@ def main() -> None:
             if name != "torch_1f1b" and "error" not in s and "tokens_per_s" in base
         },
     }
-    print(json.dumps({k: v for k, v in result.items() if k != "systems"}, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 import statistics
 
 import torch
-from _harness import common_args, run_each
+from _harness import common_args, report, run_each
 
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
@@ -166,10 +166,7 @@ def main() -> None:
             if "error" not in systems[ours] and "error" not in systems[base]
         },
     }
-    print(json.dumps({k: v for k, v in result.items() if k != "systems"}, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.out)
 
 
 if __name__ == "__main__":
