@@ -5,6 +5,7 @@ protocol), transforms/data_parallel.py, testing/equivalence.py.
 """
 from sharded import optim as optim
 from sharded import plot as plot
+from sharded import sharding as sharding
 from sharded import checkpoint as checkpoint
 from sharded import distributed as distributed
 from sharded import tree as tree

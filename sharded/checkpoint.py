@@ -30,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 
 from sharded import comm
 from sharded import tree as T
-from sharded.sharding import map_chunked, to_dtensor
+from sharded.sharding import as_dtensors
 
 __all__ = ["save", "load", "export_safetensors", "UnsafeCheckpoint"]
 
@@ -50,16 +50,8 @@ def _barrier() -> None:
 
 def _flat_views(state: Any) -> dict[str, Any]:
     """{path: flattened leaf}, with this rank's chunks as DTensor shards."""
-    layout = getattr(state, "sharding", None)
+    state = as_dtensors(state)
     parts = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "extra": state.extra}
-    if layout is not None and layout.ranks > 1:
-
-        def shard(x: torch.Tensor, i: int) -> Any:
-            return to_dtensor(x, layout.shapes[i].numel(), layout.group)
-
-        if layout.params:
-            parts["params"] = map_chunked(parts["params"], layout.treespec, layout.chunked, shard)
-        parts["opt_state"] = map_chunked(parts["opt_state"], layout.treespec, layout.chunked, shard)
     out = {}
     for part, tree in parts.items():  # params first: a mismatch is named where users look
         for path, x in T.leaves_with_paths(tree):

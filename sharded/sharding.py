@@ -18,7 +18,7 @@ import torch
 
 from sharded import tree as T
 
-__all__ = ["ChunkLayout", "chunk_size", "bounds", "local_chunk", "map_chunked", "to_dtensor"]
+__all__ = ["ChunkLayout", "as_dtensors", "chunk_size", "bounds", "local_chunk", "map_chunked", "to_dtensor"]
 
 
 def chunk_size(numel: int, ranks: int) -> int:
@@ -75,3 +75,23 @@ def to_dtensor(chunk: torch.Tensor, numel: int, group: Any) -> Any:
 
     mesh = DeviceMesh.from_group(group, chunk.device.type)
     return DTensor.from_local(chunk, mesh, [Shard(0)], run_check=False, shape=torch.Size([numel]), stride=(1,))
+
+
+def as_dtensors(state: Any) -> Any:
+    """`state` with every chunk as a DTensor of its flattened leaf (no copy): code over
+    params or optimizer state outside the step sees global values, as on one device.
+
+        view = sharded.sharding.as_dtensors(state)
+        l2 = sum((p.float() ** 2).sum() for p in sharded.tree.leaves(view.params))
+        l2.full_tensor()   # == the plain model's, on every rank
+
+    A state that is not sharded comes back as it is."""
+    layout = getattr(state, "sharding", None)
+    if layout is None or layout.ranks == 1:
+        return state
+
+    def shard(x: torch.Tensor, i: int) -> Any:
+        return to_dtensor(x, layout.shapes[i].numel(), layout.group)
+
+    params = map_chunked(state.params, layout.treespec, layout.chunked, shard) if layout.params else state.params
+    return state.replace(params=params, opt_state=map_chunked(state.opt_state, layout.treespec, layout.chunked, shard))

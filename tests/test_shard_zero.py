@@ -335,3 +335,23 @@ def _whole_grads_between_microbatches(stage):
 def test_reducing_every_microbatch_needs_stage_2_or_3():
     with pytest.raises(ValueError, match="reduce_every_microbatch saves nothing"):
         sharded.shard_zero(stage=1, reduce_every_microbatch=True)
+
+
+def _l2_through_dtensors(stage):
+    model = sharded.trace(ToyLM(ToyConfig(width=5, hidden=7)).double())  # sizes that need padding over 2 ranks
+    step = sharded.shard_zero(stage=stage)(make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    state, _ = step(state, (torch.randint(0, 11, (4, 3), generator=torch.Generator().manual_seed(0)),) * 2)
+    view = sharded.sharding.as_dtensors(state)
+    l2 = lambda tree: sum((x**2).sum() for x in sharded.tree.leaves(tree))  # noqa: E731
+    got = [l2(view.params), l2(view.opt_state[0].mu)]
+    got = [x.full_tensor() if hasattr(x, "full_tensor") else x for x in got]
+    full = step.gather(state)
+    return [float(x) for x in got], [float(l2(full.params)), float(l2(full.opt_state[0].mu))]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_user_code_over_the_state_sees_global_values_through_dtensors(stage):
+    """An L2 term over (sharded) params and optimizer moments equals the unsharded one."""
+    for got, want in get_pool(2).run(_l2_through_dtensors, stage):
+        assert got == pytest.approx(want, rel=1e-12)
