@@ -276,7 +276,7 @@ class Pipeline(Transform):
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
         rank = (info.rank // max(1, info.world_size // self.stages)) % self.stages
-        actions = with_comm(self.schedule, self.chunks)[rank]
+        actions = self.actions(rank)
         body = tuple(Op("p2p" if "_" in a.kind else "compute", str(a), _describe(a)) for a in actions)
         sched = Op("repeat", f"{self.schedule_name} schedule, pp rank {rank}", f"chunks {[k for k in range(self.chunks) if k % self.stages == rank]}, {self.microbatches} micro-batches", body=body)
         out = []
@@ -288,6 +288,10 @@ class Pipeline(Transform):
             else:
                 out.append(op)
         return out
+
+    def actions(self, rank: int) -> list[Action]:
+        """pp rank `rank`'s schedule: its forwards, backwards, sends and receives, in order."""
+        return with_comm(self.schedule, self.chunks)[rank]
 
     def bubble(self) -> float:
         """The schedule's idle fraction with backward = 2 × forward (simulated)."""
@@ -330,7 +334,7 @@ class _Run:
         gp.held.update(shared)
         t.timeline = []
         try:
-            for a in with_comm(t.schedule, t.chunks)[self.rank]:
+            for a in t.actions(self.rank):
                 start = time.perf_counter()
                 getattr(self, a.kind)(a, outer_final)
                 if t.record_timeline and a.kind in ("F", "B"):
