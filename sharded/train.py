@@ -38,6 +38,7 @@ class TrainConfig:
     accumulate: int = 2
     data_parallel: bool = True
     zero: int = 0  # shard_zero stage in place of data_parallel (0: off)
+    pp: int = 1  # pipeline stages (the mesh is pp × dp; micro-batches are --accumulate's)
     precision: str = "fp32"  # or "bf16" / "fp16": mixed_precision around the step
     lr: float = 3e-3
     warmup: int = 30
@@ -52,8 +53,9 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     """The user's step, then the transforms, outermost last (torchtitan style: order matters).
 
     0. mixed_precision (if asked): innermost, it only changes how each forward runs;
-    1. accumulate: micro-batches inside each rank;
-    2. data_parallel, or shard_zero(stage=cfg.zero): outside accumulate, so grads are
+    1. accumulate: micro-batches inside each rank; with pp > 1, pipeline instead, whose
+       schedule runs the micro-batches through the stages;
+    2. data_parallel, or shard_zero(stage=cfg.zero): outside them, so grads are
        reduced once per update, overlapped with the last micro-batch's backward.
     """
 
@@ -68,11 +70,14 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     step = train_step
     if cfg.precision != "fp32":
         step = sharded.mixed_precision(cfg.precision)(step)
-    if cfg.accumulate > 1:
+    if cfg.pp > 1:
+        step = sharded.pipeline(stages=cfg.pp, microbatches=cfg.accumulate)(step)
+    elif cfg.accumulate > 1:
         step = sharded.accumulate(steps=cfg.accumulate)(step)
+    dp = sharded.Mesh.current().size("dp")
     if cfg.zero:
         step = sharded.shard_zero(stage=cfg.zero)(step)
-    elif cfg.data_parallel:
+    elif cfg.data_parallel and (dp > 1 or cfg.pp == 1):
         step = sharded.data_parallel(step)
     return sharded.Step(step) if not isinstance(step, sharded.Step) else step
 
@@ -99,6 +104,8 @@ def evaluate(model: sharded.Model, params, corpus: Corpus, cfg: TrainConfig, seq
 def run_rank(cfg: TrainConfig) -> dict:
     """One rank's training loop; returns the summary (rank 0's is what `main` prints)."""
     distributed.init()
+    if cfg.pp > 1:
+        sharded.Mesh.set_current(sharded.Mesh(pp=cfg.pp))
     rank, device = distributed.rank(), distributed.device()
     corpus = Corpus(seed=cfg.seed)
     gcfg = GPTConfig.preset(cfg.preset, vocab_size=corpus.tokenizer.vocab_size)
