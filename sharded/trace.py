@@ -47,6 +47,14 @@ class Model:
         # Rebuilt through __init__, so a model sent to another rank is found there too.
         return (Model, (self.module, self.params, self.buffers, self.blocks, self.tied))
 
+    def with_buffers(self, buffers: dict[str, torch.Tensor]) -> Model:
+        """This model with other buffers (a transform's view of it); unlike a new Model,
+        it is not what `model_of` finds for these params."""
+        view = object.__new__(Model)
+        for f in dataclasses.fields(self):
+            object.__setattr__(view, f.name, buffers if f.name == "buffers" else getattr(self, f.name))
+        return view
+
     def apply(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """The module's forward with `params` (and `model.buffers`) in place of its own state."""
         return primitives.bind("apply", self, params, args, kwargs)

@@ -279,3 +279,15 @@ def test_zero3_keeps_a_stages_params_gathered_across_microbatches():
     """Around a pipeline, stage 3 gathers each of a stage's blocks once per step, not per micro-batch."""
     one, four = get_pool(4).run(_gathers_per_step, 1)[0], get_pool(4).run(_gathers_per_step, 4)[0]
     assert one == four > 0
+
+
+def test_the_pipelines_view_of_a_model_does_not_replace_it():
+    """Transforms look the model up by its param names; a pipeline's per-chunk view (meta
+    buffers) must not become what a later step finds."""
+    from sharded.trace import model_of
+
+    sharded.Mesh.set_current(None)
+    model, train_step, state, batches = _case(ToyLM(ToyConfig(depth=2)), rows=2)
+    step = sharded.pipeline(stages=1, microbatches=2)(train_step)
+    step(step.init(state), batches[0])
+    assert model_of(model.params) is model

@@ -242,7 +242,7 @@ class Pipeline(Transform):
             plan = self._plan
             buffers = {n: (b if plan.buffer_chunk.get(n, chunk) == chunk else _meta(b)) for n, b in model.buffers.items()}
             placeholders = {n: self._like[model.tied.get(n, n)] for n in plan.name_chunk}
-            self._views[chunk] = (dataclasses.replace(model, buffers=buffers), placeholders)
+            self._views[chunk] = (model.with_buffers(buffers), placeholders)
         return self._views[chunk]
 
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
