@@ -167,7 +167,11 @@ class Pipeline(Transform):
         self.peak_held = 0  # the last step's most micro-batches whose activations this rank held at once
         self._plan: ChunkPlan | None = None
         self._views: dict[int, tuple[Model, dict]] = {}
-        self._value_spec: Any = None
+        self._value_spec: Any = None  # the structure of the step's value, learned on the first step
+        # Boundary tensors' (dtype, requires_grad, shape), by (chunk, micro-batch shapes):
+        # described in a header the first time, known to both ends after.
+        self._shapes: dict[tuple, list] = {}
+        self._sent: set[tuple] = set()
 
     def describe(self) -> str:
         v = f", virtual={self.virtual}" if self.virtual > 1 else ""
@@ -352,7 +356,7 @@ class _Run:
     # -- actions -------------------------------------------------------------------
 
     def recv_f(self, a: Action, _: bool) -> None:
-        cache = self.t.__dict__.setdefault("_shapes", {})
+        cache = self.t._shapes
         key = (a.chunk, self.key)
         if key not in cache:
             h = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
@@ -382,7 +386,7 @@ class _Run:
 
     def send_f(self, a: Action, _: bool) -> None:
         outs = self.saved[(a.mb, a.chunk)][1]
-        cache = self.t.__dict__.setdefault("_sent", set())
+        cache = self.t._sent
         if (a.chunk, self.key) not in cache:
             cache.add((a.chunk, self.key))
             self.sends.append(comm.send(_header(outs, self.device), self._peer(a.chunk + 1)))
