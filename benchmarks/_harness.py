@@ -1,5 +1,6 @@
-"""What the GPU benchmarks share: their common flags, and running each system in its
-own fresh ranks (so its peak memory is its own), an error being a result too."""
+"""What the GPU benchmarks share: the step they run through sharded, their common flags,
+and running each system in its own fresh ranks (so its peak memory is its own), an
+error being a result too."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,26 @@ import json
 import os
 from typing import Callable
 
+import torch
+
 import sharded
+from sharded.models import loss_fn
+
+
+def gpt_train_step(model: sharded.Model):
+    """The user's step over a traced GPT, its forward under bf16 autocast: the same step
+    every benchmark runs through sharded's transforms."""
+    device = next(iter(model.params.values())).device.type
+
+    def loss(params, batch):
+        with torch.autocast(device, torch.bfloat16):
+            return loss_fn(model.apply(params, batch[0]), batch[1])
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(loss)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    return train_step
 
 
 def common_args(ap: argparse.ArgumentParser, nproc: int, batch: int, batch_help: str) -> None:

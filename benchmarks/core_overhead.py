@@ -17,6 +17,7 @@ import statistics
 import os
 
 import torch
+from _harness import gpt_train_step
 
 import sharded
 from sharded.models import GPT, GPTConfig, flops_per_token, loss_fn
@@ -64,13 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = sharded.trace(GPT(cfg).to(dev))
 
-    def loss(params, batch):
-        with torch.autocast("cuda", torch.bfloat16):
-            return loss_fn(model.apply(params, batch[0]), batch[1])
-
-    def train_step(state, batch):
-        value, grads = sharded.value_and_grad(loss)(state.params, batch)
-        return state.apply_gradients(grads), {"loss": value}
+    train_step = gpt_train_step(model)
 
     step = sharded.Step(train_step)
     box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-4, weight_decay=0.1)))]

@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from _harness import common_args, report, run_each
+from _harness import common_args, gpt_train_step, report, run_each
 from torch import nn
 
 import sharded
@@ -82,13 +82,7 @@ def _sharded(cfg: GPTConfig, m: int, dev: torch.device, pp: int, schedule: str, 
     sharded.Mesh.set_current(sharded.Mesh(pp=pp))
     model = sharded.trace(GPT(cfg).to(dev))
 
-    def loss(params, batch):
-        with _autocast(dev):
-            return loss_fn(model.apply(params, batch[0]), batch[1])
-
-    def train_step(state, batch):
-        value, grads = sharded.value_and_grad(loss)(state.params, batch)
-        return state.apply_gradients(grads), {"loss": value}
+    train_step = gpt_train_step(model)
 
     step = sharded.pipeline(stages=pp, microbatches=m, schedule=schedule, partition="uniform")(train_step)
     if zero3:

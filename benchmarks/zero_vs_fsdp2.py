@@ -18,7 +18,7 @@ import datetime
 import statistics
 
 import torch
-from _harness import common_args, report, run_each
+from _harness import common_args, gpt_train_step, report, run_each
 
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
@@ -51,13 +51,7 @@ def _fsdp2(cfg, reshard: bool, precision: str):
 def _sharded(cfg, stage: int, precision: str):
     model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
 
-    def loss(params, batch):
-        with torch.autocast("cuda", torch.bfloat16):
-            return loss_fn(model.apply(params, batch[0]), batch[1])
-
-    def train_step(state, batch):
-        value, grads = sharded.value_and_grad(loss)(state.params, batch)
-        return state.apply_gradients(grads), {"loss": value}
+    train_step = gpt_train_step(model)
 
     inner = sharded.mixed_precision("bf16")(train_step) if precision == "bf16" else train_step
     zero = sharded.shard_zero(stage=stage)(inner)

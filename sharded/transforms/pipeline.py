@@ -166,6 +166,8 @@ class Pipeline(Transform):
         self.timeline: list[tuple[Action, float, float]] = []
         self.peak_held = 0  # the last step's most micro-batches whose activations this rank held at once
         self._plan: ChunkPlan | None = None
+        self._topology: tuple[int, Any, list[int]] | None = None
+        self._actions = with_comm(self.schedule, self.chunks)  # each rank's list, sends and receives included
         self._views: dict[int, tuple[Model, dict]] = {}
         self._value_spec: Any = None  # the structure of the step's value, learned on the first step
         # Boundary tensors' (dtype, requires_grad, shape), by (chunk, micro-batch shapes):
@@ -180,7 +182,12 @@ class Pipeline(Transform):
     # -- layout ---------------------------------------------------------------------
 
     def _topo(self) -> tuple[int, Any, list[int]]:
-        """(this rank's pp coordinate, the pp group, the pp group's global ranks)."""
+        """(this rank's pp coordinate, the pp group, the pp group's global ranks), found at `init`."""
+        if self._topology is None:
+            self._topology = self._find_topo()
+        return self._topology
+
+    def _find_topo(self) -> tuple[int, Any, list[int]]:
         mesh = self.mesh if self.mesh is not None else Mesh.current()
         size = mesh.size(self.axis)
         if size != self.stages:
@@ -199,6 +206,7 @@ class Pipeline(Transform):
                 f"{self.who} cuts the model by its blocks, but no traced model has these params; "
                 "create the state from `sharded.trace(module).params`"
             )
+        self._topology = None  # the mesh may have changed since the last init
         rank, _, _ = self._topo()
         self._model, self._names = model, list(state.params)
         self._plan = plan = plan_chunks(model, self.chunks, self.partition, self.who)
@@ -295,7 +303,7 @@ class Pipeline(Transform):
 
     def actions(self, rank: int) -> list[Action]:
         """pp rank `rank`'s schedule: its forwards, backwards, sends and receives, in order."""
-        return with_comm(self.schedule, self.chunks)[rank]
+        return self._actions[rank]
 
     def bubble(self) -> float:
         """The schedule's idle fraction with backward = 2 × forward (simulated)."""
@@ -334,7 +342,8 @@ class _Run:
         gp, t = self.gp, self.t
         outer_final = gp.final
         names = T.leaves({n: n for n in self.params})  # the names in the grad pass's leaf order
-        shared = [i for i, n in enumerate(names) if n in set(t._plan.shared())]
+        tied = set(t._plan.shared())
+        shared = [i for i, n in enumerate(names) if n in tied]
         gp.held.update(shared)
         t.timeline = []
         try:
