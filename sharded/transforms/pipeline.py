@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import time
+import weakref
 from typing import Any, Callable
 
 import optree
@@ -72,12 +73,13 @@ class _Forward:
 
 
 _running: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("sharded_pipeline", default=None)
-_hooked: dict[int, bool] = {}
+# Modules already hooked; weak, since a module's id can be reused once it is collected.
+_hooked: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def _install_hooks(model: Model) -> None:
     """Once per module: each block's pre-hook defers to the running `_Forward`."""
-    if _hooked.get(id(model.module)):
+    if model.module in _hooked:
         return
     names = [b.name for b in model.blocks if not b.name.startswith("<")]
     for i, name in enumerate(names):
@@ -98,7 +100,7 @@ def _install_hooks(model: Model) -> None:
             return (args, kwargs) if run.swapped else None
 
         model.module.get_submodule(name).register_forward_pre_hook(pre, with_kwargs=True)
-    _hooked[id(model.module)] = True
+    _hooked.add(model.module)
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
