@@ -134,8 +134,8 @@ class GradReducer:
         if self.sums is None:
             self._complete()
         outputs = self.sums if self.sums is not None else self.outputs
-        grads: list[torch.Tensor] = [torch.zeros_like(x) for x in self.leaves]
+        grads: list[torch.Tensor | None] = [None] * len(self.leaves)
         for fg, out in zip(self.groups, outputs):
             for i, view in zip(fg.leaves, fg.chunk_views(out.to(self.out_dtype or fg.dtype), self.rank)):
                 grads[i] = view
-        return grads
+        return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, self.leaves)]
