@@ -19,6 +19,7 @@ import statistics
 
 import torch
 from _harness import common_args, gpt_train_step, report, run_each
+from _profile import gpu_time_summary
 
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
@@ -71,27 +72,6 @@ BUILD = {
 }
 
 
-def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for start, end in sorted(intervals):
-        if out and start <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], end)
-        else:
-            out.append([start, end])
-    return [(a, b) for a, b in out]
-
-
-def comm_hidden_fraction(prof) -> dict:
-    """From a torch.profiler trace: the time NCCL kernels ran, and the fraction of it
-    during which some compute kernel ran too (communication hidden under compute)."""
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
-    compute = _merge([(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()])
-    total = sum(b - a for a, b in comm)
-    hidden = sum(max(0.0, min(b, d) - max(a, c)) for a, b in comm for c, d in compute if c < b and d > a)
-    return {"comm_kernel_s": total / 1e6, "hidden_fraction": hidden / total if total else None}
-
-
 def measure(name: str, args) -> dict:
     dev = sharded.distributed.device()
     cfg = GPTConfig.preset(args.preset, seq_len=args.seq)
@@ -127,7 +107,7 @@ def measure(name: str, args) -> dict:
             for _ in range(3):
                 step(x, y)
             torch.cuda.synchronize()
-        result["communication"] = comm_hidden_fraction(prof)
+        result["gpu_time"] = gpu_time_summary(prof, steps=3)
     return result
 
 

@@ -83,3 +83,32 @@ def test_mixed_precision_on_cuda_tracks_fp32(compute):
             state, metrics = step(state, batch)
         finals[name] = metrics["loss"].item()
     assert finals[compute] == pytest.approx(finals["fp32"], rel=0.03)
+
+
+def _pipeline_on_cuda(cfg, batches, schedule):
+    assert torch.distributed.get_backend() == "nccl"
+    sharded.Mesh.set_current(sharded.Mesh(pp=2))
+    dev = sharded.distributed.device()
+    model = sharded.trace(ToyLM(cfg).to(dev))
+    virtual = 2 if schedule == "interleaved" else 1
+    step = sharded.pipeline(stages=2, microbatches=4, schedule=schedule, virtual=virtual)(make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    for x, y in batches:
+        state, m = step(state, (x.to(dev), y.to(dev)))
+    return {k: v.cpu() for k, v in step.gather(state).params.items()}, m["loss"].cpu()
+
+
+@needs(2)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+def test_pipeline_over_nccl_matches_one_gpu(schedule):
+    cfg = ToyConfig(tied=True, depth=4, width=64, hidden=96, vocab=50)
+    batches = _batches(cfg.vocab, 8, 3)
+    got, loss = sharded.launch(_pipeline_on_cuda, cfg, batches, schedule, nprocs=2, device="cuda")
+    model = sharded.trace(ToyLM(cfg).cuda())
+    step = sharded.Step(make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    for x, y in batches:
+        state, m = step(state, (x.cuda(), y.cuda()))
+    for k, v in state.params.items():
+        torch.testing.assert_close(got[k], v.cpu(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, m["loss"].cpu(), rtol=1e-4, atol=1e-5)
