@@ -22,6 +22,7 @@ import time
 
 import torch
 from _harness import common_args, gpt_train_step, report, run_each
+from _profile import gpu_time_summary
 from torch import nn
 
 import sharded
@@ -153,6 +154,12 @@ def measure(name: str, args) -> dict:
     }
     if pipe is not None:
         result["timeline"] = _measured_bubble(pipe, step, x, y, dev)
+    if args.profile and dev.type == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step(x, y)
+            _sync(dev)
+        result["gpu_time"] = gpu_time_summary(prof, steps=2)
     return result
 
 
@@ -163,6 +170,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--systems", default=",".join(BUILD))
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--profile", action="store_true", help="also profile 2 steps on CUDA: GPU compute, idle and communication time, top kernels")
     args = ap.parse_args()
     systems = run_each(args.systems.split(","), measure, args, device=args.device)
     base = systems.get("torch_1f1b", {})

@@ -317,8 +317,8 @@ BAD_INPUTS = {
         lambda: kernels.copy_in(torch.zeros(10), [torch.zeros(4)], [0, 4]), r"1 srcs but 2 offsets"),
     "copy_out non-contiguous dst": (
         lambda: kernels.copy_out(torch.zeros(10), [torch.zeros(4, 2).t()], [0]), r"dsts\[0\] must be a contiguous tensor"),
-    "copy_out fp64 flat": (
-        lambda: kernels.copy_out(torch.zeros(10, dtype=torch.float64), [torch.zeros(4)], [0]), r"flat has dtype torch.float64"),
+    "copy_out int flat": (
+        lambda: kernels.copy_out(torch.zeros(10, dtype=torch.int32), [torch.zeros(4)], [0]), r"flat has dtype torch.int32"),
 }
 
 

@@ -51,10 +51,14 @@ def triton_available() -> bool:
     return HAVE_TRITON and (INTERPRETED or torch.cuda.is_available())
 
 
-def _dispatch(kernel, reference, anchor: torch.Tensor, *args, **kwargs):
+# float64 (property tests compare transforms in it) takes the torch references everywhere.
+_ANY_FLOAT = (*FLOAT_DTYPES, torch.float64)
+
+
+def _dispatch(kernel, reference, anchor: torch.Tensor, *args, operands: Sequence[torch.Tensor] = (), **kwargs):
     """`kernel` where Triton runs for anchor's device (on that device: Triton launches on the
-    current one), else `reference`."""
-    if not uses_triton(anchor):
+    current one) and no operand is float64, else `reference`."""
+    if not uses_triton(anchor) or any(x.dtype == torch.float64 for x in operands):
         return reference(*args, **kwargs)
     with torch.cuda.device(anchor.device) if anchor.device.type == "cuda" else contextlib.nullcontext():
         return kernel(*args, **kwargs)
@@ -174,7 +178,7 @@ def unscale_and_check_(
 ) -> torch.Tensor:
     """grads *= 1/scale in place, and found_inf = 1.0 if any grad held an inf or nan
     (math in kernels/unscale.py). grads: contiguous fp32/bf16/fp16 tensors (or one flat
-    buffer) on scale's device; scale, found_inf: 0-dim fp32. found_inf is only ever set,
+    buffer; float64 runs the reference) on scale's device; scale, found_inf: 0-dim fp32. found_inf is only ever set,
     never cleared; when not given a zeroed one is made. Returns found_inf."""
     fn = "unscale_and_check_"
     grads = _as_list(fn, "grads", grads)
@@ -182,20 +186,20 @@ def unscale_and_check_(
     if found_inf is not None:
         check_scalar(fn, "found_inf", found_inf, scale.device)
     for i, g in enumerate(grads):
-        check_flat(fn, f"grads[{i}]", g, FLOAT_DTYPES, flat=False)
+        check_flat(fn, f"grads[{i}]", g, _ANY_FLOAT, flat=False)
         if g.device != scale.device:
             raise ValueError(f"{fn}: grads[{i}] is on {g.device} but scale is on {scale.device}; move scale with .to({str(g.device)!r})")
-    return _dispatch(unscale.unscale_and_check_, unscale.reference_unscale_and_check_, scale, grads, scale, found_inf)
+    return _dispatch(unscale.unscale_and_check_, unscale.reference_unscale_and_check_, scale, grads, scale, found_inf, operands=grads)
 
 
 def _check_slots(fn: str, flat: torch.Tensor, name: str, tensors, offsets, disjoint: bool) -> tuple[list, list]:
     """The tensors and offsets as lists, after checking that each tensor fits its slot."""
-    check_flat(fn, "flat", flat, FLOAT_DTYPES)
+    check_flat(fn, "flat", flat, _ANY_FLOAT)
     tensors, offsets = _as_list(fn, name, tensors), list(offsets)
     if len(offsets) != len(tensors):
         raise ValueError(f"{fn}: {len(tensors)} {name} but {len(offsets)} offsets; pass one offset per tensor")
     for i, (x, offset) in enumerate(zip(tensors, offsets)):
-        check_flat(fn, f"{name}[{i}]", x, FLOAT_DTYPES, flat=False)
+        check_flat(fn, f"{name}[{i}]", x, _ANY_FLOAT, flat=False)
         if x.device != flat.device:
             raise ValueError(f"{fn}: {name}[{i}] is on {x.device} but flat is on {flat.device}; move it with .to({str(flat.device)!r})")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or offset + x.numel() > flat.numel():
@@ -214,14 +218,15 @@ def _check_slots(fn: str, flat: torch.Tensor, name: str, tensors, offsets, disjo
 def copy_in(flat: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int], *, scale: float = 1.0) -> None:
     """flat[o : o + n] = (src.view(-1) * scale).to(flat.dtype) for each src and its offset o
     (math in kernels/flat_copy.py). flat: 1-D contiguous; srcs: contiguous, any shape, on
-    flat's device, slots disjoint; all fp32/bf16/fp16. Padding between slots is untouched."""
+    flat's device, slots disjoint; fp32/bf16/fp16 (float64 runs the reference). Padding
+    between slots is untouched."""
     srcs, offsets = _check_slots("copy_in", flat, "srcs", srcs, offsets, disjoint=True)
     _check_numbers("copy_in", scale=scale)
-    _dispatch(flat_copy.copy_in, flat_copy.reference_copy_in, flat, flat, srcs, offsets, float(scale))
+    _dispatch(flat_copy.copy_in, flat_copy.reference_copy_in, flat, flat, srcs, offsets, float(scale), operands=[flat, *srcs])
 
 
 def copy_out(flat: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
     """dst.view(-1)[:] = flat[o : o + n].to(dst.dtype) for each dst and its offset o (math in
     kernels/flat_copy.py). Same layout rules as `copy_in`; slots may overlap."""
     dsts, offsets = _check_slots("copy_out", flat, "dsts", dsts, offsets, disjoint=False)
-    _dispatch(flat_copy.copy_out, flat_copy.reference_copy_out, flat, flat, dsts, offsets)
+    _dispatch(flat_copy.copy_out, flat_copy.reference_copy_out, flat, flat, dsts, offsets, operands=[flat, *dsts])

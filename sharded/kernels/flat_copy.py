@@ -61,9 +61,9 @@ def copy_out(flat: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence
 
 
 def reference_copy_in(flat: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int], scale: float = 1.0) -> None:
-    """The same in torch ops."""
+    """The same in torch ops (float64 stays float64)."""
     for x, offset in zip(srcs, offsets):
-        flat[offset : offset + x.numel()].copy_(x.reshape(-1).float() * scale)
+        flat[offset : offset + x.numel()].copy_(x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32)) * scale)
 
 
 def reference_copy_out(flat: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:

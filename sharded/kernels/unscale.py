@@ -59,5 +59,5 @@ def reference_unscale_and_check_(grads: Sequence[torch.Tensor], scale: torch.Ten
     inv_scale = torch.reciprocal(scale)
     for g in grads:
         found_inf.masked_fill_(~torch.isfinite(g).all(), 1.0)
-        g.copy_(g.float() * inv_scale)
+        g.copy_(g.to(torch.promote_types(g.dtype, torch.float32)) * inv_scale)
     return found_inf

@@ -9,11 +9,12 @@ reduce-scatters to each rank's chunks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import torch
 
-from sharded import comm
+from sharded import comm, kernels
 from sharded.sharding import bounds, chunk_size
 
 __all__ = ["FlatGroup", "plan_group", "gather_leaf"]
@@ -36,40 +37,47 @@ class FlatGroup:
     def rows(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.view(self.ranks, self.size)
 
-    def write_full(self, k: int, rows: torch.Tensor, src: torch.Tensor, scale: float = 1.0) -> None:
-        """Copy-in: leaf k's full value into its column block of `rows` (N, S), zero-padded,
-        with `scale` fused into the copy."""
-        n, c, off = self.numels[k], self.chunks[k], self.offsets[k]
-        if c == 0:
-            return
-        dst, flat = rows[:, off : off + c], src.reshape(-1)
-        whole = n // c
-        if whole:
-            torch.mul(flat[: whole * c].view(whole, c), scale, out=dst[:whole])
-        if whole < self.ranks:
-            rest = n - whole * c
-            torch.mul(flat[whole * c :], scale, out=dst[whole, :rest])
-            dst[whole, rest:].zero_()
-            dst[whole + 1 :].zero_()
+    @functools.cached_property
+    def pieces(self) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+        """Per leaf, each rank's piece of it: (position in the N*S buffer, start in the
+        flattened leaf, length). Padding lies outside every piece."""
+        return tuple(
+            tuple((r * self.size + off, r * c, min(c, n - r * c)) for r in range(self.ranks) if r * c < n)
+            for n, c, off in zip(self.numels, self.chunks, self.offsets)
+        )
 
-    def read_full(self, k: int, rows: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy-out: leaf k's full value from the gathered rows (N, S) into `dst`."""
-        n, c, off = self.numels[k], self.chunks[k], self.offsets[k]
-        if c == 0:
-            return
-        src, flat = rows[:, off : off + c], dst.view(-1)
-        whole = n // c
-        if whole:
-            flat[: whole * c].view(whole, c).copy_(src[:whole])
-        if whole < self.ranks:
-            flat[whole * c :].copy_(src[whole, : n - whole * c])
+    @functools.cached_property
+    def padded(self) -> bool:
+        """Whether the N*S buffer has padding (which collectives must see as zeros)."""
+        return any(c * self.ranks != n for n, c in zip(self.numels, self.chunks))
+
+    def empty(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An N*S buffer for copy-ins: zeros where it has padding, else uninitialized."""
+        make = torch.zeros if self.padded else torch.empty
+        return make(self.ranks * self.size, dtype=dtype or self.dtype, device=self.device)
+
+    def write_full(self, k: int, flat: torch.Tensor, src: torch.Tensor, scale: float = 1.0) -> None:
+        """Copy-in: leaf k's full value into its pieces of `flat` (N*S), with `scale` and
+        the cast to flat's dtype fused into one kernel (padding untouched: see `empty`)."""
+        whole = src.reshape(-1)
+        kernels.copy_in(flat, [whole[a : a + n] for _, a, n in self.pieces[k]], [pos for pos, _, _ in self.pieces[k]], scale=scale)
+
+    def read_all(self, flat: torch.Tensor, dsts: Sequence[torch.Tensor]) -> None:
+        """Copy-out: every leaf's full value from the gathered `flat` (N*S) into `dsts`
+        (one per leaf, in order), cast to their dtype, in one kernel per dtype."""
+        views, positions = [], []
+        for k, dst in enumerate(dsts):
+            whole = dst.view(-1)
+            for pos, a, n in self.pieces[k]:
+                views.append(whole[a : a + n])
+                positions.append(pos)
+        kernels.copy_out(flat, views, positions)
 
     def write_chunks(self, row: torch.Tensor, chunks: Sequence[torch.Tensor]) -> None:
         """Copy-in: this rank's chunks into its row (S,), zero-padded."""
-        for k, x in enumerate(chunks):
-            off, c = self.offsets[k], self.chunks[k]
-            row[off : off + x.numel()].copy_(x.reshape(-1))
-            row[off + x.numel() : off + c].zero_()
+        if any(x.numel() != c for x, c in zip(chunks, self.chunks)):
+            row.zero_()
+        kernels.copy_in(row, [x.reshape(-1) for x in chunks], self.offsets)
 
     def chunk_views(self, row: torch.Tensor, rank: int) -> list[torch.Tensor]:
         """This rank's chunk of every leaf, as views of its row (S,)."""
@@ -105,5 +113,5 @@ def gather_leaf(chunk: torch.Tensor, shape: torch.Size, group: Any, ranks: int) 
     g = FlatGroup("leaf", (0,), (numel,), (chunk_size(numel, ranks),), (0,), chunk_size(numel, ranks), ranks, chunk.dtype, chunk.device)
     rows, _ = g.gather([chunk], group, async_op=False)
     full = torch.empty(shape, dtype=chunk.dtype, device=chunk.device)
-    g.read_full(0, g.rows(rows), full)
+    g.read_all(rows, [full])
     return full

@@ -55,8 +55,7 @@ class GradReducer:
 
     def _input(self, g: int) -> torch.Tensor:
         if self.inputs[g] is None:
-            fg = self.groups[g]
-            self.inputs[g] = torch.empty(fg.ranks * fg.size, dtype=self.dtype or fg.dtype, device=fg.device)
+            self.inputs[g] = self.groups[g].empty(self.dtype)
         return self.inputs[g]
 
     def ready(self, i: int, leaf: torch.Tensor) -> None:
@@ -65,7 +64,7 @@ class GradReducer:
             return
         g, k = self.where[i]
         fg = self.groups[g]
-        fg.write_full(k, fg.rows(self._input(g)), leaf.grad, self.scale if self.scale is not None else 1.0 / fg.ranks)
+        fg.write_full(k, self._input(g), leaf.grad, self.scale if self.scale is not None else 1.0 / fg.ranks)
         leaf.grad = None
         self._filled(i, g)
 

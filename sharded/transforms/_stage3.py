@@ -97,11 +97,10 @@ class Gatherer:
         rows, pending = self.inflight.pop(u)
         pending.wait()
         unit = self.units[u]
-        grid = unit.rows(rows)
-        for k, i in enumerate(unit.leaves):
-            w = self.writers[i]
+        writers = [self.writers[i] for i in unit.leaves]
+        for w in writers:
             w.untyped_storage().resize_(w.numel() * w.element_size())
-            unit.read_full(k, grid, w)
+        unit.read_all(rows, writers)
         self.gathered[u] = True
 
     def ensure(self, u: int, step: int = 1) -> None:

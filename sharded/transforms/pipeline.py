@@ -349,11 +349,14 @@ class _Run:
         gp.held.update(shared)
         t.timeline = []
         try:
+            timed = t.record_timeline and self.device.type == "cuda"
             for a in t.actions(self.rank):
+                if timed and a.kind in ("F", "B"):  # its inputs' arrival is idle time, not compute
+                    torch.cuda.synchronize(self.device)
                 start = time.perf_counter()
                 getattr(self, a.kind)(a, outer_final)
                 if t.record_timeline and a.kind in ("F", "B"):
-                    if self.device.type == "cuda":
+                    if timed:
                         torch.cuda.synchronize(self.device)
                     t.timeline.append((a, start, time.perf_counter()))
             for pending in self.sends:

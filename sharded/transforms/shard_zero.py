@@ -313,8 +313,7 @@ class ShardZero(Transform):
         started = [b.gather([chunks[i] for i in b.leaves], group, async_op=True) for b in buckets]
         for b, (rows, pending) in zip(buckets, started):
             pending.wait()
-            for k, i in enumerate(b.leaves):
-                b.read_full(k, b.rows(rows), leaves[i])
+            b.read_all(rows, [leaves[i] for i in b.leaves])
         return params, opt_state
 
     # -- explain --------------------------------------------------------------------
