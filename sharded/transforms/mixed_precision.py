@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from sharded import comm, primitives
+from sharded import comm, kernels, primitives
 from sharded import tree as T
 from sharded.grad import grad_pass
 from sharded.step import Op, ProgramInfo, Transform, transform
@@ -148,9 +148,9 @@ class MixedPrecision(Transform):
 
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
         ls = primitives.step_state().extra["loss_scale"]
-        inv = 1.0 / ls["scale"]
-        grads = T.map(lambda g: g * inv.to(g.dtype), grads)
-        found = torch.stack([(~torch.isfinite(g)).any() for g in T.leaves(grads)]).any().float() if T.leaves(grads) else torch.zeros(())
+        # The grads are this step's own: unscaled in place, with the inf/nan flag, in one
+        # fused pass (sharded.kernels; the torch reference off GPU).
+        found = kernels.unscale_and_check_(T.leaves(grads), ls["scale"])
         for group in T.reduction_groups():  # grads are parts (ZeRO, pipeline): every holder must agree
             comm.all_reduce(found, group=group, op="max")
         overflow = bool(found.item())
