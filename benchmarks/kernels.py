@@ -9,6 +9,8 @@ must move at the least, over its time.
     adamw_ours_bf16_grad_lowp    the same, bf16 grads, writing a bf16 copy of p          28N
     adamw_torch_fused            torch.optim.AdamW(fused=True) on the same flat tensor   28N
     adamw_torch_foreach          torch.optim.AdamW(foreach=True)                         28N
+    adamw_ours_multi             fused_adamw_ over --tensors tensors: one launch          28N
+    adamw_torch_fused_multi      torch.optim.AdamW(fused=True) over the same tensors     28N
     unscale_ours                 sharded.kernels.unscale_and_check_ over --tensors grads 8N
     unscale_torch_amp            torch._amp_foreach_non_finite_check_and_unscale_        8N
     unscale_torch_plain          isfinite().any() per grad, then _foreach_mul_           8N
@@ -18,9 +20,12 @@ must move at the least, over its time.
     copy_out_torch               dst.copy_(flat[slot]) per tensor                        6N
 
     python benchmarks/kernels.py --sizes 10M,100M,1B --out benchmarks/results/kernels_h100.json
+    python benchmarks/kernels.py --sizes 1M,10M,100M --tensors 200 --passes adamw_ours_multi,adamw_torch_fused_multi
     python benchmarks/kernels.py --device cpu --sizes 100K,1M   # smoke test: torch references, wall clock
 
-The unscale and copy passes reuse their tensors, as a training loop reuses its buffers,
+The multi-tensor passes split N as params are split (`split`): at small N they time the
+host work too (the events around a call wait for its launches). The multi-tensor, unscale
+and copy passes reuse their tensors, as a training loop reuses its buffers,
 so after the first call their segment tables come from the cache (kernels/_segments.py).
 A pass that fails (out of memory at 1B on a small GPU) is recorded as an error and the
 rest still run. On CPU the kernels' torch references run (no Triton), timed by the wall
@@ -91,6 +96,30 @@ def adamw_torch(n, dev, pieces, **impl):
     return opt.step, 28 * n
 
 
+def _adamw_states(n, dev, pieces):
+    """(params, grads, exp_avgs, exp_avg_sqs): fp32 lists of `pieces` uneven tensors, each its own allocation."""
+    return tuple(zip(*(_adamw_state(k, dev, torch.float32) for k in split(n, pieces))))
+
+
+def adamw_ours_multi(n, dev, pieces):
+    params, grads, exp_avgs, exp_avg_sqs = _adamw_states(n, dev, pieces)
+    count = torch.zeros((), device=dev)
+
+    def step():
+        kernels.fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step=count.add_(1), lr=1e-4, weight_decay=0.1)
+
+    return step, 28 * n
+
+
+def adamw_torch_fused_multi(n, dev, pieces):
+    params, grads, _, _ = _adamw_states(n, dev, pieces)
+    params = [torch.nn.Parameter(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
+    return opt.step, 28 * n
+
+
 def _grads(n, dev, pieces):
     return [torch.randn(k, device=dev) for k in split(n, pieces)], torch.ones((), device=dev), torch.zeros((), device=dev)
 
@@ -156,6 +185,8 @@ PASSES = {
     "adamw_ours_bf16_grad_lowp": lambda n, dev, k: adamw_ours(n, dev, k, grad_dtype=torch.bfloat16, lowp=torch.bfloat16),
     "adamw_torch_fused": lambda n, dev, k: adamw_torch(n, dev, k, fused=True),
     "adamw_torch_foreach": lambda n, dev, k: adamw_torch(n, dev, k, foreach=True),
+    "adamw_ours_multi": adamw_ours_multi,
+    "adamw_torch_fused_multi": adamw_torch_fused_multi,
     "unscale_ours": unscale_ours,
     "unscale_torch_amp": unscale_torch_amp,
     "unscale_torch_plain": unscale_torch_plain,
@@ -219,7 +250,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10M,100M,1B", help="fp32 elements per pass, comma-separated (K, M, B suffixes)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--passes", default=",".join(PASSES), help="which passes, comma-separated")
-    ap.add_argument("--tensors", type=int, default=64, help="tensors the N elements are split into for unscale and copy-in/out")
+    ap.add_argument("--tensors", type=int, default=64, help="tensors the N elements are split into for the multi-tensor passes")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)

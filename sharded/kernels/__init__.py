@@ -1,8 +1,10 @@
 """Triton kernels for the runtime's memory-bound passes, each beside a torch reference.
 
-    fused_adamw_ / fused_sgd_ / fused_lion_   one pass over a flat fp32 shard: update p
+    fused_adamw_ / fused_sgd_ / fused_lion_   one pass over fp32 params: update each p
                                               and its state in place, optionally write
-                                              a bf16/fp16 copy of p, skip on found_inf
+                                              a bf16/fp16 copy of p, skip on found_inf;
+                                              one tensor each (a flat shard) or lists of
+                                              many (a pytree's leaves), one launch
     unscale_and_check_                        grads *= 1/scale and an inf/nan flag, one pass
     copy_in / copy_out                        tensors <-> slots of a flat buffer, cast fused
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from numbers import Real
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
@@ -27,8 +29,8 @@ from sharded.kernels._launch import (
     HAVE_TRITON,
     INTERPRETED,
     check_flat,
-    check_optimizer_operands,
     check_scalar,
+    optimizer_operands,
     uses_triton,
 )
 
@@ -55,13 +57,30 @@ def triton_available() -> bool:
 _ANY_FLOAT = (*FLOAT_DTYPES, torch.float64)
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it `device`."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _dispatch(kernel, reference, anchor: torch.Tensor, *args, operands: Sequence[torch.Tensor] = (), **kwargs):
-    """`kernel` where Triton runs for anchor's device (on that device: Triton launches on the
-    current one) and no operand is float64, else `reference`."""
+    """`kernel` where Triton runs for anchor's device (on that device) and no operand is
+    float64, else `reference`."""
     if not uses_triton(anchor) or any(x.dtype == torch.float64 for x in operands):
         return reference(*args, **kwargs)
-    with torch.cuda.device(anchor.device) if anchor.device.type == "cuda" else contextlib.nullcontext():
+    with _on(anchor.device):
         return kernel(*args, **kwargs)
+
+
+def _step(kernel, reference, operands: dict[str, list | None], **hyper) -> None:
+    """An optimizer step: `kernel` once over the lists of tensors where Triton runs for
+    their device, else `reference` tensor by tensor (flat views: shapes may differ)."""
+    params = operands["param"]
+    if params and uses_triton(params[0]):
+        with _on(params[0].device):
+            kernel(**operands, **hyper)
+        return
+    for i in range(len(params)):
+        reference(**{name: None if xs is None else xs[i].view(-1) for name, xs in operands.items()}, **hyper)
 
 
 def _check_numbers(fn: str, **values) -> None:
@@ -75,11 +94,14 @@ def _check_beta(fn: str, name: str, beta: float) -> None:
         raise ValueError(f"{fn}: {name}={beta} must be in [0, 1)")
 
 
+Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
 def fused_adamw_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    param: Tensors,
+    grad: Tensors,
+    exp_avg: Tensors,
+    exp_avg_sq: Tensors,
     *,
     step: int | torch.Tensor,
     lr: float,
@@ -89,34 +111,38 @@ def fused_adamw_(
     weight_decay: float = 1e-2,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
-    out_lowp: torch.Tensor | None = None,
+    out_lowp: Tensors | None = None,
 ) -> None:
-    """One torch.optim.AdamW step over a flat shard, in place (math in kernels/adamw.py).
+    """One torch.optim.AdamW step, in place (math in kernels/adamw.py), over one tensor
+    of each operand (a flat shard) or over sequences of them (many tensors, one launch,
+    as torch._fused_adamw_ takes lists).
 
-    param, exp_avg, exp_avg_sq: flat fp32; grad: flat fp32, bf16 or fp16; step: this
-    update's number counting from 1, an int or a 0-dim tensor on param's device;
-    grad_scale: 0-dim fp32, grads are divided by it; found_inf: 0-dim fp32, nonzero
-    skips the update (everything, out_lowp included, stays bitwise as it was);
-    out_lowp: flat bf16/fp16, receives the updated param."""
+    param, exp_avg, exp_avg_sq: fp32; grad: fp32, bf16 or fp16 (one dtype for all);
+    out_lowp: bf16 or fp16 (one dtype for all), receives the updated param. Contiguous,
+    any shape; the i-th tensors alike in numel; all on one device; empty ones are
+    skipped. step: this update's number counting from 1, an int or a 0-dim tensor on
+    that device; grad_scale: 0-dim fp32, grads are divided by it; found_inf: 0-dim fp32,
+    nonzero skips the update (everything, out_lowp included, stays bitwise as it was)."""
     fn = "fused_adamw_"
-    check_optimizer_operands(fn, param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, grad_scale, found_inf, out_lowp)
+    operands = optimizer_operands(fn, param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, grad_scale, found_inf, out_lowp)
     _check_numbers(fn, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     _check_beta(fn, "beta1", beta1)
     _check_beta(fn, "beta2", beta2)
+    device = operands["param"][0].device if operands["param"] else None
     if isinstance(step, torch.Tensor):
-        if step.dim() != 0 or step.device != param.device or step.is_complex() or step.dtype == torch.bool:
+        if step.dim() != 0 or step.device != (device or step.device) or step.is_complex() or step.dtype == torch.bool:
             got = f"shape {tuple(step.shape)}, {step.dtype} on {step.device}"
-            raise ValueError(f"{fn}: a tensor step must be a real 0-dim tensor on {param.device}, got {got}")
+            raise ValueError(f"{fn}: a tensor step must be a real 0-dim tensor on {device}, got {got}")
     elif isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"{fn}: step must be an int >= 1 (this update's number) or a 0-dim tensor, got {step!r}")
-    _dispatch(adamw.adamw_, adamw.reference_adamw_, param, param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
-              beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf, out_lowp=out_lowp)
+    _step(adamw.adamw_, adamw.reference_adamw_, operands, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+          weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def fused_sgd_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    momentum_buffer: torch.Tensor | None = None,
+    param: Tensors,
+    grad: Tensors,
+    momentum_buffer: Tensors | None = None,
     *,
     lr: float,
     momentum: float = 0.0,
@@ -124,27 +150,28 @@ def fused_sgd_(
     weight_decay: float = 0.0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
-    out_lowp: torch.Tensor | None = None,
+    out_lowp: Tensors | None = None,
 ) -> None:
-    """One torch.optim.SGD step (dampening 0) over a flat shard, in place (math in
-    kernels/sgd.py). momentum_buffer: flat fp32, zeros before the first step; needed
-    when momentum != 0, untouched otherwise. Other operands as in `fused_adamw_`."""
+    """One torch.optim.SGD step (dampening 0), in place (math in kernels/sgd.py).
+    momentum_buffer: fp32 like param, zeros before the first step; needed when
+    momentum != 0, untouched otherwise. Operands as in `fused_adamw_`: one tensor each
+    or sequences of them."""
     fn = "fused_sgd_"
-    states = {} if momentum == 0 else {"momentum_buffer": momentum_buffer}
     if momentum != 0 and momentum_buffer is None:
-        raise ValueError(f"{fn}: momentum={momentum} needs momentum_buffer: a float32 tensor like param, zeros before the first step")
-    check_optimizer_operands(fn, param, grad, states, grad_scale, found_inf, out_lowp)
+        raise ValueError(f"{fn}: momentum={momentum} needs momentum_buffer: float32 tensors like param, zeros before the first step")
+    states = {} if momentum == 0 else {"momentum_buffer": momentum_buffer}
+    operands = optimizer_operands(fn, param, grad, states, grad_scale, found_inf, out_lowp)
     _check_numbers(fn, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if nesterov and momentum <= 0:
         raise ValueError(f"{fn}: nesterov=True needs momentum > 0, got momentum={momentum}")
-    _dispatch(sgd.sgd_, sgd.reference_sgd_, param, param, grad, momentum_buffer if momentum != 0 else None, lr=lr, momentum=momentum,
-              nesterov=nesterov, weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf, out_lowp=out_lowp)
+    _step(sgd.sgd_, sgd.reference_sgd_, operands, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+          grad_scale=grad_scale, found_inf=found_inf)
 
 
 def fused_lion_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
+    param: Tensors,
+    grad: Tensors,
+    exp_avg: Tensors,
     *,
     lr: float,
     beta1: float = 0.9,
@@ -152,17 +179,17 @@ def fused_lion_(
     weight_decay: float = 0.0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
-    out_lowp: torch.Tensor | None = None,
+    out_lowp: Tensors | None = None,
 ) -> None:
-    """One Lion step over a flat shard, in place (math in kernels/lion.py); exp_avg is
-    Lion's momentum, flat fp32. Other operands as in `fused_adamw_`."""
+    """One Lion step, in place (math in kernels/lion.py); exp_avg is Lion's momentum,
+    fp32. Operands as in `fused_adamw_`: one tensor each or sequences of them."""
     fn = "fused_lion_"
-    check_optimizer_operands(fn, param, grad, {"exp_avg": exp_avg}, grad_scale, found_inf, out_lowp)
+    operands = optimizer_operands(fn, param, grad, {"exp_avg": exp_avg}, grad_scale, found_inf, out_lowp)
     _check_numbers(fn, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
     _check_beta(fn, "beta1", beta1)
     _check_beta(fn, "beta2", beta2)
-    _dispatch(lion.lion_, lion.reference_lion_, param, param, grad, exp_avg, lr=lr, beta1=beta1, beta2=beta2,
-              weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf, out_lowp=out_lowp)
+    _step(lion.lion_, lion.reference_lion_, operands, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+          grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _as_list(fn: str, name: str, tensors) -> list[torch.Tensor]:

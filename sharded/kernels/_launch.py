@@ -26,12 +26,10 @@ __all__ = [
     "HAVE_TRITON",
     "INTERPRETED",
     "jit",
-    "grid",
     "uses_triton",
     "check_flat",
     "check_scalar",
-    "check_optimizer_operands",
-    "block_offsets",
+    "optimizer_operands",
     "skip_if_found_inf",
     "load_grad",
     "store_lowp",
@@ -52,11 +50,6 @@ def jit(fn=None, **options):
     return triton.jit(fn, **options) if fn is not None else triton.jit(**options)
 
 
-def grid(n: int) -> tuple[int]:
-    """One program per BLOCK elements."""
-    return (triton.cdiv(n, BLOCK),)
-
-
 def uses_triton(t: torch.Tensor) -> bool:
     """Whether the kernels run for tensors on t's device: CUDA tensors with triton, or CPU
     tensors when this process imported the kernels under TRITON_INTERPRET=1."""
@@ -71,7 +64,9 @@ def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return " or ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def check_flat(fn: str, name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype], like: torch.Tensor | None = None, flat: bool = True) -> None:
+def check_flat(
+    fn: str, name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype], like: torch.Tensor | None = None, flat: bool = True, like_name: str = "param"
+) -> None:
     """ValueError unless `t` is a contiguous tensor (1-D when `flat`) of one of `dtypes`,
     with `like`'s numel and device."""
     if not isinstance(t, torch.Tensor):
@@ -85,9 +80,9 @@ def check_flat(fn: str, name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype
     if t.dtype not in dtypes:
         raise ValueError(f"{fn}: {name} has dtype {t.dtype}; it must be {_dtype_names(dtypes)}: cast it with .to(...)")
     if like is not None and t.numel() != like.numel():
-        raise ValueError(f"{fn}: {name} has {t.numel()} elements but param has {like.numel()}; pass the shard that matches param")
+        raise ValueError(f"{fn}: {name} has {t.numel()} elements but {like_name} has {like.numel()}; pass the tensor that matches {like_name}")
     if like is not None and t.device != like.device:
-        raise ValueError(f"{fn}: {name} is on {t.device} but param is on {like.device}; move it with .to({str(like.device)!r})")
+        raise ValueError(f"{fn}: {name} is on {t.device} but {like_name} is on {like.device}; move it with .to({str(like.device)!r})")
 
 
 def check_scalar(fn: str, name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
@@ -102,28 +97,69 @@ def check_scalar(fn: str, name: str, t: torch.Tensor, device: torch.device | Non
         )
 
 
-def check_optimizer_operands(fn: str, param, grad, states: dict, grad_scale, found_inf, out_lowp) -> None:
-    """The checks every fused optimizer makes: fp32 flat param and states, a flat grad of a
-    float dtype, optional 0-dim flags and a low-precision copy, all alike in numel and device."""
-    check_flat(fn, "param", param, (torch.float32,))
-    check_flat(fn, "grad", grad, FLOAT_DTYPES, like=param)
-    for name, state in states.items():
-        check_flat(fn, name, state, (torch.float32,), like=param)
-    if out_lowp is not None:
-        check_flat(fn, "out_lowp", out_lowp, LOWP_DTYPES, like=param)
+def optimizer_operands(fn: str, param, grad, states: dict, grad_scale, found_inf, out_lowp) -> dict[str, list | None]:
+    """The checks every fused optimizer makes, and its tensor operands as lists (keyed
+    param, grad, the states' names, out_lowp; out_lowp None when not given).
+
+    Each of param, grad, the states and out_lowp is one tensor, or each is a sequence of
+    tensors, all of one length. The i-th tensors are alike in numel, and all are
+    contiguous (any shape) and on one device; param and states are fp32, the grads of
+    one float dtype, the out_lowps all bf16 or all fp16; grad_scale and found_inf are
+    0-dim fp32 on that device."""
+    given = {"param": param, "grad": grad, **states, **({} if out_lowp is None else {"out_lowp": out_lowp})}
+    one = isinstance(param, torch.Tensor)
+    lists = {}
+    for name, value in given.items():
+        if isinstance(value, torch.Tensor) != one or not (one or isinstance(value, Sequence)):
+            raise ValueError(
+                f"{fn}: param is {_form(param)} but {name} is {_form(value)}; pass one tensor for each operand "
+                "(one shard) or a sequence of tensors for each, all of one length (many tensors, one launch)"
+            )
+        lists[name] = [value] if one else list(value)
+        if len(lists[name]) != len(lists["param"]):
+            raise ValueError(f"{fn}: {len(lists['param'])} params but {len(lists[name])} in {name}; pass one {name} per param")
+    params = lists.pop("param")
+    _check_tensors(fn, "param", params, (torch.float32,), one)
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        i = next(i for i, p in enumerate(params) if p.device != params[0].device)
+        raise ValueError(f"{fn}: param[{i}] is on {params[i].device} but param[0] is on {params[0].device}; call once per device")
+    numels = [p.numel() for p in params]
+    for name, xs in lists.items():
+        if len(_check_tensors(fn, name, xs, _DTYPES.get(name, (torch.float32,)), one, params, numels, devices)) > 1:
+            i = next(i for i, x in enumerate(xs) if x.dtype != xs[0].dtype)
+            raise ValueError(
+                f"{fn}: {name}[{i}] has dtype {xs[i].dtype} but {name}[0] has {xs[0].dtype}; one call takes one {name} dtype: "
+                "cast them, or call once per dtype"
+            )
     for name, flag in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if flag is not None:
-            check_scalar(fn, name, flag, param.device)
+            check_scalar(fn, name, flag, params[0].device if params else None)
+    return {"param": params, **lists, "out_lowp": lists.get("out_lowp")}
+
+
+def _check_tensors(fn: str, name: str, xs: list, dtypes, one: bool, params=None, numels=None, devices=None) -> set:
+    """check_flat(flat=False) on each of xs, like params' tensor at its index (when
+    given) in numel and device; returns the dtypes of xs. The fast path looks at whole
+    lists (hundreds of tensors a step); the slow one names what is wrong."""
+    if all(isinstance(x, torch.Tensor) for x in xs) and all(x.is_contiguous() for x in xs):
+        found = {x.dtype for x in xs}
+        if found.issubset(dtypes) and (params is None or ([x.numel() for x in xs] == numels and {x.device for x in xs} <= devices)):
+            return found
+    for i, x in enumerate(xs):
+        like = None if params is None else params[i]
+        check_flat(fn, name if one else f"{name}[{i}]", x, dtypes, like, flat=False, like_name="param" if one else f"param[{i}]")
+    return {x.dtype for x in xs}
+
+
+_DTYPES = {"grad": FLOAT_DTYPES, "out_lowp": LOWP_DTYPES}  # param and the states: float32
+
+
+def _form(x) -> str:
+    return "a tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
 
 
 # -- in-kernel helpers (see [Note: optional operands]) --
-
-@jit
-def block_offsets(n, BLOCK: tl.constexpr):
-    """This program's element offsets (int64: shards may pass 2**31 elements) and their mask."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offs, offs < n
-
 
 @jit
 def skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):

@@ -1,6 +1,9 @@
-"""Fused AdamW over one flat fp32 shard: a single pass reads p, g, m, v and writes p, m,
-v (and, optionally, a bf16/fp16 copy of p for the next forward), where an unfused
-AdamW walks the shard about ten times.
+"""Fused AdamW over many fp32 tensors in one launch: a single pass reads p, g, m, v and
+writes p, m, v (and, optionally, a bf16/fp16 copy of p for the next forward), where an
+unfused AdamW walks the memory about ten times, and a launch per tensor would cost a
+GPT's hundreds of leaves more host time than the pass itself. One flat shard is the
+one-tensor case. The launch walks a segment table ([Note: segment table] in
+_segments.py) with a row per operand.
 
 Per element, in float32, torch.optim.AdamW's math (written as its fused CUDA kernel
 writes it; the foreach path's lerp for m differs from it only in rounding):
@@ -23,9 +26,8 @@ import math
 
 import torch
 
-from sharded.kernels._launch import (
-    BLOCK, block_offsets, grid, jit, load_grad, reference_commit_, reference_grad, skip_if_found_inf, store_lowp, tl,
-)
+from sharded.kernels._launch import BLOCK, jit, load_grad, reference_commit_, reference_grad, skip_if_found_inf, store_lowp, tl
+from sharded.kernels._segments import locate, offsets_in, segment_table
 
 __all__ = ["adamw_kernel", "adamw_", "reference_adamw_"]
 
@@ -33,11 +35,11 @@ __all__ = ["adamw_kernel", "adamw_", "reference_adamw_"]
 @jit(do_not_specialize=["step"])
 def adamw_kernel(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, lowp_ptr, grad_scale_ptr, found_inf_ptr, step_ptr,
-    n, step, lr, beta1, one_minus_beta1, log2_beta1, beta2, one_minus_beta2, log2_beta2, eps, decay,
+    table_ptr, count, search_steps, step, lr, beta1, one_minus_beta1, log2_beta1, beta2, one_minus_beta2, log2_beta2, eps, decay,
     STEP_ON_DEVICE: tl.constexpr, HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs, mask = block_offsets(n, BLOCK)
+    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK)
     mask = skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF)
     if STEP_ON_DEVICE:
         t = tl.load(step_ptr).to(tl.float64)
@@ -48,19 +50,22 @@ def adamw_kernel(
     step_size = (lr / bias_correction1).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
 
-    g = load_grad(grad_ptr, offs, mask, grad_scale_ptr, HAS_GRAD_SCALE)
-    p = tl.load(param_ptr + offs, mask=mask)
-    m = tl.load(exp_avg_ptr + offs, mask=mask)
-    v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
+    g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1), mask, grad_scale_ptr, HAS_GRAD_SCALE)
+    p_offs = offsets_in(table_ptr, count, column, offs, 0)
+    m_offs = offsets_in(table_ptr, count, column, offs, 2)
+    v_offs = offsets_in(table_ptr, count, column, offs, 3)
+    p = tl.load(param_ptr + p_offs, mask=mask)
+    m = tl.load(exp_avg_ptr + m_offs, mask=mask)
+    v = tl.load(exp_avg_sq_ptr + v_offs, mask=mask)
     p = p * decay
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     p = p - step_size * tl.div_rn(m, denom)
-    tl.store(param_ptr + offs, p, mask=mask)
-    tl.store(exp_avg_ptr + offs, m, mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
-    store_lowp(lowp_ptr, offs, p, mask, HAS_LOWP)
+    tl.store(param_ptr + p_offs, p, mask=mask)
+    tl.store(exp_avg_ptr + m_offs, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + v_offs, v, mask=mask)
+    store_lowp(lowp_ptr, offsets_in(table_ptr, count, column, offs, 4), p, mask, HAS_LOWP)
 
 
 def _log2(beta: float) -> float:
@@ -68,15 +73,18 @@ def _log2(beta: float) -> float:
 
 
 def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=None, found_inf=None, out_lowp=None):
-    """Launch `adamw_kernel` over the shard (inputs checked by sharded.kernels.fused_adamw_)."""
-    on_device = isinstance(step, torch.Tensor)
-    adamw_kernel[grid(param.numel())](
-        param, grad, exp_avg, exp_avg_sq,
-        param if out_lowp is None else out_lowp,  # placeholders: [Note: optional operands]
-        param if grad_scale is None else grad_scale,
-        param if found_inf is None else found_inf,
-        step if on_device else param,
-        param.numel(), 1 if on_device else int(step), lr,
+    """Launch `adamw_kernel` once over lists of tensors (inputs checked by sharded.kernels.fused_adamw_)."""
+    seg = segment_table([param, grad, exp_avg, exp_avg_sq, out_lowp], BLOCK)
+    if not seg.programs:
+        return
+    p, on_device = seg.bases[0], isinstance(step, torch.Tensor)
+    adamw_kernel[(seg.programs,)](
+        *seg.bases[:4],
+        p if out_lowp is None else seg.bases[4],  # placeholders: [Note: optional operands]
+        p if grad_scale is None else grad_scale,
+        p if found_inf is None else found_inf,
+        step if on_device else p,
+        seg.table, seg.count, seg.search_steps, 1 if on_device else int(step), lr,
         beta1, 1 - beta1, _log2(beta1), beta2, 1 - beta2, _log2(beta2), eps, 1 - lr * weight_decay,
         STEP_ON_DEVICE=on_device, HAS_LOWP=out_lowp is not None, HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
@@ -84,7 +92,8 @@ def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, wei
 
 
 def reference_adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=None, found_inf=None, out_lowp=None):
-    """The same update in torch ops, with the bias corrections in float64."""
+    """The same update in torch ops over one tensor of each operand, with the bias
+    corrections in float64."""
     t = step.double() if isinstance(step, torch.Tensor) else float(step)
     bias_correction1, bias_correction2 = 1 - beta1**t, 1 - beta2**t
     step_size = lr / bias_correction1

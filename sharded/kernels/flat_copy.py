@@ -18,23 +18,23 @@ from typing import Sequence
 import torch
 
 from sharded.kernels._launch import BLOCK, jit, tl
-from sharded.kernels._segments import locate, segment_table
+from sharded.kernels._segments import locate, offsets_in, segment_table
 
 __all__ = ["copy_in_kernel", "copy_out_kernel", "copy_in", "copy_out", "reference_copy_in", "reference_copy_out"]
 
 
 @jit
 def copy_in_kernel(base_ptr, flat_ptr, table_ptr, count, search_steps, scale, BLOCK: tl.constexpr):
-    delta, slot, offs, mask = locate(table_ptr, count, search_steps, BLOCK)
-    x = tl.load(base_ptr + delta + offs, mask=mask).to(tl.float32)
-    tl.store(flat_ptr + slot + offs, (x * scale).to(flat_ptr.dtype.element_ty), mask=mask)
+    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK)
+    x = tl.load(base_ptr + offsets_in(table_ptr, count, column, offs, 0), mask=mask).to(tl.float32)
+    tl.store(flat_ptr + offsets_in(table_ptr, count, column, offs, 1), (x * scale).to(flat_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
 def copy_out_kernel(flat_ptr, base_ptr, table_ptr, count, search_steps, BLOCK: tl.constexpr):
-    delta, slot, offs, mask = locate(table_ptr, count, search_steps, BLOCK)
-    x = tl.load(flat_ptr + slot + offs, mask=mask)
-    tl.store(base_ptr + delta + offs, x.to(base_ptr.dtype.element_ty), mask=mask)
+    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK)
+    x = tl.load(flat_ptr + offsets_in(table_ptr, count, column, offs, 1), mask=mask)
+    tl.store(base_ptr + offsets_in(table_ptr, count, column, offs, 0), x.to(base_ptr.dtype.element_ty), mask=mask)
 
 
 def _by_dtype(tensors: Sequence[torch.Tensor], offsets: Sequence[int]) -> dict:
@@ -49,15 +49,15 @@ def _by_dtype(tensors: Sequence[torch.Tensor], offsets: Sequence[int]) -> dict:
 def copy_in(flat: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int], scale: float = 1.0) -> None:
     """Launch `copy_in_kernel` once per source dtype (inputs checked by sharded.kernels.copy_in)."""
     for tensors, slots in _by_dtype(srcs, offsets).values():
-        seg = segment_table(tensors, slots, BLOCK)
-        copy_in_kernel[(seg.programs,)](seg.base, flat, seg.table, seg.count, seg.search_steps, scale, BLOCK=BLOCK)
+        seg = segment_table([tensors, slots], BLOCK)  # the slots: offsets from flat
+        copy_in_kernel[(seg.programs,)](seg.bases[0], flat, seg.table, seg.count, seg.search_steps, scale, BLOCK=BLOCK)
 
 
 def copy_out(flat: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
     """Launch `copy_out_kernel` once per destination dtype (inputs checked by sharded.kernels.copy_out)."""
     for tensors, slots in _by_dtype(dsts, offsets).values():
-        seg = segment_table(tensors, slots, BLOCK)
-        copy_out_kernel[(seg.programs,)](flat, seg.base, seg.table, seg.count, seg.search_steps, BLOCK=BLOCK)
+        seg = segment_table([tensors, slots], BLOCK)
+        copy_out_kernel[(seg.programs,)](flat, seg.bases[0], seg.table, seg.count, seg.search_steps, BLOCK=BLOCK)
 
 
 def reference_copy_in(flat: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int], scale: float = 1.0) -> None:

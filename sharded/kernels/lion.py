@@ -1,5 +1,7 @@
-"""Fused Lion over one flat fp32 shard: the signed update and the momentum in one pass
-(and, optionally, a bf16/fp16 copy of the updated param).
+"""Fused Lion over many fp32 tensors in one launch (one flat shard is the one-tensor
+case): the signed update and the momentum in one pass (and, optionally, a bf16/fp16
+copy of the updated param). The launch walks a segment table ([Note: segment table] in
+_segments.py) with a row per operand.
 
 Per element, in float32, Lion as in Chen et al. 2023 ("Symbolic Discovery of
 Optimization Algorithms"):
@@ -14,9 +16,8 @@ and nothing at all is written when found_inf != 0.
 """
 from __future__ import annotations
 
-from sharded.kernels._launch import (
-    BLOCK, block_offsets, grid, jit, load_grad, reference_commit_, reference_grad, skip_if_found_inf, store_lowp, tl,
-)
+from sharded.kernels._launch import BLOCK, jit, load_grad, reference_commit_, reference_grad, skip_if_found_inf, store_lowp, tl
+from sharded.kernels._segments import locate, offsets_in, segment_table
 
 __all__ = ["lion_kernel", "lion_", "reference_lion_"]
 
@@ -24,38 +25,44 @@ __all__ = ["lion_kernel", "lion_", "reference_lion_"]
 @jit
 def lion_kernel(
     param_ptr, grad_ptr, exp_avg_ptr, lowp_ptr, grad_scale_ptr, found_inf_ptr,
-    n, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
+    table_ptr, count, search_steps, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
     HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs, mask = block_offsets(n, BLOCK)
+    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK)
     mask = skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF)
-    g = load_grad(grad_ptr, offs, mask, grad_scale_ptr, HAS_GRAD_SCALE)
-    p = tl.load(param_ptr + offs, mask=mask)
-    m = tl.load(exp_avg_ptr + offs, mask=mask)
+    g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1), mask, grad_scale_ptr, HAS_GRAD_SCALE)
+    p_offs = offsets_in(table_ptr, count, column, offs, 0)
+    m_offs = offsets_in(table_ptr, count, column, offs, 2)
+    p = tl.load(param_ptr + p_offs, mask=mask)
+    m = tl.load(exp_avg_ptr + m_offs, mask=mask)
     c = beta1 * m + one_minus_beta1 * g
     u = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, c * 0.0))  # torch.sign: 0 stays 0, nan stays nan
     p = p * decay - lr * u
     m = beta2 * m + one_minus_beta2 * g
-    tl.store(param_ptr + offs, p, mask=mask)
-    tl.store(exp_avg_ptr + offs, m, mask=mask)
-    store_lowp(lowp_ptr, offs, p, mask, HAS_LOWP)
+    tl.store(param_ptr + p_offs, p, mask=mask)
+    tl.store(exp_avg_ptr + m_offs, m, mask=mask)
+    store_lowp(lowp_ptr, offsets_in(table_ptr, count, column, offs, 3), p, mask, HAS_LOWP)
 
 
 def lion_(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, grad_scale=None, found_inf=None, out_lowp=None):
-    """Launch `lion_kernel` over the shard (inputs checked by sharded.kernels.fused_lion_)."""
-    lion_kernel[grid(param.numel())](
-        param, grad, exp_avg,
-        param if out_lowp is None else out_lowp,  # placeholders: [Note: optional operands]
-        param if grad_scale is None else grad_scale,
-        param if found_inf is None else found_inf,
-        param.numel(), lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay,
+    """Launch `lion_kernel` once over lists of tensors (inputs checked by sharded.kernels.fused_lion_)."""
+    seg = segment_table([param, grad, exp_avg, out_lowp], BLOCK)
+    if not seg.programs:
+        return
+    p = seg.bases[0]
+    lion_kernel[(seg.programs,)](
+        *seg.bases[:3],
+        p if out_lowp is None else seg.bases[3],  # placeholders: [Note: optional operands]
+        p if grad_scale is None else grad_scale,
+        p if found_inf is None else found_inf,
+        seg.table, seg.count, seg.search_steps, lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay,
         HAS_LOWP=out_lowp is not None, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         BLOCK=BLOCK,
     )
 
 
 def reference_lion_(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, grad_scale=None, found_inf=None, out_lowp=None):
-    """The same update in torch ops."""
+    """The same update in torch ops over one tensor of each operand."""
     g = reference_grad(grad, grad_scale)
     u = (beta1 * exp_avg + (1 - beta1) * g).sign()
     p = param * (1 - lr * weight_decay) - lr * u

@@ -1,5 +1,7 @@
-"""Fused SGD over one flat fp32 shard: grad, weight decay, momentum and the update in
-one pass (and, optionally, a bf16/fp16 copy of the updated param).
+"""Fused SGD over many fp32 tensors in one launch (one flat shard is the one-tensor
+case): grad, weight decay, momentum and the update in one pass (and, optionally, a
+bf16/fp16 copy of the updated param). The launch walks a segment table ([Note: segment
+table] in _segments.py) with a row per operand.
 
 Per element, in float32, torch.optim.SGD's math (dampening 0):
 
@@ -15,9 +17,8 @@ then the first step's `b = g` is torch's `clone(grad)`.
 """
 from __future__ import annotations
 
-from sharded.kernels._launch import (
-    BLOCK, block_offsets, grid, jit, load_grad, reference_commit_, reference_grad, skip_if_found_inf, store_lowp, tl,
-)
+from sharded.kernels._launch import BLOCK, jit, load_grad, reference_commit_, reference_grad, skip_if_found_inf, store_lowp, tl
+from sharded.kernels._segments import locate, offsets_in, segment_table
 
 __all__ = ["sgd_kernel", "sgd_", "reference_sgd_"]
 
@@ -25,43 +26,49 @@ __all__ = ["sgd_kernel", "sgd_", "reference_sgd_"]
 @jit
 def sgd_kernel(
     param_ptr, grad_ptr, momentum_buffer_ptr, lowp_ptr, grad_scale_ptr, found_inf_ptr,
-    n, lr, momentum, weight_decay,
+    table_ptr, count, search_steps, lr, momentum, weight_decay,
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs, mask = block_offsets(n, BLOCK)
+    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK)
     mask = skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF)
-    g = load_grad(grad_ptr, offs, mask, grad_scale_ptr, HAS_GRAD_SCALE)
-    p = tl.load(param_ptr + offs, mask=mask)
+    g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1), mask, grad_scale_ptr, HAS_GRAD_SCALE)
+    p_offs = offsets_in(table_ptr, count, column, offs, 0)
+    p = tl.load(param_ptr + p_offs, mask=mask)
     g = g + weight_decay * p
     if HAS_MOMENTUM:
-        b = momentum * tl.load(momentum_buffer_ptr + offs, mask=mask) + g
-        tl.store(momentum_buffer_ptr + offs, b, mask=mask)
+        b_offs = offsets_in(table_ptr, count, column, offs, 2)
+        b = momentum * tl.load(momentum_buffer_ptr + b_offs, mask=mask) + g
+        tl.store(momentum_buffer_ptr + b_offs, b, mask=mask)
         if NESTEROV:
             g = g + momentum * b
         else:
             g = b
     p = p - lr * g
-    tl.store(param_ptr + offs, p, mask=mask)
-    store_lowp(lowp_ptr, offs, p, mask, HAS_LOWP)
+    tl.store(param_ptr + p_offs, p, mask=mask)
+    store_lowp(lowp_ptr, offsets_in(table_ptr, count, column, offs, 3), p, mask, HAS_LOWP)
 
 
 def sgd_(param, grad, momentum_buffer=None, *, lr, momentum, nesterov, weight_decay, grad_scale=None, found_inf=None, out_lowp=None):
-    """Launch `sgd_kernel` over the shard (inputs checked by sharded.kernels.fused_sgd_)."""
-    sgd_kernel[grid(param.numel())](
-        param, grad,
-        param if momentum_buffer is None else momentum_buffer,  # placeholders: [Note: optional operands]
-        param if out_lowp is None else out_lowp,
-        param if grad_scale is None else grad_scale,
-        param if found_inf is None else found_inf,
-        param.numel(), lr, momentum, weight_decay,
+    """Launch `sgd_kernel` once over lists of tensors (inputs checked by sharded.kernels.fused_sgd_)."""
+    seg = segment_table([param, grad, momentum_buffer, out_lowp], BLOCK)
+    if not seg.programs:
+        return
+    p = seg.bases[0]
+    sgd_kernel[(seg.programs,)](
+        p, seg.bases[1],
+        p if momentum_buffer is None else seg.bases[2],  # placeholders: [Note: optional operands]
+        p if out_lowp is None else seg.bases[3],
+        p if grad_scale is None else grad_scale,
+        p if found_inf is None else found_inf,
+        seg.table, seg.count, seg.search_steps, lr, momentum, weight_decay,
         HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, HAS_LOWP=out_lowp is not None,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
     )
 
 
 def reference_sgd_(param, grad, momentum_buffer=None, *, lr, momentum, nesterov, weight_decay, grad_scale=None, found_inf=None, out_lowp=None):
-    """The same update in torch ops."""
+    """The same update in torch ops over one tensor of each operand."""
     g = reference_grad(grad, grad_scale)
     g = g + weight_decay * param
     updates = []
