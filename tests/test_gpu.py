@@ -112,3 +112,25 @@ def test_pipeline_over_nccl_matches_one_gpu(schedule):
     for k, v in state.params.items():
         torch.testing.assert_close(got[k], v.cpu(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, m["loss"].cpu(), rtol=1e-4, atol=1e-5)
+
+
+@needs(1)
+def test_adamw_on_cuda_runs_the_triton_kernel_and_matches_torch_fused():
+    from sharded.optim.aliases import _triton_applies
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(37, 5), (1000,), (3, 7, 11), (1,)]
+    params = {f"p{i}": torch.randn(s, device="cuda", generator=g) for i, s in enumerate(shapes)}
+    torch_params = [p.clone().requires_grad_() for p in params.values()]
+    tx = sharded.optim.adamw(1e-2, weight_decay=0.1)
+    assert _triton_applies(next(iter(params.values())), 1e-2)
+    state = tx.init(params)
+    ref = torch.optim.AdamW(torch_params, lr=1e-2, weight_decay=0.1, fused=True)
+    for _ in range(20):
+        grads = {k: torch.randn(p.shape, device="cuda", generator=g) for k, p in params.items()}
+        params, state = tx.fused(grads, state, params)
+        for p, grad in zip(torch_params, grads.values()):
+            p.grad = grad
+        ref.step()
+    for p, q in zip(params.values(), torch_params):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)

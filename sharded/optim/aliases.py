@@ -1,9 +1,10 @@
 """The optimizers users ask for by name, chained from `transforms.py`.
 
-`adamw` also carries a fused path: one `torch._fused_adamw_` call per (device, dtype)
-group that updates params and moments in place, the kernel behind
-`torch.optim.AdamW(fused=True)`. It computes what the chain's pure update computes
-(tests/test_optim.py checks both against torch.optim.AdamW).
+`adamw` also carries a fused path that updates params and moments in place, one launch
+per (device, dtype) group: sharded.kernels' Triton AdamW on GPU (fp32 params, constant
+lr), else `torch._fused_adamw_`, the kernel behind `torch.optim.AdamW(fused=True)`. It
+computes what the chain's pure update computes (tests/test_optim.py checks both against
+torch.optim.AdamW; tests/test_gpu.py the Triton path on CUDA).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sharded import kernels
 from sharded import tree as T
 from sharded.optim.base import GradientTransformation, chain
 from sharded.optim.schedules import Schedule
@@ -27,6 +29,13 @@ from sharded.optim.transforms import (
 __all__ = ["sgd", "adamw", "lion"]
 
 _FUSED_DEVICES = ("cuda", "cpu")
+
+
+def _triton_applies(first_param: torch.Tensor, lr: Any) -> bool:
+    """Whether sharded.kernels' one-launch AdamW runs this group: fp32 params where the
+    kernels run (CUDA), and a constant lr (a scheduled lr is a device tensor, which torch's
+    fused kernel takes and ours would have to read on the host)."""
+    return first_param.dtype == torch.float32 and kernels.uses_triton(first_param) and isinstance(lr, float)
 
 
 def sgd(lr: float | Schedule, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> GradientTransformation:
@@ -67,6 +76,9 @@ def adamw(
             groups[(p.device, p.dtype)].append((p, g.to(p.dtype), m, v))
         for members in groups.values():
             p_, g_, m_, v_ = map(list, zip(*members))
+            if _triton_applies(p_[0], step_size):
+                kernels.fused_adamw_(p_, g_, m_, v_, step=adam.count, lr=step_size, beta1=b1, beta2=b2, eps=eps, weight_decay=weight_decay)
+                continue
             torch._fused_adamw_(
                 p_, g_, m_, v_, [], [adam.count] * len(p_),
                 lr=step_size, beta1=b1, beta2=b2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
