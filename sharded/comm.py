@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,6 @@ __all__ = [
     "barrier",
     "broadcast",
     "broadcast_object",
-    "exchange",
     "recv",
     "send",
     "recording",
@@ -293,33 +292,6 @@ def recv(t: torch.Tensor, src: int) -> Pending:
     if _recorders:
         _record("recv", t, 2, True)
     return _start(("receive from rank %d" % src, t, 2), lambda: dist.irecv(t, src=src, tag=0), async_op=True)
-
-
-class _Works:
-    """Several works waited as one."""
-
-    __slots__ = ("works",)
-
-    def __init__(self, works: list[Any]):
-        self.works = works
-
-    def wait(self) -> None:
-        for work in self.works:
-            work.wait()
-
-
-def exchange(ops: Sequence[tuple[str, torch.Tensor, int]]) -> Pending:
-    """Post ("send" | "recv", tensor, global rank) operations together, as one NCCL
-    group, and return them as one Pending. Grouped, a rank's sends and receives progress
-    side by side, so a large send never holds up a receive queued behind it (NCCL runs
-    one pair's operations on one stream, in order). Order per peer is as in `send`."""
-    p2p = []
-    for kind, t, peer in ops:
-        if _recorders:
-            _record(kind, t, 2, True)
-        p2p.append(dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, tag=0))
-    peers = sorted({peer for _, _, peer in ops})
-    return _start((f"{len(ops)} sends/receives with ranks {peers}", ops[0][1], 2), lambda: _Works(dist.batch_isend_irecv(p2p)), async_op=True)
 
 
 def broadcast_object(obj: Any, src: int, group: Any = None) -> Any:

@@ -332,8 +332,7 @@ class _Run:
         self.device = next(iter(params.values())).device if params else torch.device("cpu")
         self.saved: dict[tuple[int, int], tuple[str, list[torch.Tensor], list[torch.Tensor]]] = {}
         self.inbox: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self.sends: list[comm.Pending] = []  # posted exchanges, kept (with their tensors) to the end
-        self.posting: list[tuple[str, torch.Tensor, int]] = []  # this run of sends/receives, not yet posted
+        self.sends: list[comm.Pending] = []
         self.values: list[Any] = []
         self.peak_saved = 0
         self.key = tuple((x.shape, x.dtype) for x in _tensors(micro[0]))
@@ -360,7 +359,6 @@ class _Run:
                     if timed:
                         torch.cuda.synchronize(self.device)
                     t.timeline.append((a, start, time.perf_counter()))
-            self._post()
             for pending in self.sends:
                 pending.wait()
             t.peak_held = self.peak_saved
@@ -370,32 +368,20 @@ class _Run:
         return self._value()
 
     # -- actions -------------------------------------------------------------------
-    # A run of sends and receives between two computations is posted as one group when
-    # the next computation starts (`_post`): see comm.exchange for why.
-
-    def _post(self) -> None:
-        """Post the sends and receives queued since the last computation; the compute
-        stream waits for them (on GPU the host does not)."""
-        if self.posting:
-            pending = comm.exchange(self.posting)
-            self.posting = []
-            pending.wait()
-            self.sends.append(pending)
 
     def recv_f(self, a: Action, _: bool) -> None:
         cache = self.t._shapes
         key = (a.chunk, self.key)
-        if key not in cache:  # first step: the shapes come in a header, read on the host
-            self._post()
+        if key not in cache:
             h = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
             comm.recv(h, self._peer(a.chunk - 1)).wait()
             cache[key] = _from_header(h.tolist())
         bufs = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, _, shape in cache[key]]
-        self.posting += [("recv", b, self._peer(a.chunk - 1)) for b in bufs]
+        for b in bufs:
+            comm.recv(b, self._peer(a.chunk - 1)).wait()
         self.inbox[(a.mb, a.chunk)] = [b.requires_grad_(grad) for b, (_, grad, _) in zip(bufs, cache[key])]
 
     def F(self, a: Action, _: bool) -> None:
-        self._post()
         inputs = self.inbox.pop((a.mb, a.chunk), None)
         token = _running.set(_Forward(self.t._plan, a.chunk, inputs))
         try:
@@ -417,17 +403,17 @@ class _Run:
         cache = self.t._sent
         if (a.chunk, self.key) not in cache:
             cache.add((a.chunk, self.key))
-            self.posting.append(("send", _header(outs, self.device), self._peer(a.chunk + 1)))
-        self.posting += [("send", x.detach(), self._peer(a.chunk + 1)) for x in outs]
+            self.sends.append(comm.send(_header(outs, self.device), self._peer(a.chunk + 1)))
+        self.sends += [comm.send(x.detach(), self._peer(a.chunk + 1)) for x in outs]
 
     def recv_b(self, a: Action, _: bool) -> None:
         outs = self.saved[(a.mb, a.chunk)][1]
         grads = [torch.empty_like(x) for x in outs if x.requires_grad]
-        self.posting += [("recv", g, self._peer(a.chunk + 1)) for g in grads]
+        for g in grads:
+            comm.recv(g, self._peer(a.chunk + 1)).wait()
         self.inbox[(a.mb, a.chunk)] = grads
 
     def B(self, a: Action, outer_final: bool) -> None:
-        self._post()
         kind, outs, inputs = self.saved.pop((a.mb, a.chunk))
         self.gp.final = outer_final and a.mb == self.t.microbatches - 1
         if kind == "loss":
@@ -443,7 +429,7 @@ class _Run:
 
     def send_b(self, a: Action, _: bool) -> None:
         grads = self.inbox.pop(("grads", a.mb, a.chunk))
-        self.posting += [("send", g, self._peer(a.chunk - 1)) for g in grads]
+        self.sends += [comm.send(g, self._peer(a.chunk - 1)) for g in grads]
 
     # -- end of the step -----------------------------------------------------------
 
