@@ -58,9 +58,13 @@ def test_data_parallel_and_zero_over_nccl_match_one_gpu(stack):
     cfg = ToyConfig(tied=True, depth=4, width=64, hidden=96, vocab=50)
     batches = _batches(cfg.vocab, 8, 4)
     got, loss = sharded.launch(_dp_on_cuda, cfg, batches, stack, nprocs=2, device="cuda")
+    _assert_matches_one_gpu(cfg, batches, got, loss, sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2)))
+
+
+def _assert_matches_one_gpu(cfg, batches, got, loss, tx):
+    """The plain step on one GPU ends with `got` params and `loss`."""
     model = sharded.trace(ToyLM(cfg).cuda())
     step = sharded.Step(make_train_step(model))
-    tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2))
     state = step.init(sharded.TrainState.create(model.params, tx))
     for x, y in batches:
         state, m = step(state, (x.cuda(), y.cuda()))
@@ -104,14 +108,7 @@ def test_pipeline_over_nccl_matches_one_gpu(schedule):
     cfg = ToyConfig(tied=True, depth=4, width=64, hidden=96, vocab=50)
     batches = _batches(cfg.vocab, 8, 3)
     got, loss = sharded.launch(_pipeline_on_cuda, cfg, batches, schedule, nprocs=2, device="cuda")
-    model = sharded.trace(ToyLM(cfg).cuda())
-    step = sharded.Step(make_train_step(model))
-    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
-    for x, y in batches:
-        state, m = step(state, (x.cuda(), y.cuda()))
-    for k, v in state.params.items():
-        torch.testing.assert_close(got[k], v.cpu(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(loss, m["loss"].cpu(), rtol=1e-4, atol=1e-5)
+    _assert_matches_one_gpu(cfg, batches, got, loss, sharded.optim.adamw(1e-2))
 
 
 @needs(1)
