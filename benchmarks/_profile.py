@@ -8,10 +8,11 @@ two streams count once, and "hidden" means some compute kernel ran at the same m
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import torch
 
-__all__ = ["gpu_time_summary"]
+__all__ = ["gpu_time_summary", "profile_steps"]
 
 Intervals = list[tuple[float, float]]
 
@@ -69,3 +70,12 @@ def gpu_time_summary(prof: torch.profiler.profile, steps: int, top: int = 12) ->
             for name, ts in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
         ],
     }
+
+
+def profile_steps(step: Callable[[], None], steps: int) -> dict:
+    """Run `step` `steps` times under the CUDA profiler and summarize the GPU time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return gpu_time_summary(prof, steps)

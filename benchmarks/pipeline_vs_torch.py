@@ -22,7 +22,7 @@ import time
 
 import torch
 from _harness import common_args, gpt_train_step, report, run_each
-from _profile import gpu_time_summary
+from _profile import profile_steps
 from torch import nn
 
 import sharded
@@ -155,11 +155,7 @@ def measure(name: str, args) -> dict:
     if pipe is not None:
         result["timeline"] = _measured_bubble(pipe, step, x, y, dev)
     if args.profile and dev.type == "cuda":
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                step(x, y)
-            _sync(dev)
-        result["gpu_time"] = gpu_time_summary(prof, steps=2)
+        result["gpu_time"] = profile_steps(lambda: step(x, y), steps=2)
     return result
 
 

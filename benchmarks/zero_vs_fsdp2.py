@@ -19,7 +19,7 @@ import statistics
 
 import torch
 from _harness import common_args, gpt_train_step, report, run_each
-from _profile import gpu_time_summary
+from _profile import profile_steps
 
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
@@ -103,11 +103,7 @@ def measure(name: str, args) -> dict:
         "peak_memory_gib_max_rank": peak.item() / 2**30,
     }
     if args.profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step(x, y)
-            torch.cuda.synchronize()
-        result["gpu_time"] = gpu_time_summary(prof, steps=3)
+        result["gpu_time"] = profile_steps(lambda: step(x, y), steps=3)
     return result
 
 
