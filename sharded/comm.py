@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,8 +33,7 @@ __all__ = [
     "barrier",
     "broadcast",
     "broadcast_object",
-    "recv",
-    "send",
+    "exchange",
     "recording",
     "reduce_scatter_tensor",
 ]
@@ -277,21 +276,42 @@ def barrier(group: Any = None) -> None:
     _start(("barrier", None, size), lambda: dist.barrier(group=group, async_op=True), async_op=False)
 
 
-def send(t: torch.Tensor, dst: int) -> Pending:
-    """Start sending `t` to global rank `dst` (point to point; keep `t` alive until waited).
+class _Works:
+    """Several works waited as one."""
 
-    Messages between two ranks are matched in the order they were posted (NCCL's rule;
-    gloo is given one tag so that it behaves the same and CPU tests catch misorders)."""
-    if _recorders:
-        _record("send", t, 2, True)
-    return _start(("send to rank %d" % dst, t, 2), lambda: dist.isend(t, dst=dst, tag=0), async_op=True)
+    __slots__ = ("works",)
+
+    def __init__(self, works: list[Any]):
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
 
 
-def recv(t: torch.Tensor, src: int) -> Pending:
-    """Start receiving into `t` from global rank `src`; `wait()` before reading `t`."""
-    if _recorders:
-        _record("recv", t, 2, True)
-    return _start(("receive from rank %d" % src, t, 2), lambda: dist.irecv(t, src=src, tag=0), async_op=True)
+def exchange(ops: Sequence[tuple[str, torch.Tensor, int]], group: Any = None) -> Pending:
+    """Post ("send" | "recv", tensor, global rank) point-to-point operations together,
+    as one group, and return them as one Pending (keep sent tensors alive until waited).
+
+    [Note: one path for point to point] Every send and receive goes through here, as a
+    `batch_isend_irecv` group, even a lone one. Grouped, a rank's sends and receives
+    progress side by side, so a large send never holds up a receive queued behind it
+    (NCCL runs one pair's operations on one stream, in order). And one path means one
+    communicator: torch runs a grouped operation on the group's communicator but a lone
+    isend/irecv on a separate two-rank one, and a send posted on one never matches a
+    receive posted on the other (a hang, over NCCL only). Messages between two ranks
+    are matched in the order they were posted (NCCL's rule; gloo is given one tag so
+    that it behaves the same and CPU tests catch misorders). NCCL creates a group's
+    communicator collectively: connect it (any collective over the group) before the
+    first exchange, unless every rank of the group joins that first exchange."""
+    p2p = []
+    for kind, t, peer in ops:
+        if _recorders:
+            _record(kind, t, 2, True)
+        p2p.append(dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, group=group, tag=0))
+    peers = sorted({peer for _, _, peer in ops})
+    what = (f"{len(ops)} sends/receives with ranks {peers}", ops[0][1], 2)
+    return _start(what, lambda: _Works(dist.batch_isend_irecv(p2p)), async_op=True)
 
 
 def broadcast_object(obj: Any, src: int, group: Any = None) -> Any:

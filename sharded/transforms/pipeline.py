@@ -209,7 +209,10 @@ class Pipeline(Transform):
                 "create the state from `sharded.trace(module).params`"
             )
         self._topology = None  # the mesh may have changed since the last init
-        rank, _, _ = self._topo()
+        rank, group, _ = self._topo()
+        # Connect the pp group's communicator now, on every rank together, before the
+        # first exchange posts to it ([Note: one path for point to point] in comm.py).
+        comm.all_reduce(torch.zeros(1, device=next(iter(state.params.values())).device), group=group)
         self._model, self._names = model, list(state.params)
         self._plan = plan = plan_chunks(model, self.chunks, self.partition, self.who)
         self._mine = [k for k in range(self.chunks) if k % self.stages == rank]
@@ -332,7 +335,8 @@ class _Run:
         self.device = next(iter(params.values())).device if params else torch.device("cpu")
         self.saved: dict[tuple[int, int], tuple[str, list[torch.Tensor], list[torch.Tensor]]] = {}
         self.inbox: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self.sends: list[comm.Pending] = []
+        self.sends: list[comm.Pending] = []  # posted exchanges, kept (with their tensors) to the end
+        self.posting: list[tuple[str, torch.Tensor, int]] = []  # this run of sends/receives, not yet posted
         self.values: list[Any] = []
         self.peak_saved = 0
         self.key = tuple((x.shape, x.dtype) for x in _tensors(micro[0]))
@@ -351,6 +355,8 @@ class _Run:
         try:
             timed = t.record_timeline and self.device.type == "cuda"
             for a in t.actions(self.rank):
+                if a.kind in ("F", "B"):
+                    self._post()
                 if timed and a.kind in ("F", "B"):  # its inputs' arrival is idle time, not compute
                     torch.cuda.synchronize(self.device)
                 start = time.perf_counter()
@@ -359,6 +365,7 @@ class _Run:
                     if timed:
                         torch.cuda.synchronize(self.device)
                     t.timeline.append((a, start, time.perf_counter()))
+            self._post()
             for pending in self.sends:
                 pending.wait()
             t.peak_held = self.peak_saved
@@ -368,17 +375,28 @@ class _Run:
         return self._value()
 
     # -- actions -------------------------------------------------------------------
+    # A run of sends and receives between two computations is posted as one group when
+    # the next computation starts (`_post`): see [Note: one path for point to point].
+
+    def _post(self) -> None:
+        """Post the sends and receives queued since the last computation; the compute
+        stream waits for them (on GPU the host does not)."""
+        if self.posting:
+            pending = comm.exchange(self.posting, self.group)
+            self.posting = []
+            pending.wait()
+            self.sends.append(pending)
 
     def recv_f(self, a: Action, _: bool) -> None:
         cache = self.t._shapes
         key = (a.chunk, self.key)
-        if key not in cache:
+        if key not in cache:  # first step: the shapes come in a header, read on the host
+            self._post()
             h = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-            comm.recv(h, self._peer(a.chunk - 1)).wait()
+            comm.exchange([("recv", h, self._peer(a.chunk - 1))], self.group).wait()
             cache[key] = _from_header(h.tolist())
         bufs = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, _, shape in cache[key]]
-        for b in bufs:
-            comm.recv(b, self._peer(a.chunk - 1)).wait()
+        self.posting += [("recv", b, self._peer(a.chunk - 1)) for b in bufs]
         self.inbox[(a.mb, a.chunk)] = [b.requires_grad_(grad) for b, (_, grad, _) in zip(bufs, cache[key])]
 
     def F(self, a: Action, _: bool) -> None:
@@ -403,14 +421,13 @@ class _Run:
         cache = self.t._sent
         if (a.chunk, self.key) not in cache:
             cache.add((a.chunk, self.key))
-            self.sends.append(comm.send(_header(outs, self.device), self._peer(a.chunk + 1)))
-        self.sends += [comm.send(x.detach(), self._peer(a.chunk + 1)) for x in outs]
+            self.posting.append(("send", _header(outs, self.device), self._peer(a.chunk + 1)))
+        self.posting += [("send", x.detach(), self._peer(a.chunk + 1)) for x in outs]
 
     def recv_b(self, a: Action, _: bool) -> None:
         outs = self.saved[(a.mb, a.chunk)][1]
         grads = [torch.empty_like(x) for x in outs if x.requires_grad]
-        for g in grads:
-            comm.recv(g, self._peer(a.chunk + 1)).wait()
+        self.posting += [("recv", g, self._peer(a.chunk + 1)) for g in grads]
         self.inbox[(a.mb, a.chunk)] = grads
 
     def B(self, a: Action, outer_final: bool) -> None:
@@ -429,7 +446,7 @@ class _Run:
 
     def send_b(self, a: Action, _: bool) -> None:
         grads = self.inbox.pop(("grads", a.mb, a.chunk))
-        self.sends += [comm.send(g, self._peer(a.chunk - 1)) for g in grads]
+        self.posting += [("send", g, self._peer(a.chunk - 1)) for g in grads]
 
     # -- end of the step -----------------------------------------------------------
 
