@@ -16,6 +16,12 @@ An operand can also be given as element offsets from a base the kernel gets (cop
 copy_out: slots of a flat buffer), or be absent (a row of zeros, never read: see
 [Note: optional operands] in _launch.py). Empty tensors get no column.
 
+The table also yields `align`: the largest power of two, up to 16, dividing every
+numel, delta and offset. The kernels pass it on as a constexpr hint (`tl.multiple_of`)
+on the values they read from the table; without it the compiler must assume any
+element offset and any tail, and issues one 4-byte access per element where it could
+issue 16-byte ones.
+
 Program `pid` bisects row 0 for its column (ceil(log2 k) loads of a table that stays
 in cache), then handles one block of that column's tensors. The table is built on the
 host from data pointers and copied to the device without a sync (pinned memory,
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence, Union
 
 import torch
@@ -47,6 +54,7 @@ class SegmentTable:
     count: int  # columns: the non-empty tensors
     programs: int  # the launch grid; 0 when every tensor is empty (launch nothing)
     search_steps: int  # ceil(log2(count)): bisection steps to find a program's column
+    align: int  # 1..16: a power of two dividing every numel, delta and offset (a hint)
 
 
 def segment_table(operands: Sequence[Operand], block: int) -> SegmentTable:
@@ -58,7 +66,7 @@ def segment_table(operands: Sequence[Operand], block: int) -> SegmentTable:
         operands = [None if op is None else [op[i] for i in keep] for op in operands]
         numels = tuple(numels[i] for i in keep)
     if not numels:
-        return SegmentTable((None,) * len(operands), torch.empty(0), 0, 0, 0)
+        return SegmentTable((None,) * len(operands), torch.empty(0), 0, 0, 0, 1)
     bases = tuple(op[0] if op is not None and isinstance(op[0], torch.Tensor) else None for op in operands)
     rows = tuple(
         None if op is None else (None, tuple(op)) if base is None else (base.element_size(), tuple(x.data_ptr() for x in op))
@@ -67,12 +75,12 @@ def segment_table(operands: Sequence[Operand], block: int) -> SegmentTable:
     device = operands[0][0].device
     # per stream: a table is copied in, read and (once evicted) freed in that stream's order
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    table, programs = _table(device, stream, block, numels, rows)
-    return SegmentTable(bases, table, len(numels), programs, (len(numels) - 1).bit_length())
+    table, programs, align = _table(device, stream, block, numels, rows)
+    return SegmentTable(bases, table, len(numels), programs, (len(numels) - 1).bit_length(), align)
 
 
 @functools.lru_cache(maxsize=256)
-def _table(device: torch.device, stream, block: int, numels: tuple, rows: tuple) -> tuple[torch.Tensor, int]:
+def _table(device: torch.device, stream, block: int, numels: tuple, rows: tuple) -> tuple[torch.Tensor, int, int]:
     """The device table for these sizes and (element size, addresses) or (None, offsets)
     rows. It depends on nothing else, so a cached table is right whenever its key matches:
     steps that reuse their buffers (or get the same addresses back from the caching
@@ -95,14 +103,15 @@ def _table(device: torch.device, stream, block: int, numels: tuple, rows: tuple)
         if misaligned:  # a view reinterpreting bytes at an odd offset; never a normal tensor
             raise ValueError(f"segment_table: a tensor starts {misaligned} bytes off its {size}-byte element grid; pass x.clone()")
         table.append([delta for delta, _ in deltas])
+    align = functools.reduce(math.gcd, (v for row in table[1:] for v in row), 16)
     table = torch.tensor(table, dtype=torch.int64)
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)
-    return table, programs
+    return table, programs, align
 
 
 @jit
-def locate(table_ptr, count, search_steps, BLOCK: tl.constexpr):
+def locate(table_ptr, count, search_steps, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """This program's column, its element offsets in the column's tensors, and their mask."""
     pid = tl.program_id(0)
     lo = pid * 0  # invariant: first[lo] <= pid < first[hi] (first[count] = the grid size)
@@ -113,10 +122,10 @@ def locate(table_ptr, count, search_steps, BLOCK: tl.constexpr):
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid)
     offs = (pid - tl.load(table_ptr + lo)) * BLOCK + tl.arange(0, BLOCK)  # int64: tensors may pass 2**31 elements
-    return lo, offs, offs < tl.load(table_ptr + count + lo)
+    return lo, offs, offs < tl.multiple_of(tl.load(table_ptr + count + lo), ALIGN)
 
 
 @jit
-def offsets_in(table_ptr, count, column, offs, OPERAND: tl.constexpr):
+def offsets_in(table_ptr, count, column, offs, OPERAND: tl.constexpr, ALIGN: tl.constexpr):
     """`offs` (from `locate`) as offsets from operand OPERAND's base pointer."""
-    return tl.load(table_ptr + (2 + OPERAND) * count + column) + offs
+    return tl.multiple_of(tl.load(table_ptr + (2 + OPERAND) * count + column), ALIGN) + offs

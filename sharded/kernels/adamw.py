@@ -37,9 +37,9 @@ def adamw_kernel(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, lowp_ptr, grad_scale_ptr, found_inf_ptr, step_ptr,
     table_ptr, count, search_steps, step, lr, beta1, one_minus_beta1, log2_beta1, beta2, one_minus_beta2, log2_beta2, eps, decay,
     STEP_ON_DEVICE: tl.constexpr, HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK)
+    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK, ALIGN)
     mask = skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF)
     if STEP_ON_DEVICE:
         t = tl.load(step_ptr).to(tl.float64)
@@ -50,10 +50,10 @@ def adamw_kernel(
     step_size = (lr / bias_correction1).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
 
-    g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1), mask, grad_scale_ptr, HAS_GRAD_SCALE)
-    p_offs = offsets_in(table_ptr, count, column, offs, 0)
-    m_offs = offsets_in(table_ptr, count, column, offs, 2)
-    v_offs = offsets_in(table_ptr, count, column, offs, 3)
+    g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1, ALIGN), mask, grad_scale_ptr, HAS_GRAD_SCALE)
+    p_offs = offsets_in(table_ptr, count, column, offs, 0, ALIGN)
+    m_offs = offsets_in(table_ptr, count, column, offs, 2, ALIGN)
+    v_offs = offsets_in(table_ptr, count, column, offs, 3, ALIGN)
     p = tl.load(param_ptr + p_offs, mask=mask)
     m = tl.load(exp_avg_ptr + m_offs, mask=mask)
     v = tl.load(exp_avg_sq_ptr + v_offs, mask=mask)
@@ -65,7 +65,7 @@ def adamw_kernel(
     tl.store(param_ptr + p_offs, p, mask=mask)
     tl.store(exp_avg_ptr + m_offs, m, mask=mask)
     tl.store(exp_avg_sq_ptr + v_offs, v, mask=mask)
-    store_lowp(lowp_ptr, offsets_in(table_ptr, count, column, offs, 4), p, mask, HAS_LOWP)
+    store_lowp(lowp_ptr, offsets_in(table_ptr, count, column, offs, 4, ALIGN), p, mask, HAS_LOWP)
 
 
 def _log2(beta: float) -> float:
@@ -87,7 +87,7 @@ def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, wei
         seg.table, seg.count, seg.search_steps, 1 if on_device else int(step), lr,
         beta1, 1 - beta1, _log2(beta1), beta2, 1 - beta2, _log2(beta2), eps, 1 - lr * weight_decay,
         STEP_ON_DEVICE=on_device, HAS_LOWP=out_lowp is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
+        HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, ALIGN=seg.align,
     )
 
 

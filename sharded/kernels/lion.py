@@ -26,13 +26,13 @@ __all__ = ["lion_kernel", "lion_", "reference_lion_"]
 def lion_kernel(
     param_ptr, grad_ptr, exp_avg_ptr, lowp_ptr, grad_scale_ptr, found_inf_ptr,
     table_ptr, count, search_steps, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
-    HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK)
+    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK, ALIGN)
     mask = skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF)
-    g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1), mask, grad_scale_ptr, HAS_GRAD_SCALE)
-    p_offs = offsets_in(table_ptr, count, column, offs, 0)
-    m_offs = offsets_in(table_ptr, count, column, offs, 2)
+    g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1, ALIGN), mask, grad_scale_ptr, HAS_GRAD_SCALE)
+    p_offs = offsets_in(table_ptr, count, column, offs, 0, ALIGN)
+    m_offs = offsets_in(table_ptr, count, column, offs, 2, ALIGN)
     p = tl.load(param_ptr + p_offs, mask=mask)
     m = tl.load(exp_avg_ptr + m_offs, mask=mask)
     c = beta1 * m + one_minus_beta1 * g
@@ -41,7 +41,7 @@ def lion_kernel(
     m = beta2 * m + one_minus_beta2 * g
     tl.store(param_ptr + p_offs, p, mask=mask)
     tl.store(exp_avg_ptr + m_offs, m, mask=mask)
-    store_lowp(lowp_ptr, offsets_in(table_ptr, count, column, offs, 3), p, mask, HAS_LOWP)
+    store_lowp(lowp_ptr, offsets_in(table_ptr, count, column, offs, 3, ALIGN), p, mask, HAS_LOWP)
 
 
 def lion_(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, grad_scale=None, found_inf=None, out_lowp=None):
@@ -57,7 +57,7 @@ def lion_(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, grad_scale=No
         p if found_inf is None else found_inf,
         seg.table, seg.count, seg.search_steps, lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay,
         HAS_LOWP=out_lowp is not None, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        BLOCK=BLOCK,
+        BLOCK=BLOCK, ALIGN=seg.align,
     )
 
 

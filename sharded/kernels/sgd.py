@@ -28,16 +28,16 @@ def sgd_kernel(
     param_ptr, grad_ptr, momentum_buffer_ptr, lowp_ptr, grad_scale_ptr, found_inf_ptr,
     table_ptr, count, search_steps, lr, momentum, weight_decay,
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK)
+    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK, ALIGN)
     mask = skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF)
-    g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1), mask, grad_scale_ptr, HAS_GRAD_SCALE)
-    p_offs = offsets_in(table_ptr, count, column, offs, 0)
+    g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1, ALIGN), mask, grad_scale_ptr, HAS_GRAD_SCALE)
+    p_offs = offsets_in(table_ptr, count, column, offs, 0, ALIGN)
     p = tl.load(param_ptr + p_offs, mask=mask)
     g = g + weight_decay * p
     if HAS_MOMENTUM:
-        b_offs = offsets_in(table_ptr, count, column, offs, 2)
+        b_offs = offsets_in(table_ptr, count, column, offs, 2, ALIGN)
         b = momentum * tl.load(momentum_buffer_ptr + b_offs, mask=mask) + g
         tl.store(momentum_buffer_ptr + b_offs, b, mask=mask)
         if NESTEROV:
@@ -46,7 +46,7 @@ def sgd_kernel(
             g = b
     p = p - lr * g
     tl.store(param_ptr + p_offs, p, mask=mask)
-    store_lowp(lowp_ptr, offsets_in(table_ptr, count, column, offs, 3), p, mask, HAS_LOWP)
+    store_lowp(lowp_ptr, offsets_in(table_ptr, count, column, offs, 3, ALIGN), p, mask, HAS_LOWP)
 
 
 def sgd_(param, grad, momentum_buffer=None, *, lr, momentum, nesterov, weight_decay, grad_scale=None, found_inf=None, out_lowp=None):
@@ -63,7 +63,7 @@ def sgd_(param, grad, momentum_buffer=None, *, lr, momentum, nesterov, weight_de
         p if found_inf is None else found_inf,
         seg.table, seg.count, seg.search_steps, lr, momentum, weight_decay,
         HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, HAS_LOWP=out_lowp is not None,
-        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, ALIGN=seg.align,
     )
 
 
