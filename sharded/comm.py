@@ -302,8 +302,10 @@ def exchange(ops: Sequence[tuple[str, torch.Tensor, int]], group: Any = None) ->
     receive posted on the other (a hang, over NCCL only). Messages between two ranks
     are matched in the order they were posted (NCCL's rule; gloo is given one tag so
     that it behaves the same and CPU tests catch misorders). NCCL creates a group's
-    communicator collectively: connect it (any collective over the group) before the
-    first exchange, unless every rank of the group joins that first exchange."""
+    communicator collectively and opens each direction of a pair's link on first use,
+    in a handshake that can block the host: exchange once in every direction a
+    schedule will use, with every rank of the group, before relying on the host never
+    blocking (the pipeline's `_connect`)."""
     p2p = []
     for kind, t, peer in ops:
         if _recorders:

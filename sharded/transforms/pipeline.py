@@ -121,6 +121,21 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.in
 _HEADER = 64  # int64s in a header: count, then (dtype, requires_grad, ndim, *shape) per tensor
 
 
+def _connect(ranks: list[int], rank: int, group: Any, device: torch.device) -> None:
+    """Every pp rank swaps a scalar both ways with each ring neighbour, all in one
+    exchange, at `init`. NCCL creates the group's communicator collectively, and opens
+    each direction of a pair's link the first time it is used, in a handshake that
+    blocks the host until the peer opens it too. Inside a schedule that handshake can
+    deadlock: under GPipe the last stage first sends back only after its host has
+    queued every forward and a backward, which wait on a receive the first stage cannot
+    post while its host is stuck in the handshake (seen over NCCL on 2 H200s)."""
+    if len(ranks) == 1:
+        return
+    peers = sorted({ranks[(rank + 1) % len(ranks)], ranks[(rank - 1) % len(ranks)]})
+    ops = [op for peer in peers for op in (("send", torch.zeros(1, device=device), peer), ("recv", torch.empty(1, device=device), peer))]
+    comm.exchange(ops, group).wait()
+
+
 def _header(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     fields = [len(tensors)]
     for x in tensors:
@@ -209,10 +224,8 @@ class Pipeline(Transform):
                 "create the state from `sharded.trace(module).params`"
             )
         self._topology = None  # the mesh may have changed since the last init
-        rank, group, _ = self._topo()
-        # Connect the pp group's communicator now, on every rank together, before the
-        # first exchange posts to it ([Note: one path for point to point] in comm.py).
-        comm.all_reduce(torch.zeros(1, device=next(iter(state.params.values())).device), group=group)
+        rank, group, ranks = self._topo()
+        _connect(ranks, rank, group, next(iter(state.params.values())).device)
         self._model, self._names = model, list(state.params)
         self._plan = plan = plan_chunks(model, self.chunks, self.partition, self.who)
         self._mine = [k for k in range(self.chunks) if k % self.stages == rank]
