@@ -4,6 +4,8 @@ error being a result too."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 from typing import Callable
@@ -28,6 +30,20 @@ def gpt_train_step(model: sharded.Model):
         return state.apply_gradients(grads), {"loss": value}
 
     return train_step
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Timed steps without Python's cyclic collector: one collection first, then none
+    until the end (torchtitan's training loop also schedules it itself). A gen-2
+    collection in a timed step took ~0.1 s on the device's host; every system, baseline
+    included, runs its timed steps inside this."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def common_args(ap: argparse.ArgumentParser, nproc: int, batch: int, batch_help: str) -> None:

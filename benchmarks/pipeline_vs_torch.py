@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from _harness import common_args, gpt_train_step, report, run_each
+from _harness import gc_paused, common_args, gpt_train_step, report, run_each
 from _profile import profile_steps
 from torch import nn
 
@@ -137,12 +137,13 @@ def measure(name: str, args) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
-    for _ in range(args.steps):
-        _sync(dev)
-        t0 = time.perf_counter()
-        step(x, y)
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
+    with gc_paused():
+        for _ in range(args.steps):
+            _sync(dev)
+            t0 = time.perf_counter()
+            step(x, y)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
     peak = torch.tensor([torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0], dtype=torch.float64, device=dev)
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     med = statistics.median(times)

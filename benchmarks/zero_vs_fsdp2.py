@@ -18,7 +18,7 @@ import datetime
 import statistics
 
 import torch
-from _harness import common_args, gpt_train_step, report, run_each
+from _harness import gc_paused, common_args, gpt_train_step, report, run_each
 from _profile import profile_steps
 
 import sharded
@@ -86,13 +86,14 @@ def measure(name: str, args) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(dev)
     times = []
-    for _ in range(args.steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(x, y)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    with gc_paused():
+        for _ in range(args.steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(x, y)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
     peak = torch.tensor([torch.cuda.max_memory_allocated(dev)], dtype=torch.float64, device=dev)
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     med = statistics.median(times)

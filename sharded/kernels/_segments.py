@@ -25,10 +25,11 @@ issue 16-byte ones.
 Program `pid` bisects row 0 for its column (ceil(log2 k) loads of a table that stays
 in cache), then handles one block of that column's tensors. The table is built on the
 host from data pointers and copied to the device without a sync (pinned memory,
-non_blocking); the last 256 tables are kept, keyed by the addresses, sizes and offsets
-they encode (and the stream, so that each table is only ever read in the order of the
-stream it was copied on): a training step that reuses its buffers does no host work
-beyond reading the key.
+non_blocking); the last 1024 tables are kept (a step uses one per launch: a few
+hundred for a GPT), keyed by the addresses, sizes and offsets they encode (and the
+stream, so that each table is only ever read in the order of the stream it was
+copied on): a training step that reuses its buffers does no host work beyond
+reading the key.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def segment_table(operands: Sequence[Operand], block: int) -> SegmentTable:
     return SegmentTable(bases, table, len(numels), programs, (len(numels) - 1).bit_length(), align)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def _table(device: torch.device, stream, block: int, numels: tuple, rows: tuple) -> tuple[torch.Tensor, int, int]:
     """The device table for these sizes and (element size, addresses) or (None, offsets)
     rows. It depends on nothing else, so a cached table is right whenever its key matches:

@@ -53,7 +53,7 @@ class ShardZero(Transform):
     def __init__(
         self,
         stage: int | None = None,
-        bucket_mb: float = 25.0,
+        bucket_mb: float = 200.0,  # decision 25
         prefetch: int = 1,
         reshard_after_forward: bool | None = None,
         reduce_dtype: torch.dtype | None = None,
