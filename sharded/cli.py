@@ -35,6 +35,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--init-seed", type=int, default=d.init_seed, help="seed of the model init alone (default: --seed)")
     p.add_argument("--out", default=d.out, help="output directory")
     p.set_defaults(run=_run_train)
 

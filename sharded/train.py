@@ -45,7 +45,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     log_every: int = 10
     eval_batches: int = 8
-    seed: int = 0
+    seed: int = 0  # the corpus, its batches and (unless init_seed) the model's init
+    init_seed: int | None = None  # the model's init alone: same data, another init
     out: str = "runs/latest"
 
 
@@ -111,7 +112,7 @@ def run_rank(cfg: TrainConfig) -> dict:
     gcfg = GPTConfig.preset(cfg.preset, vocab_size=corpus.tokenizer.vocab_size)
     seq_len = cfg.seq_len or gcfg.seq_len
     gcfg = dataclasses.replace(gcfg, seq_len=seq_len)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
     model = sharded.trace(GPT(gcfg).to(device))
     schedule = sharded.optim.schedules.warmup_cosine(cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps, end=cfg.lr / 10)
     tx = sharded.optim.chain(
