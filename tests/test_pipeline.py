@@ -291,3 +291,34 @@ def test_the_pipelines_view_of_a_model_does_not_replace_it():
     step = sharded.pipeline(stages=1, microbatches=2)(train_step)
     step(step.init(state), batches[0])
     assert model_of(model.params) is model
+
+
+class _PassesItsMask(nn.Module):
+    """A block that returns a new hidden state and the mask it was given, counting its runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.runs = nn.Linear(4, 6), 0
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        self.runs += 1
+        return self.proj(x) * scale, mask
+
+
+def test_blocks_before_a_chunk_run_once_per_input_signature_and_keep_passed_tensors():
+    """The meta forward of the blocks before a chunk is recorded once per input signature
+    and replayed: same structure and shapes, and a tensor the block passes along is the
+    caller's current object (later blocks' swapped inputs are found by identity)."""
+    from sharded.transforms._shape_replay import ShapeReplay
+
+    block, replay = _PassesItsMask().to("meta"), ShapeReplay()
+    for rows in (3, 3, 5, 3):
+        x, mask = torch.empty(rows, 4, device="meta"), torch.empty(rows, rows, dtype=torch.bool, device="meta")
+        with replay.replaying({"b": block}):
+            out, passed = block(x, mask, scale=2.0)
+        assert out.shape == (rows, 6) and out.device.type == "meta" and passed is mask
+    assert block.runs == 2  # one per input signature (3 rows, 5 rows)
+    with replay.replaying({"b": block}):
+        block(torch.empty(3, 4, device="meta"), torch.empty(3, 3, dtype=torch.bool, device="meta"), scale=0.5)
+    assert block.runs == 3  # a different non-tensor argument is another signature
+    assert "forward" not in block.__dict__  # the module is left as it was

@@ -48,6 +48,7 @@ from sharded.mesh import Mesh
 from sharded.step import Op, ProgramInfo, Transform, transform
 from sharded.trace import Model, model_of
 from sharded.transforms._batch import mean_floats, split
+from sharded.transforms._shape_replay import ShapeReplay
 from sharded.transforms._schedules import SCHEDULES, Action, simulate, with_comm
 from sharded.transforms._stages import ChunkPlan, plan_chunks
 
@@ -228,6 +229,8 @@ class Pipeline(Transform):
         _connect(ranks, rank, group, next(iter(state.params.values())).device)
         self._model, self._names = model, list(state.params)
         self._plan = plan = plan_chunks(model, self.chunks, self.partition, self.who)
+        self._replay = ShapeReplay()
+        self._before: dict[int, dict[str, torch.nn.Module]] = {}  # chunk -> the blocks of earlier chunks
         self._mine = [k for k in range(self.chunks) if k % self.stages == rank]
         keep = set(plan.held_by(self._mine))
         self._like = {n: torch.empty_like(p, device="meta") for n, p in state.params.items()}
@@ -274,6 +277,12 @@ class Pipeline(Transform):
             placeholders = {n: self._like[model.tied.get(n, n)] for n in plan.name_chunk}
             self._views[chunk] = (model.with_buffers(buffers), placeholders)
         return self._views[chunk]
+
+    def blocks_before(self, chunk: int) -> dict[str, torch.nn.Module]:
+        if chunk not in self._before:
+            paths = self._plan.blocks[: self._plan.first_block[chunk]]
+            self._before[chunk] = {p: self._model.module.get_submodule(p) for p in paths}
+        return self._before[chunk]
 
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
         micro = split(
@@ -416,7 +425,8 @@ class _Run:
         inputs = self.inbox.pop((a.mb, a.chunk), None)
         token = _running.set(_Forward(self.t._plan, a.chunk, inputs))
         try:
-            out = self.fn(self.params, *self.micro[a.mb], **self.kwargs)
+            with self.t._replay.replaying(self.t.blocks_before(a.chunk)):
+                out = self.fn(self.params, *self.micro[a.mb], **self.kwargs)
         except _Boundary as b:
             self.saved[(a.mb, a.chunk)] = ("out", _tensors(b.args), inputs or [])
         else:
