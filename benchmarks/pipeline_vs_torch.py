@@ -3,6 +3,9 @@ autocast and fused AdamW, in one run on N local GPUs.
 
     python benchmarks/pipeline_vs_torch.py --nproc 4 --preset 1.3b --out benchmarks/results/pipeline_vs_torch.json
 
+Both systems cut the GPT's blocks at the same places: sharded's partition="compute"
+(block matmul work balanced, the head's counted on the last stage).
+
 Systems (each in its own fresh ranks):
   torch_1f1b          PipelineStage + Schedule1F1B, pp = nproc
   sharded_1f1b        pipeline(stages=nproc, schedule="1f1b")
@@ -27,6 +30,7 @@ from torch import nn
 
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
+from sharded.transforms._stages import plan_chunks
 
 
 def _autocast(dev: torch.device):
@@ -53,13 +57,22 @@ class _TorchStage(nn.Module):
             return self.head(self.ln_f(x)) if self.last else x
 
 
+PARTITION = "compute"  # both systems cut the blocks where sharded's "compute" partition does
+
+
+def _stage_blocks(cfg: GPTConfig, p: int, rank: int) -> range:
+    """The blocks of pp rank `rank`, as `pipeline(partition=PARTITION)` cuts them."""
+    with torch.device("meta"):
+        first = plan_chunks(sharded.trace(GPT(cfg)), p, PARTITION, "benchmark").first_block
+    return range(first[rank], first[rank + 1] if rank + 1 < p else cfg.n_layers)
+
+
 def _torch_1f1b(cfg: GPTConfig, m: int, dev: torch.device):
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     rank, p = sharded.distributed.rank(), sharded.distributed.world_size()
-    per = cfg.n_layers // p
     gpt = GPT(cfg)
-    stage_module = _TorchStage(gpt, range(rank * per, (rank + 1) * per if rank < p - 1 else cfg.n_layers), rank == 0, rank == p - 1).to(dev)
+    stage_module = _TorchStage(gpt, _stage_blocks(cfg, p, rank), rank == 0, rank == p - 1).to(dev)
     del gpt
     stage = PipelineStage(stage_module, rank, p, dev)
     schedule = Schedule1F1B(stage, n_microbatches=m, loss_fn=loss_fn)
@@ -85,7 +98,7 @@ def _sharded(cfg: GPTConfig, m: int, dev: torch.device, pp: int, schedule: str, 
 
     train_step = gpt_train_step(model)
 
-    step = sharded.pipeline(stages=pp, microbatches=m, schedule=schedule, partition="uniform")(train_step)
+    step = sharded.pipeline(stages=pp, microbatches=m, schedule=schedule, partition=PARTITION)(train_step)
     if zero3:
         step = sharded.shard_zero(stage=3)(step)
     box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-4, weight_decay=0.1)))]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from sharded import distributed
@@ -66,6 +67,7 @@ class Mesh:
         self._global_rank = distributed.rank()
         self._coords = _unravel(self._global_rank, [self._sizes[a] for a in AXES])
         self._device_mesh = _build_device_mesh(self._sizes) if distributed.is_initialized() else None
+        self._links: dict[str, dict[tuple[int, int], Any]] = {}
 
     @staticmethod
     def current() -> Mesh:
@@ -122,6 +124,29 @@ class Mesh:
             return None
         return self._device_mesh.get_group(axis)
 
+    def links(self, axis: str) -> dict[tuple[int, int], Any]:
+        """This rank's directed links to its ring neighbours on `axis`: {(sender, receiver)
+        global ranks: a two-rank ProcessGroup of its own}. A group per direction gives each
+        direction its own communicator (and NCCL stream), so a send waiting for its
+        receiver never holds up a message going the other way. Creating a group is
+        collective: every rank creates every link of every `axis` group, in one order."""
+        self._check(axis)
+        if axis not in self._links:
+            shape, k, size = [self._sizes[a] for a in AXES], AXES.index(axis), self._sizes[axis]
+            lines = sorted({
+                tuple(_ravel((*c[:k], i, *c[k + 1 :]), shape) for i in range(size))
+                for c in (_unravel(r, shape) for r in range(self.world_size))
+            })
+            mine = {}
+            for ranks in lines if size > 1 else []:
+                ring = {(ranks[i], ranks[(i + 1) % size]) for i in range(size)}
+                for pair in sorted(ring | {(b, a) for a, b in ring}):
+                    group = dist.new_group(list(pair))
+                    if self._global_rank in pair:
+                        mine[pair] = group
+            self._links[axis] = mine
+        return self._links[axis]
+
     def _check(self, axis: str) -> None:
         if axis not in self._sizes:
             raise KeyError(f"no mesh axis {axis!r}; the axes are {', '.join(AXES)}")
@@ -144,6 +169,13 @@ def _unravel(index: int, shape: list[int]) -> tuple[int, ...]:
         index, c = divmod(index, size)
         coords.append(c)
     return tuple(reversed(coords))
+
+
+def _ravel(coords: tuple[int, ...], shape: list[int]) -> int:
+    index = 0
+    for c, size in zip(coords, shape):
+        index = index * size + c
+    return index
 
 
 def _build_device_mesh(sizes: dict[str, int]) -> Any:

@@ -79,3 +79,21 @@ def test_2x2_pp_by_dp_mesh_on_4_ranks():
         assert got["dp_sum"] == 2 * pp + 2 * pp + 1
         assert got["repr"] == f"Mesh(pp=2, dp=2, ep=1, tp=1; rank {r} of 4)"
     assert pool.run(lambda: Mesh.current().axes) == [{"pp": 1, "dp": 4, "ep": 1, "tp": 1}] * 4
+
+
+def _links_on_rank():
+    mesh = Mesh(pp=4)
+    links = mesh.links("pp")
+    me = dist.get_rank()
+    for (sender, receiver), group in sorted(links.items()):  # each direction on its own group
+        got = torch.full((1,), -1.0)
+        comm.exchange([("send", torch.full((1,), float(me)), receiver) if me == sender else ("recv", got, sender)], group).wait()
+        assert me == sender or got.item() == sender
+    return sorted(links), len({id(g) for g in links.values()}), Mesh(pp=1).links("pp")
+
+
+def test_links_are_one_group_per_direction_between_ring_neighbours():
+    for rank, (links, groups, none) in enumerate(get_pool(4).run(_links_on_rank)):
+        neighbours = {(rank + 1) % 4, (rank - 1) % 4}
+        assert links == sorted({(rank, n) for n in neighbours} | {(n, rank) for n in neighbours})
+        assert groups == 4 and none == {}

@@ -1,7 +1,6 @@
 """pipeline: schedules as data, equivalence with the plain step on pp × dp meshes, memory, errors."""
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -136,6 +135,15 @@ def test_blocks_that_pass_several_tensors(schedule, stack):
     _, train_step, state, batches = _case(GatedLM(), rows=dp * 4)
     step = _STACKS[stack](sharded.pipeline(stages=2, microbatches=2, schedule=schedule)(train_step))
     assert_step_equivalent(step, train_step, state, batches, world_size=2 * dp, mesh=dict(pp=2, dp=dp), rtol=1e-9, atol=1e-11)
+
+
+def test_interleaved_with_messages_that_must_meet_their_receiver():
+    """Boundary tensors of ~0.8 MB: gloo's send then waits for its receive. With both
+    directions of a link on one group, interleaved on 2 ranks deadlocked (see
+    [Note: one link per direction])."""
+    _, train_step, state, batches = _case(ToyLM(ToyConfig(depth=4, width=256, hidden=8)), rows=512, steps=1)
+    step = sharded.pipeline(stages=2, microbatches=4, schedule="interleaved")(train_step)
+    assert_step_equivalent(step, train_step, state, batches, world_size=2, mesh=dict(pp=2), rtol=1e-9, atol=1e-11)
 
 
 def test_a_tied_head_on_four_stages_with_clipping():
@@ -322,3 +330,28 @@ def test_blocks_before_a_chunk_run_once_per_input_signature_and_keep_passed_tens
         block(torch.empty(3, 4, device="meta"), torch.empty(3, 3, dtype=torch.bool, device="meta"), scale=0.5)
     assert block.runs == 3  # a different non-tensor argument is another signature
     assert "forward" not in block.__dict__  # the module is left as it was
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunks", [2, 3, 4])
+def test_compute_partition_balances_block_work_with_the_head_on_the_last_chunk(tied, chunks):
+    """partition="compute" gives the contiguous split whose heaviest chunk (block params,
+    plus the head's on the last chunk, tied or not) is the lightest possible."""
+    import itertools
+
+    from sharded.models import GPT, GPTConfig
+    from sharded.transforms._stages import plan_chunks
+
+    with torch.device("meta"):
+        model = sharded.trace(GPT(GPTConfig(n_layers=9, d_model=64, n_heads=4, vocab_size=3000, tied=tied)))
+    block = sum(p.numel() for n, p in model.params.items() if n.startswith("blocks.0."))
+    head = 3000 * 64
+
+    def heaviest(first: tuple[int, ...]) -> int:
+        sizes = [b - a for a, b in zip(first, (*first[1:], 9))]
+        return max(s * block + (head if c == chunks - 1 else 0) for c, s in enumerate(sizes))
+
+    splits = [(0, *cuts) for cuts in itertools.combinations(range(1, 9), chunks - 1)]
+    plan = plan_chunks(model, chunks, "compute", "pipeline(...)")
+    assert heaviest(plan.first_block) == min(map(heaviest, splits))
+    assert plan.first_block[-1] > plan_chunks(model, chunks, "uniform", "pipeline(...)").first_block[-1]

@@ -39,14 +39,15 @@ def plan_chunks(model: Model, chunks: int, partition: Any, who: str) -> ChunkPla
     units = [b for b in model.blocks if not b.name.startswith("<")]
     if len(units) < chunks:
         raise ValueError(f"{who} needs at least {chunks} blocks (one per chunk); the model has {len(units)}")
-    sizes = _chunk_sizes([sum(model.params[n].numel() for n in b.params) for b in units], chunks, partition, who)
+    all_names = [n for n, _ in model.module.named_parameters(remove_duplicate=False)]
+    owner = {n: b.name for b in _group_params(all_names, [u.name for u in units]) for n in b.params}
+    head = sum(model.params[model.tied.get(n, n)].numel() for n in all_names if owner[n] == "<head>")
+    sizes = _chunk_sizes([sum(model.params[n].numel() for n in b.params) for b in units], head, chunks, partition, who)
     first = tuple(sum(sizes[:c]) for c in range(chunks))
     chunk_of_unit = {"<embed>": 0, "<head>": chunks - 1}
     for c in range(chunks):
         for b in units[first[c] : first[c] + sizes[c]]:
             chunk_of_unit[b.name] = c
-    all_names = [n for n, _ in model.module.named_parameters(remove_duplicate=False)]
-    owner = {n: b.name for b in _group_params(all_names, [u.name for u in units]) for n in b.params}
     name_chunk = {name: chunk_of_unit[owner[name]] for name in all_names}
     holders: dict[str, set[int]] = {n: set() for n in model.params}
     for name in all_names:
@@ -58,24 +59,27 @@ def plan_chunks(model: Model, chunks: int, partition: Any, who: str) -> ChunkPla
     return ChunkPlan(chunks, tuple(u.name for u in units), first, holders_, name_chunk, buffer_chunk)
 
 
-def _chunk_sizes(weights: list[int], chunks: int, partition: Any, who: str) -> list[int]:
-    """Blocks per chunk: equal counts ("uniform"), balanced params ("params"), or given."""
+def _chunk_sizes(weights: list[int], head: int, chunks: int, partition: Any, who: str) -> list[int]:
+    """Blocks per chunk: equal counts ("uniform"), balanced block params ("params"),
+    balanced matmul work ("compute": block params, plus the head's on the last chunk,
+    tied or not, since its matmul runs there), or given."""
     n = len(weights)
     if partition == "uniform":
         return [n // chunks + (c < n % chunks) for c in range(chunks)]
-    if partition == "params":
-        return _balanced(weights, chunks)
+    if partition in ("params", "compute"):
+        return _balanced(weights, chunks, head if partition == "compute" else 0)
     if isinstance(partition, (list, tuple)) and all(isinstance(k, int) and k >= 1 for k in partition):
         if len(partition) != chunks or sum(partition) != n:
             raise ValueError(
                 f"{who}: partition={list(partition)} must give {chunks} chunk sizes that sum to the model's {n} blocks"
             )
         return list(partition)
-    raise ValueError(f"{who}: partition must be 'params', 'uniform' or a list of blocks per chunk; got {partition!r}")
+    raise ValueError(f"{who}: partition must be 'params', 'compute', 'uniform' or a list of blocks per chunk; got {partition!r}")
 
 
-def _balanced(weights: list[int], chunks: int) -> list[int]:
-    """Contiguous sizes that minimise the heaviest chunk (dynamic programming)."""
+def _balanced(weights: list[int], chunks: int, tail: int = 0) -> list[int]:
+    """Contiguous sizes that minimise the heaviest chunk, the last one carrying `tail`
+    besides its blocks (dynamic programming)."""
     n = len(weights)
     prefix = [0]
     for w in weights:
@@ -87,7 +91,7 @@ def _balanced(weights: list[int], chunks: int) -> list[int]:
     for c in range(1, chunks + 1):
         for i in range(c, n + 1):
             for j in range(c - 1, i):
-                cost = max(best[c - 1][j], prefix[i] - prefix[j])
+                cost = max(best[c - 1][j], prefix[i] - prefix[j] + (tail if c == chunks else 0))
                 if cost < best[c][i]:
                     best[c][i], cut[c][i] = cost, j
     sizes, i = [], n

@@ -122,19 +122,17 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.in
 _HEADER = 64  # int64s in a header: count, then (dtype, requires_grad, ndim, *shape) per tensor
 
 
-def _connect(ranks: list[int], rank: int, group: Any, device: torch.device) -> None:
-    """Every pp rank swaps a scalar both ways with each ring neighbour, all in one
-    exchange, at `init`. NCCL creates the group's communicator collectively, and opens
-    each direction of a pair's link the first time it is used, in a handshake that
-    blocks the host until the peer opens it too. Inside a schedule that handshake can
-    deadlock: under GPipe the last stage first sends back only after its host has
-    queued every forward and a backward, which wait on a receive the first stage cannot
-    post while its host is stuck in the handshake (seen over NCCL on 2 H200s)."""
-    if len(ranks) == 1:
-        return
-    peers = sorted({ranks[(rank + 1) % len(ranks)], ranks[(rank - 1) % len(ranks)]})
-    ops = [op for peer in peers for op in (("send", torch.zeros(1, device=device), peer), ("recv", torch.empty(1, device=device), peer))]
-    comm.exchange(ops, group).wait()
+def _connect(links: dict[tuple[int, int], Any], me: int, device: torch.device) -> None:
+    """Every link carries one scalar at `init`, in the global order of links (so two
+    ranks never wait on different links of each other). NCCL creates a link's
+    communicator, and opens its connection, on first use, in a handshake that blocks
+    the host until the peer joins. Inside a schedule that handshake can deadlock: under
+    GPipe the last stage first sends back only after its host has queued every forward
+    and a backward, which wait on a receive the first stage cannot post while its host
+    is stuck in the handshake (seen over NCCL on 2 H200s)."""
+    for (sender, receiver), group in sorted(links.items()):
+        op = ("send", torch.zeros(1, device=device), receiver) if me == sender else ("recv", torch.empty(1, device=device), sender)
+        comm.exchange([op], group).wait()
 
 
 def _header(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -226,7 +224,9 @@ class Pipeline(Transform):
             )
         self._topology = None  # the mesh may have changed since the last init
         rank, group, ranks = self._topo()
-        _connect(ranks, rank, group, next(iter(state.params.values())).device)
+        mesh = self.mesh if self.mesh is not None else Mesh.current()
+        self._links = mesh.links(self.axis)
+        _connect(self._links, ranks[rank], next(iter(state.params.values())).device)
         self._model, self._names = model, list(state.params)
         self._plan = plan = plan_chunks(model, self.chunks, self.partition, self.who)
         self._replay = ShapeReplay()
@@ -397,17 +397,30 @@ class _Run:
         return self._value()
 
     # -- actions -------------------------------------------------------------------
-    # A run of sends and receives between two computations is posted as one group when
-    # the next computation starts (`_post`): see [Note: one path for point to point].
+    # [Note: one link per direction] The sends and receives queued between two
+    # computations are posted when the next computation starts (`_post`), each on the
+    # group of its directed link (`Mesh.links`). Only receives are waited for (by the
+    # compute stream on GPU, by the host on CPU); sends complete in the background and
+    # are waited at the end of the step. That is what `simulate` proves deadlock-free:
+    # a send never waits on anything but its own receiver. One group for both
+    # directions deadlocked: a send must meet its receive (gloo, and NCCL beyond its
+    # buffers), so a rank waiting in a send held back the receive, posted after it,
+    # that its peer's own waiting send needed (interleaved, 2 ranks, over gloo).
 
     def _post(self) -> None:
-        """Post the sends and receives queued since the last computation; the compute
-        stream waits for them (on GPU the host does not)."""
-        if self.posting:
-            pending = comm.exchange(self.posting, self.group)
-            self.posting = []
+        """Post the queued sends and receives, each on its link's group; wait for the receives."""
+        me, links = self.ranks[self.rank], self.t._links
+        by_link: dict[tuple[int, int], list] = {}
+        for op in self.posting:
+            kind, _, peer = op
+            by_link.setdefault((me, peer) if kind == "send" else (peer, me), []).append(op)
+        self.posting = []
+        receives = []
+        for link, ops in sorted(by_link.items()):
+            pending = comm.exchange(ops, links[link])
+            (self.sends if link[0] == me else receives).append(pending)
+        for pending in receives:
             pending.wait()
-            self.sends.append(pending)
 
     def recv_f(self, a: Action, _: bool) -> None:
         cache = self.t._shapes
@@ -415,7 +428,8 @@ class _Run:
         if key not in cache:  # first step: the shapes come in a header, read on the host
             self._post()
             h = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-            comm.exchange([("recv", h, self._peer(a.chunk - 1))], self.group).wait()
+            peer = self._peer(a.chunk - 1)
+            comm.exchange([("recv", h, peer)], self.t._links[(peer, self.ranks[self.rank])]).wait()
             cache[key] = _from_header(h.tolist())
         bufs = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, _, shape in cache[key]]
         self.posting += [("recv", b, self._peer(a.chunk - 1)) for b in bufs]
