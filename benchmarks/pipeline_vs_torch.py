@@ -78,6 +78,10 @@ def _torch_1f1b(cfg: GPTConfig, m: int, dev: torch.device):
     schedule = Schedule1F1B(stage, n_microbatches=m, loss_fn=loss_fn)
     fused = dev.type == "cuda"
     opt = torch.optim.AdamW(stage_module.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
+    # The tied embedding/head lives on the first and the last stage; torch leaves summing
+    # its two grads to the user, and without it the two copies drift apart (sharded does it).
+    ends = torch.distributed.new_group([0, p - 1]) if cfg.tied and p > 1 else None
+    tied = {0: stage_module.wte, p - 1: stage_module.head}.get(rank) if ends is not None else None
 
     def step(x, y):
         if rank == 0:
@@ -86,6 +90,8 @@ def _torch_1f1b(cfg: GPTConfig, m: int, dev: torch.device):
             schedule.step(target=y)
         else:
             schedule.step()
+        if tied is not None:
+            torch.distributed.all_reduce(tied.weight.grad, group=ends)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
