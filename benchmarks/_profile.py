@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
+from _harness import gc_paused
 
 __all__ = ["gpu_time_summary", "profile_steps"]
 
@@ -76,11 +77,13 @@ def profile_steps(step: Callable[[], None], steps: int) -> dict:
     """Run `step` under the CUDA profiler and summarize the GPU time of its last `steps`
     runs. Two runs come first, unrecorded: the ranks start their profilers at different
     moments, and the first collective after that waits for the latest rank (once ~0.4 s
-    on 2 H200s), which a recorded run would count as communication."""
+    on 2 H200s), which a recorded run would count as communication. The cyclic GC is
+    paused, as in the timed steps: a collection stalls one rank's host, and the other
+    rank's collectives wait for it."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     schedule = torch.profiler.schedule(wait=1, warmup=1, active=steps)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], schedule=schedule) as prof:
+    with gc_paused(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], schedule=schedule) as prof:
         for i in range(steps + 2):
             step()
             if i == steps + 1:
