@@ -132,13 +132,11 @@ class Mesh:
         collective: every rank creates every link of every `axis` group, in one order."""
         self._check(axis)
         if axis not in self._links:
-            shape, k, size = [self._sizes[a] for a in AXES], AXES.index(axis), self._sizes[axis]
-            lines = sorted({
-                tuple(_ravel((*c[:k], i, *c[k + 1 :]), shape) for i in range(size))
-                for c in (_unravel(r, shape) for r in range(self.world_size))
-            })
+            size = self._sizes[axis]
+            device_mesh = self._device_mesh
+            lines = [] if size == 1 else device_mesh.mesh.movedim(device_mesh.mesh_dim_names.index(axis), -1).reshape(-1, size).tolist()
             mine = {}
-            for ranks in lines if size > 1 else []:
+            for ranks in lines:
                 ring = {(ranks[i], ranks[(i + 1) % size]) for i in range(size)}
                 for pair in sorted(ring | {(b, a) for a, b in ring}):
                     group = dist.new_group(list(pair))
@@ -169,13 +167,6 @@ def _unravel(index: int, shape: list[int]) -> tuple[int, ...]:
         index, c = divmod(index, size)
         coords.append(c)
     return tuple(reversed(coords))
-
-
-def _ravel(coords: tuple[int, ...], shape: list[int]) -> int:
-    index = 0
-    for c, size in zip(coords, shape):
-        index = index * size + c
-    return index
 
 
 def _build_device_mesh(sizes: dict[str, int]) -> Any:

@@ -203,8 +203,11 @@ class Pipeline(Transform):
             self._topology = self._find_topo()
         return self._topology
 
+    def _mesh(self) -> Mesh:
+        return self.mesh if self.mesh is not None else Mesh.current()
+
     def _find_topo(self) -> tuple[int, Any, list[int]]:
-        mesh = self.mesh if self.mesh is not None else Mesh.current()
+        mesh = self._mesh()
         size = mesh.size(self.axis)
         if size != self.stages:
             raise ValueError(
@@ -224,8 +227,7 @@ class Pipeline(Transform):
             )
         self._topology = None  # the mesh may have changed since the last init
         rank, group, ranks = self._topo()
-        mesh = self.mesh if self.mesh is not None else Mesh.current()
-        self._links = mesh.links(self.axis)
+        self._links = self._mesh().links(self.axis)
         _connect(self._links, ranks[rank], next(iter(state.params.values())).device)
         self._model, self._names = model, list(state.params)
         self._plan = plan = plan_chunks(model, self.chunks, self.partition, self.who)
@@ -409,6 +411,8 @@ class _Run:
 
     def _post(self) -> None:
         """Post the queued sends and receives, each on its link's group; wait for the receives."""
+        if not self.posting:
+            return
         me, links = self.ranks[self.rank], self.t._links
         by_link: dict[tuple[int, int], list] = {}
         for op in self.posting:
