@@ -17,7 +17,10 @@ from sharded.memory import estimate_memory as estimate_memory
 from sharded.mesh import Mesh as Mesh
 from sharded.state import TrainState as TrainState
 from sharded.step import Step as Step
+from sharded.step import Capability as Capability
+from sharded.step import Level as Level
 from sharded.step import Transform as Transform
+from sharded.step import transform as transform
 from sharded.trace import Model as Model
 from sharded.trace import trace as trace
 from sharded.transforms import accumulate as accumulate

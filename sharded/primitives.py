@@ -3,11 +3,18 @@
 A user's step calls `model.apply`, `sharded.value_and_grad` and
 `state.apply_gradients`; each of those *binds* a primitive here. With no transform
 active, `bind` runs the primitive's implementation. While a `Step` runs, its transforms
-are on a stack (innermost last) and `bind` passes the call through their handlers from
-the outermost in, each receiving `next` to call the rest of the chain — the way JAX's
-interpreters rewrite `jit(vmap(f))` without the user's code changing.
+are on a stack in the canonical order (`sharded.step.Level`) and `bind` passes the call
+through their handlers from the outermost in, each receiving `next` to call the rest of
+the chain — the way JAX's interpreters rewrite `jit(vmap(f))` without the user's code
+changing.
 
-Primitives: "apply" (model forward), "value_and_grad", "update" (optimizer step).
+Primitives, with the arguments their handlers receive after `next`:
+  "apply"          (model, params, args, kwargs): the model's forward
+  "block"          (call, params, buffers, args, kwargs): one block's forward, bound by
+                   `model.apply` for every block (see [Note: the block primitive] in trace.py)
+  "value_and_grad" (fn, has_aux, params, args, kwargs): a differentiation
+  "reduce_grads"   (bucket): one bucket of grads over a group (see sharded/reduce.py)
+  "update"         (tx, grads, opt_state, params): the optimizer step
 """
 from __future__ import annotations
 

@@ -5,27 +5,60 @@
     state, metrics = step(state, batch) # train_step runs; its primitives are rewritten
     print(step.explain())               # the rewritten program, rank by rank
 
-A transform is a small object with
+[Note: protocol v2] What a user holds, `shard_zero(stage=3)`, is a `TransformSpec`: an
+immutable record of options. Each `Step` builds its own `Transform` from it (the
+runtime: layouts, bucket plans, caches, groups), so one spec can wrap many steps and
+nothing a step learns leaks into another. A Transform has
+  - `level`: its place in the canonical order (`Level`); the Step sorts its transforms
+    by level, keeping the user's nesting only between transforms of one level, so
+    `shard_zero(stage=3)(pipeline(f))` and `pipeline(shard_zero(stage=3)(f))` are one
+    program. Where the nesting inside a level has no valid meaning, `check` raises
+    naming the order that works;
+  - `capabilities`: what it does (`Capability`); checks are written against these,
+    never against another transform's name;
   - `handlers`: {primitive name: handler(next, *args)} (see `sharded.primitives`);
   - `init(state) -> state`: the state's layout on this rank;
-  - `gather(state) -> state`: the inverse, the full state;
+  - `gather(state) -> state`: the inverse, the full state (`gather_params`: params only);
   - `explain(program, info) -> program`: its rewrite of the step's program, as `Op`s;
-  - `check(stack)`: raise at composition when it conflicts with another transform;
+  - `check(stack)`: raise at construction when it cannot run in `stack`;
   - `metrics(state) -> dict`: what it adds to the step's metrics (a loss scale, say).
 Handlers apply outermost first; `init` runs innermost first, `gather` outermost first.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from sharded import primitives
 from sharded import tree as T
 
-__all__ = ["Op", "ProgramInfo", "Step", "Transform", "transform"]
+__all__ = ["Capability", "Level", "Op", "ProgramInfo", "Step", "Transform", "TransformSpec", "transform"]
+
+
+class Level(enum.IntEnum):
+    """A transform's place in the canonical order, outermost first (decision 29)."""
+
+    PARALLEL = 10  # which rows and which shards this rank holds: data_parallel, shard_zero
+    SCHEDULE = 20  # how this rank's rows are cut into micro-batches and ordered: pipeline, accumulate
+    MEMORY = 30  # what is kept between forward and backward: remat
+    PRECISION = 40  # the dtype compute runs in: mixed_precision
+
+
+class Capability(enum.Flag):
+    """What a transform does, as the checks of the others need to know it."""
+
+    NONE = 0
+    SPLITS_ROWS = enum.auto()  # takes this rank's rows of the global batch over `axis`
+    REDUCES_GRADS = enum.auto()  # averages the grads over `axis` (binds "reduce_grads")
+    SHARDS_PARAMS = enum.auto()  # between steps the params are this rank's chunks
+    OWNS_UPDATE = enum.auto()  # rewrites the update: an optax-style `tx.update` beside it would be wrong
+    MICROBATCHES = enum.auto()  # cuts the rows into micro-batches and sums their grads
+    RUNS_SCHEDULE = enum.auto()  # runs the micro-batches itself, in its own order (pipeline)
+    CASTS_PARAMS = enum.auto()  # computes with params in `param_dtype`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +100,9 @@ class Transform:
     """Base class: a transform that rewrites nothing. Subclasses override what they need."""
 
     name = "transform"
+    level = Level.MEMORY
+    capabilities = Capability.NONE
+    axis: str | None = None
     handlers: dict[str, Callable[..., Any]] = {}
 
     def init(self, state: Any) -> Any:
@@ -74,6 +110,10 @@ class Transform:
 
     def gather(self, state: Any) -> Any:
         return state
+
+    def gather_params(self, params: Any) -> Any:
+        """The full params from this rank's part of them (the optimizer state stays put)."""
+        return params
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
         return program
@@ -127,11 +167,22 @@ def _render(ops: Sequence[Op], indent: str) -> list[str]:
 
 
 class Step:
-    """`fn(state, *args) -> (state, metrics)` with transforms (outermost first) active."""
+    """`fn(state, *args) -> (state, metrics)` with transforms active, in canonical order.
 
-    def __init__(self, fn: Callable, transforms: Sequence[Transform] = ()):
+    `specs` are the user's, outermost first; `transforms` are this step's own runtimes,
+    built from them and sorted by `Level` (see [Note: protocol v2])."""
+
+    def __init__(self, fn: Callable, specs: Sequence[TransformSpec] = ()):
         self.fn = fn
-        self.transforms = tuple(transforms)
+        self.specs = tuple(specs)
+        for s in self.specs:
+            if not isinstance(s, TransformSpec):
+                raise TypeError(
+                    f"Step takes transforms as sharded.transform(cls)(**options); got {type(s).__name__}: "
+                    "declare it once with `my_transform = sharded.transform(MyTransform)`"
+                )
+        self.transforms = tuple(sorted((s.build() for s in self.specs), key=lambda t: t.level))
+        _check_axes(self.transforms)
         for t in self.transforms:
             t.check(self.transforms)
         self._params_layout: Any = None
@@ -154,10 +205,19 @@ class Step:
         return state, metrics
 
     def gather(self, state: Any) -> Any:
-        """The full, unsharded state (for eval or export)."""
+        """The full, unsharded state, optimizer state included, on every rank (for
+        tests and small models; to export, `gather_params` moves a quarter of it)."""
         for t in self.transforms:
             state = t.gather(state)
         return state
+
+    def gather_params(self, state: Any) -> Any:
+        """The full params on every rank, from this rank's part of them: the optimizer
+        state never moves (decision 30)."""
+        params = state.params
+        for t in self.transforms:
+            params = t.gather_params(params)
+        return params
 
     def explain(self, rank: int | None = None) -> Explanation:
         """Each rank's program (or one rank's) after every transform's rewrite."""
@@ -181,9 +241,48 @@ class Step:
         return f"Step({stack} ∘ {getattr(self.fn, '__name__', 'fn')})"
 
 
+def _check_axes(stack: Sequence[Transform]) -> None:
+    """Two transforms that each average the grads over one axis would average twice."""
+    seen: dict[str, Transform] = {}
+    for t in stack:
+        if Capability.REDUCES_GRADS in t.capabilities:
+            other = seen.setdefault(t.axis, t)
+            if other is not t:
+                if other.name == t.name:
+                    raise ValueError(f"{t.name} appears twice in the step over the {t.axis!r} axis; apply it once")
+                raise ValueError(
+                    f"{other.name} and {t.name} both average the grads over the {t.axis!r} axis; apply one of them "
+                    "(shard_zero is data parallelism with sharded state: drop data_parallel)"
+                )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TransformSpec:
+    """A transform as the user holds it: its class and options, validated, immutable.
+    Calling it on a step function makes a `Step`, which builds its own runtime."""
+
+    cls: type
+    args: tuple
+    options: Mapping[str, Any]
+
+    def build(self) -> Transform:
+        return self.cls(*self.args, **self.options)
+
+    def __call__(self, fn: Callable) -> Step:
+        if isinstance(fn, Step):
+            return Step(fn.fn, (self,) + fn.specs)
+        if not callable(fn):
+            raise TypeError(f"{self.cls.name} transforms a step function; got {type(fn).__name__}")
+        return Step(fn, (self,))
+
+    def __repr__(self) -> str:
+        spelled = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.options.items()]
+        return f"{self.cls.name}({', '.join(spelled)})"
+
+
 def transform(cls: type[Transform]) -> Callable:
     """Make `cls` usable as `t(fn)`, `t(step)`, `t(**options)(fn)` and, where the
-    first option reads naturally unnamed, `t("bf16")(fn)`."""
+    first option reads naturally unnamed, `t("bf16")(fn)`. Options are checked now."""
 
     @functools.wraps(cls, updated=())
     def factory(*args: Any, **options: Any) -> Any:
@@ -191,16 +290,8 @@ def transform(cls: type[Transform]) -> Callable:
             fn, rest = args[0], args[1:]
             if rest:
                 raise TypeError(f"{cls.name}(fn) takes the step alone; pass options by name: {cls.name}(**options)(fn)")
-            return _wrap(cls(**options), fn)
-        t = cls(*args, **options)
-        return lambda f: _wrap(t, f)
+            return factory(**options)(fn)
+        cls(*args, **options)  # bad options raise here, where the user wrote them
+        return TransformSpec(cls, args, dict(options))
 
     return factory
-
-
-def _wrap(t: Transform, fn: Callable) -> Step:
-    if isinstance(fn, Step):
-        return Step(fn.fn, (t,) + fn.transforms)
-    if not callable(fn):
-        raise TypeError(f"{t.name} transforms a step function; got {type(fn).__name__}")
-    return Step(fn, (t,))

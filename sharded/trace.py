@@ -8,12 +8,25 @@ several names (embedding and head) appears once, under its first name, and
 `model.tied` maps every other name to it, so the tie survives any transform that
 rebuilds the params. `model.blocks` are the ordered units (embedding, each block, head)
 that sharding, pipelining, offload and remat work on.
+
+[Note: the block primitive] While `model.apply` runs, each block module's forward binds
+the "block" primitive with the block's own params and buffers (by their names in the
+model) and its inputs; with no handler it runs the block. Block-level work (ZeRO-3's
+gather and free, pipeline boundaries, remat) is a handler of that one primitive, run in
+the step's canonical order. The binding is installed on the module for the duration of
+the call and removed after, so the user's module is never left changed. A handler may
+call the rest of the chain later (remat recomputes in backward): the implementation
+then runs the block through `functional_call` on the params it is given, so a block is
+a pure function of (params, inputs) whenever it runs.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +34,7 @@ from torch.func import functional_call
 
 from sharded import primitives
 
-__all__ = ["Block", "Model", "trace", "model_of"]
+__all__ = ["Block", "BlockCall", "Model", "trace", "model_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +75,40 @@ class Model:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
+    @functools.cached_property
+    def block_modules(self) -> tuple[tuple[int, nn.Module, tuple[str, ...], tuple[str, ...]], ...]:
+        """(index in `blocks`, module, param names, buffer names) of every block that is a
+        module (not the "<embed>"/"<head>" groups), names as the model has them."""
+        out = []
+        for i, block in enumerate(self.blocks):
+            if block.name.startswith("<"):
+                continue
+            module = self.module.get_submodule(block.name)
+            prefix = block.name + "."
+            params = tuple(prefix + n for n, _ in module.named_parameters(remove_duplicate=False))
+            buffers = tuple(prefix + n for n, _ in module.named_buffers(remove_duplicate=False))
+            out.append((i, module, params, buffers))
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockCall:
+    """The "block" primitive's first argument: which block runs, in which model view."""
+
+    model: Model  # the model being applied (or a transform's view of it)
+    index: int  # the block's position in `model.blocks`
+    module: nn.Module
+    forward: Callable  # the module's own forward
+
+    @property
+    def name(self) -> str:
+        return self.model.blocks[self.index].name
+
+    def local(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`named` ({model name: tensor}) keyed by names relative to the block."""
+        cut = len(self.name) + 1
+        return {n[cut:]: x for n, x in named.items()}
+
 
 # The traced models of this process by their param names: how a transform whose
 # layout depends on the blocks (pipeline) finds them from a state's params at init.
@@ -71,6 +118,51 @@ _traced: "weakref.WeakValueDictionary[frozenset, Model]" = weakref.WeakValueDict
 def model_of(params: Any) -> Model | None:
     """The traced model whose params have exactly these names (None if none is alive)."""
     return _traced.get(frozenset(params)) if isinstance(params, dict) else None
+
+
+_in_place: contextvars.ContextVar[Any] = contextvars.ContextVar("sharded_block_params_in_place", default=None)
+
+
+@contextlib.contextmanager
+def _blocks_bound(model: Model, named: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Each block's forward binds "block" (see [Note: the block primitive])."""
+    own = []
+    for index, module, param_names, buffer_names in model.block_modules:
+        forward = module.__dict__.get("forward")
+        own.append((module, forward))
+        call = BlockCall(model, index, module, forward or module.forward)
+        module.forward = _binding(call, named, param_names, buffer_names)
+    try:
+        yield
+    finally:
+        for module, forward in own:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def _binding(call: BlockCall, named: dict, param_names: tuple[str, ...], buffer_names: tuple[str, ...]) -> Callable:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        params = {n: named[n] for n in param_names}
+        buffers = {n: call.model.buffers[n] for n in buffer_names}
+        token = _in_place.set(params)
+        try:
+            return primitives.bind("block", call, params, buffers, args, kwargs)
+        finally:
+            _in_place.reset(token)
+
+    return forward
+
+
+def _block_impl(call: BlockCall, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
+    if _in_place.get() is params:  # inside the model's forward, with the params it set: run as is
+        return call.forward(*args, **kwargs)
+    named = {**call.local(buffers), **call.local(params)}
+    return functional_call(call.module, named, args, kwargs, tie_weights=False, strict=False)
+
+
+primitives.register("block", _block_impl)
 
 
 def _apply_impl(model: Model, params: dict, args: tuple, kwargs: dict) -> Any:
@@ -84,7 +176,8 @@ def _apply_impl(model: Model, params: dict, args: tuple, kwargs: dict) -> Any:
     # it its own), so a transform can hand one name a placeholder and the other the
     # weight (pipeline: the embedding on the first stage, the head on the last).
     named = {**{alias: params[canonical] for alias, canonical in model.tied.items()}, **params}
-    return functional_call(model.module, (named, model.buffers), args, kwargs, tie_weights=False, strict=False)
+    with _blocks_bound(model, named):
+        return functional_call(model.module, (named, model.buffers), args, kwargs, tie_weights=False, strict=False)
 
 
 primitives.register("apply", _apply_impl)

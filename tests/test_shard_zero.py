@@ -54,9 +54,9 @@ def _gpt_train_step(model):
 
 def _model_state_on_rank(stage):
     model = _gpt()
-    probe = UpdateProbe()
-    train_step = sharded.Step(_gpt_train_step(model), (probe,))
+    train_step = sharded.transform(UpdateProbe)()(_gpt_train_step(model))
     step = sharded.shard_zero(stage=stage)(train_step)
+    probe = next(t for t in step.transforms if isinstance(t, UpdateProbe))  # this step's own runtime
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
     batch = (torch.randint(0, 61, (4 * sharded.distributed.world_size(), 8)),) * 2
     state, _ = step(state, batch)
@@ -97,7 +97,7 @@ def _count_gathered_blocks(prefetch):
             held = [u for u in range(len(g.units)) if g.is_block[u] and g.units[u] is not None and (g.gathered[u] or u in g.inflight)]
             live.append(len(held))
 
-        block.register_forward_hook(probe)  # runs before shard_zero's own hook (registered later)
+        block.down.register_forward_hook(probe)  # inside the block's forward: while it is gathered
     step = sharded.shard_zero(stage=3, prefetch=prefetch)(make_train_step(model))
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.sgd(0.1)))
     state, _ = step(state, (torch.randint(0, 11, (4, 3)),) * 2)
@@ -132,8 +132,6 @@ def test_bad_options_are_named():
         sharded.shard_zero(lambda s, b: (s, {}))
     with pytest.raises(ValueError, match="drop data_parallel"):
         sharded.shard_zero(stage=2)(sharded.data_parallel(lambda s, b: (s, {})))
-    with pytest.raises(ValueError, match=r"outside accumulate.*shard_zero\(stage=3\)\(accumulate"):
-        sharded.accumulate(steps=2)(sharded.shard_zero(stage=3)(lambda s, b: (s, {})))
     with pytest.raises(ValueError, match=r"stage=\.\.\.\) must be 0"):
         sharded.estimate_memory(_gpt(), stage=5)
 
@@ -182,9 +180,9 @@ def test_nothing_keeps_the_state_alive(stage):
 
 def _live_at_update(stage):
     model = _gpt()
-    probe = UpdateProbe()
-    train_step = sharded.Step(_gpt_train_step(model), (probe,))
+    train_step = sharded.transform(UpdateProbe)()(_gpt_train_step(model))
     step = sharded.shard_zero(stage=stage)(train_step) if stage else sharded.data_parallel(train_step)
+    probe = next(t for t in step.transforms if isinstance(t, UpdateProbe))
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
     batch = (torch.randint(0, 61, (8, 8)),) * 2
     for _ in range(3):

@@ -125,15 +125,15 @@ def test_explain_needs_init():
 
 
 def _filled_when_first_bucket_starts(steps):
-    from sharded.transforms.data_parallel import Reducer
+    from sharded.transforms._reduce import GradReducer as Reducer
 
     seen = []
     original = Reducer._start_ready
 
     def spy(self):
-        before = len(self.pending)
+        before = self.started
         original(self)
-        if before == 0 and self.pending:
+        if before == 0 and self.started:
             seen.append(len(self.filled) / len(self.where))
 
     Reducer._start_ready = spy

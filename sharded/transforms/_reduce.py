@@ -1,6 +1,13 @@
-"""Reducing one step's grads over the dp axis into each rank's chunks, as backward runs.
+"""Reducing one step's grads over the dp axis, as backward runs: the one gradient
+reducer of `data_parallel` and `shard_zero`.
 
-Used by `shard_zero`: stage 1 all-reduces each group and keeps a view of this rank's
+[Note: DP buckets] Leaves are packed, in the order their grads become final (learned
+from the first backward, `ReadyOrder`; before that, reverse registration order), into
+flat buckets of at most `bucket_mb` MiB of one dtype and device. Each bucket is a
+`FlatGroup`; every reduction is a "reduce_grads" primitive (sharded/reduce.py).
+`data_parallel` is the case that shards nothing: groups of one rank, all-reduced, the
+grads returned as views of the buckets in the leaves' shapes. `shard_zero`'s stage 1
+all-reduces each group and keeps a view of this rank's
 row (the full grads stay alive, as ZeRO-1 holds them); stages 2 and 3 reduce-scatter,
 so only this rank's row is ever kept. Groups start in index order on every rank
 (collectives must be issued in the same order everywhere), each as soon as all its
@@ -12,14 +19,114 @@ masters' dtype, when ZeRO-3 gathered low-precision copies), else the params'.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
 
 from sharded import comm
+from sharded import tree as T
+from sharded.grad import grad_pass
+from sharded.reduce import GradBucket, Reduction, reduce_grads
 from sharded.transforms._flat import FlatGroup
 
-__all__ = ["GradReducer"]
+__all__ = ["GradReducer", "ReadyOrder", "plan_buckets", "broadcast_from_first", "mean_over", "reduce_during_backward"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    leaves: tuple[int, ...]  # indices into the flat list of param leaves
+
+
+class ReadyOrder:
+    """The order a step's grads become final in, learned from its first backward (as
+    DDP rebuilds its buckets after the first iteration) and taken from the group's
+    first rank, so every rank buckets alike. Until then: reverse flatten order."""
+
+    def __init__(self):
+        self.orders: dict[Any, list[int]] = {}
+
+    def get(self, key: Any) -> list[int] | None:
+        return self.orders.get(key)
+
+    def learn(self, key: Any, gp: Any, group: Any) -> None:
+        if key in self.orders or not gp.ready_order:
+            return
+        seen = list(dict.fromkeys(gp.ready_order))
+        rest = [i for i in reversed(range(len(gp.leaves))) if i not in set(seen)]
+        order = torch.tensor(seen + rest, dtype=torch.int64)
+        if group is not None:
+            comm.broadcast(order, src=torch.distributed.get_global_rank(group, 0), group=group)
+        self.orders[key] = order.tolist()
+
+
+def plan_buckets(params: list[torch.Tensor], bucket_bytes: int, order: list[int] | None = None) -> list[Bucket]:
+    """Group floating leaves, in `order` (default: last registered first), into buckets
+    of one dtype/device of at most bucket_bytes."""
+    buckets: list[Bucket] = []
+    cur: list[int] = []
+    size = 0
+    for i in order if order is not None else reversed(range(len(params))):
+        p = params[i]
+        if not p.is_floating_point():
+            continue
+        nbytes = p.numel() * p.element_size()
+        if cur and (size + nbytes > bucket_bytes or (p.dtype, p.device) != (params[cur[0]].dtype, params[cur[0]].device)):
+            buckets.append(Bucket(tuple(cur)))
+            cur, size = [], 0
+        cur.append(i)
+        size += nbytes
+    if cur:
+        buckets.append(Bucket(tuple(cur)))
+    return buckets
+
+
+def broadcast_from_first(state: Any, group: Any) -> None:
+    """Every rank of `group` takes its first rank's tensors (replicas start equal)."""
+    if group is not None:
+        src = torch.distributed.get_global_rank(group, 0)
+        for x in T.leaves(state):
+            if isinstance(x, torch.Tensor):
+                comm.broadcast(x, src=src, group=group)
+
+
+def reduce_during_backward(
+    key: Any, make_reducer: Callable, next_: Callable, fn: Callable, has_aux: bool, params: Any, local: Any,
+    kwargs: dict, group: Any, size: int, learn: Callable | None = None,
+) -> Any:
+    """value_and_grad on this rank's rows, with grads reduced over `group` by the reducer
+    that `make_reducer(grad_pass)` builds (once per pass: `accumulate` may call again);
+    `learn(grad_pass)` runs after the grads are read (to learn their ready order)."""
+    with grad_pass(params) as (gp, owner):
+        if key not in gp.attached:
+            reducer = make_reducer(gp)
+            gp.attached[key] = reducer
+            gp.on_ready.append(reducer.ready)
+            gp.finalize = lambda: T.unflatten(gp.treespec, reducer.result())
+        value, _ = next_(fn, has_aux, params, local, kwargs)
+        grads = gp.grads() if owner else None
+        if learn is not None and owner:
+            learn(gp)
+        return mean_over(value, group, size), grads
+
+
+def mean_over(value: Any, group: Any, size: int) -> Any:
+    """Average the float tensor leaves of (loss, aux) over the group, in one all-reduce."""
+    leaves = T.leaves(value)
+    floats = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if not floats or size == 1:
+        return value
+    dtype = functools.reduce(torch.promote_types, [leaves[i].dtype for i in floats], torch.float32)
+    flat = torch.cat([leaves[i].reshape(-1).to(dtype) for i in floats])
+    comm.all_reduce(flat, group=group)
+    flat /= size
+    out, offset = list(leaves), 0
+    for i in floats:
+        x = leaves[i]
+        out[i] = flat[offset : offset + x.numel()].view(x.shape).to(x.dtype)
+        offset += x.numel()
+    return T.unflatten(T.structure(value), out)
 
 
 class GradReducer:
@@ -82,10 +189,10 @@ class GradReducer:
             fg, inp = self.groups[g], self._input(g)
             if self.scatter:
                 out = torch.empty(fg.size, dtype=inp.dtype, device=fg.device)
-                self.pending[g] = comm.reduce_scatter_tensor(out, inp, group=self.group, async_op=True)
+                self.pending[g] = reduce_grads(GradBucket(fg.name, inp, out, Reduction.REDUCE_SCATTER, self.group))
             else:
                 out = fg.rows(inp)[self.rank]
-                self.pending[g] = comm.all_reduce(inp, group=self.group, async_op=True)
+                self.pending[g] = reduce_grads(GradBucket(fg.name, inp, inp, Reduction.ALL_REDUCE, self.group))
             self.outputs.append(out)
             self.started += 1
             self._retire(keep=self.IN_FLIGHT)
@@ -99,7 +206,8 @@ class GradReducer:
             if self.scatter:
                 self.inputs[g] = None
             if self.replicate_group is not None:
-                self.replicas.append(comm.all_reduce(self.outputs[g], group=self.replicate_group, async_op=True))
+                out = self.outputs[g]
+                self.replicas.append(reduce_grads(GradBucket(f"{self.groups[g].name} replicas", out, out, Reduction.ALL_REDUCE, self.replicate_group)))
 
     def end_pass(self) -> None:
         """For a reduction per micro-batch: finish this backward's reductions, add them
@@ -129,12 +237,13 @@ class GradReducer:
 
     def result(self) -> list[torch.Tensor]:
         """Every leaf's reduced grad: this rank's chunk for grouped leaves (zeros where
-        the loss did not touch a leaf), zeros of the leaf's shape for the rest."""
+        the loss did not touch a leaf; the whole leaf in its shape for groups of one
+        rank), zeros of the leaf's shape for the rest."""
         if self.sums is None:
             self._complete()
         outputs = self.sums if self.sums is not None else self.outputs
         grads: list[torch.Tensor | None] = [None] * len(self.leaves)
         for fg, out in zip(self.groups, outputs):
             for i, view in zip(fg.leaves, fg.chunk_views(out.to(self.out_dtype or fg.dtype), self.rank)):
-                grads[i] = view
+                grads[i] = view.view(self.leaves[i].shape) if fg.ranks == 1 else view
         return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, self.leaves)]

@@ -11,8 +11,7 @@ structure, shapes and dtypes, so it is computed once per input signature and rep
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optree
 import torch
@@ -28,38 +27,21 @@ class ShapeReplay:
     def __init__(self) -> None:
         self._recipes: dict[tuple, tuple[Any, list[tuple[bool, Any]]]] = {}
 
-    @contextlib.contextmanager
-    def replaying(self, blocks: dict[str, torch.nn.Module]) -> Iterator[None]:
-        """Inside, each of `blocks` (path -> module, all called on meta inputs) runs its
-        forward once per input signature and replays the recorded output after."""
-        own = {path: block.__dict__.get("forward") for path, block in blocks.items()}
-        for path, block in blocks.items():
-            block.forward = self._replayed(path, block.forward)
+    def call(self, path: str, forward: Callable[[tuple, dict], Any], args: tuple, kwargs: dict) -> Any:
+        """`forward(args, kwargs)` of block `path` on meta inputs, run once per input
+        signature and replayed from its recorded output after."""
+        leaves, spec = optree.tree_flatten((args, kwargs), namespace="sharded")
+        key = (path, spec, tuple(_signature(x) for x in leaves))
         try:
-            yield
-        finally:
-            for path, block in blocks.items():
-                if own[path] is None:
-                    del block.forward
-                else:
-                    block.forward = own[path]
-
-    def _replayed(self, path: str, forward: Callable) -> Callable:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            leaves, spec = optree.tree_flatten((args, kwargs), namespace="sharded")
-            key = (path, spec, tuple(_signature(x) for x in leaves))
-            try:
-                recipe = self._recipes.get(key)
-            except TypeError:  # an unhashable non-tensor argument: no replay
-                return forward(*args, **kwargs)
-            if recipe is None:
-                out = forward(*args, **kwargs)
-                self._recipes[key] = _recipe(out, leaves)
-                return out
-            out_spec, parts = recipe
-            return out_spec.unflatten([leaves[v] if from_input else v for from_input, v in parts])
-
-        return run
+            recipe = self._recipes.get(key)
+        except TypeError:  # an unhashable non-tensor argument: no replay
+            return forward(args, kwargs)
+        if recipe is None:
+            out = forward(args, kwargs)
+            self._recipes[key] = _recipe(out, leaves)
+            return out
+        out_spec, parts = recipe
+        return out_spec.unflatten([leaves[v] if from_input else v for from_input, v in parts])
 
 
 def _signature(x: Any) -> Any:

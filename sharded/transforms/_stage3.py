@@ -2,12 +2,12 @@
 
 [Note: stage 3 params] For one differentiation, every sharded leaf gets a full-shaped
 tensor whose storage is empty until its unit is gathered. Those tensors are what the
-loss (and autograd) see. Module hooks on each block drive the schedule, in the static
-order of `model.blocks`:
+loss (and autograd) see. shard_zero's handler of the "block" primitive drives the
+schedule, in the static order of `model.blocks`:
 
-  forward pre-hook of unit u   gather u (wait if prefetched), start gathers of the
+  before block u runs          gather u (wait if prefetched), start gathers of the
                                next `prefetch` units
-  forward hook of unit u       free u (reshard_after_forward), and hook u's outputs
+  after block u ran            free u (reshard_after_forward), and hook u's outputs
   grad of u's outputs ready    gather u again for its backward, prefetch the units
                                before it
   all grads of u final         (GradReducer) reduce-scatter u's grads, free u
@@ -21,7 +21,6 @@ runs the same hooks in the same order, so the collectives line up.
 from __future__ import annotations
 
 import contextvars
-import weakref
 from typing import Any, Sequence
 
 import torch
@@ -29,7 +28,7 @@ import torch
 from sharded import tree as T
 from sharded.transforms._flat import FlatGroup
 
-__all__ = ["Gatherer", "install_hooks", "current"]
+__all__ = ["Gatherer", "current"]
 
 _current: contextvars.ContextVar[Gatherer | None] = contextvars.ContextVar("sharded_stage3", default=None)
 
@@ -138,28 +137,3 @@ class Gatherer:
 
         for x in needs_grad:
             x.register_hook(before_backward)
-
-
-_hooked: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-def install_hooks(module: torch.nn.Module, unit_of_block: dict[str, int]) -> None:
-    """Once per module: forward hooks on each block that defer to the running Gatherer."""
-    if module in _hooked:
-        return
-    for name, u in unit_of_block.items():
-        block = module.get_submodule(name)
-
-        def pre(mod: torch.nn.Module, args: Any, u: int = u) -> None:
-            g = current()
-            if g is not None:
-                g.ensure(u)
-
-        def post(mod: torch.nn.Module, args: Any, output: Any, u: int = u) -> None:
-            g = current()
-            if g is not None:
-                g.after_forward(u, output)
-
-        block.register_forward_pre_hook(pre)
-        block.register_forward_hook(post)
-    _hooked[module] = True

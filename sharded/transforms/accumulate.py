@@ -8,15 +8,16 @@ Reference semantics (equal to the step on the whole batch, up to float rounding)
 Activations are held for one micro-batch at a time. The grads accumulate on the same
 leaves across the k backward passes (see [Note: grad passes] in sharded/grad.py), and
 only the last pass is final, so `data_parallel` around it reduces once per update,
-overlapped with the last micro-batch's backward. Stacks with every transform; the
-global batch must split into ranks × k equal parts.
+overlapped with the last micro-batch's backward. Stacks with every transform (inside a
+pipeline it is refused: give the pipeline more micro-batches); the global batch must
+split into ranks × k equal parts.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from sharded.grad import grad_pass
-from sharded.step import Op, ProgramInfo, Transform, transform
+from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.transforms._batch import mean_floats, split
 
 __all__ = ["accumulate"]
@@ -24,6 +25,8 @@ __all__ = ["accumulate"]
 
 class Accumulate(Transform):
     name = "accumulate"
+    level = Level.SCHEDULE
+    capabilities = Capability.MICROBATCHES
 
     def __init__(self, steps: int | None = None):
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:

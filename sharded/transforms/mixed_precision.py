@@ -23,7 +23,7 @@ import torch
 from sharded import comm, kernels, primitives
 from sharded import tree as T
 from sharded.grad import grad_pass
-from sharded.step import Op, ProgramInfo, Transform, transform
+from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 
 __all__ = ["mixed_precision"]
 
@@ -57,6 +57,7 @@ def _supports(dtype: torch.dtype, device: torch.device) -> bool:
 
 class MixedPrecision(Transform):
     name = "mixed_precision"
+    level = Level.PRECISION
 
     def __init__(
         self,
@@ -80,18 +81,21 @@ class MixedPrecision(Transform):
             raise ValueError("mixed_precision: need init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, min_scale > 0, growth_interval > 0, hysteresis > 0")
         self.init_scale, self.growth_interval, self.growth_factor = init_scale, growth_interval, growth_factor
         self.backoff_factor, self.min_scale, self.hysteresis = backoff_factor, min_scale, hysteresis
+        self.capabilities = Capability.CASTS_PARAMS
         self.handlers = {"apply": self._apply}
         if self.scaling:
+            self.capabilities |= Capability.OWNS_UPDATE
             self.handlers.update(value_and_grad=self._value_and_grad, update=self._update)
         self._cast: dict[str, bool] | None = None
         self.cast_at_use = False  # under ZeRO-3: see check()
 
     def check(self, stack: Any) -> None:
-        """Under shard_zero(stage=3) a block's params exist only while it runs, so they
-        are cast there, by autocast, not up front (they are gathered in fp32 for now)."""
-        self.cast_at_use = any(t.name == "shard_zero" and getattr(t, "stage", 0) == 3 for t in stack)
+        """Under a transform that shards the params (ZeRO-3) a block's params exist only
+        while it runs: that transform gathers them in `param_dtype`, and autocast casts
+        the rest at use, not up front."""
+        self.cast_at_use = any(Capability.SHARDS_PARAMS in t.capabilities for t in stack)
         if self.cast_at_use and self.user_policy:
-            warnings.warn("mixed_precision under shard_zero(stage=3): autocast casts each op's params, so keep_fp32 applies to non-matmul ops only", stacklevel=3)
+            warnings.warn("mixed_precision with sharded params (ZeRO-3): autocast casts each op's params, so keep_fp32 applies to non-matmul ops only", stacklevel=3)
 
     def describe(self) -> str:
         scaling = ", dynamic loss scale" if self.scaling else ""

@@ -11,22 +11,24 @@ runs on pp rank k % p, and each rank's state holds only its chunks' params (`ini
 drops and frees the rest). The user's step is unchanged: the same `train_step` runs
 on every rank, and [Note: pipeline forward] explains how each rank runs only its part
 of it. The order of forwards, backwards, sends and receives is data
-(sharded/transforms/_schedules.py) that `_Run` executes.
+(sharded/transforms/_schedules.py) that `_Run` executes. Each dp rank pipelines its own
+rows: `data_parallel` and `shard_zero` sit outside the pipeline in the canonical order.
 
 [Note: pipeline forward] For the forward of micro-batch mb through chunk k, the user's
 loss function is called as usual. Inside `model.apply`, params of other chunks are
 meta tensors and, for k > 0, so are the call's tensor arguments: the code before the
-chunk runs on shapes only. A pre-hook on the chunk's first block swaps the block's
-tensor inputs for those received from chunk k-1 (hidden states, and any mask or
-rotary tables the blocks pass along); a pre-hook on the next chunk's first block
-raises `_Boundary` with that block's inputs, which are this chunk's outputs, to be
-sent on. Only the last chunk runs to the loss. Code before the first block must
+chunk runs on shapes only (blocks of earlier chunks replay their recorded output
+structure, _shape_replay.py). The pipeline's handler of the "block" primitive swaps
+the tensor inputs of the chunk's first block for those received from chunk k-1
+(hidden states, and any mask or rotary tables the blocks pass along); at the next
+chunk's first block it raises `_Boundary` with that block's inputs, which are this
+chunk's outputs, to be sent on. Only the last chunk runs to the loss. Code before the first block must
 therefore run on meta tensors (shape arithmetic, embedding lookups, masks built from
 the inputs' device); a model whose prefix reads a module buffer elementwise is not
 supported there.
 
-Stacks: `shard_zero`, `data_parallel` and `mixed_precision` around or inside it,
-`accumulate` around it (each accumulation step runs the whole schedule). The grads of a
+Stacks with every transform: `accumulate` around it runs the whole schedule once per
+accumulation step; inside it, it is refused (it would cut each micro-batch again). The grads of a
 weight two chunks share (a tied embedding and head) are summed over the pp ranks before
 any reduction around the pipeline sees them.
 """
@@ -35,7 +37,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import time
-import weakref
 from typing import Any, Callable
 
 import optree
@@ -45,7 +46,7 @@ from sharded import comm
 from sharded import tree as T
 from sharded.grad import grad_pass
 from sharded.mesh import Mesh
-from sharded.step import Op, ProgramInfo, Transform, transform
+from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.trace import Model, model_of
 from sharded.transforms._batch import mean_floats, split
 from sharded.transforms._shape_replay import ShapeReplay
@@ -74,34 +75,6 @@ class _Forward:
 
 
 _running: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("sharded_pipeline", default=None)
-# Modules already hooked; weak, since a module's id can be reused once it is collected.
-_hooked: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-
-
-def _install_hooks(model: Model) -> None:
-    """Once per module: each block's pre-hook defers to the running `_Forward`."""
-    if model.module in _hooked:
-        return
-    names = [b.name for b in model.blocks if not b.name.startswith("<")]
-    for i, name in enumerate(names):
-
-        def pre(mod: torch.nn.Module, args: tuple, kwargs: dict, i: int = i) -> Any:
-            run = _running.get()
-            if run is None:
-                return None
-            first = run.plan.first_block
-            if run.chunk > 0 and i == first[run.chunk]:
-                metas = _tensors((args, kwargs))
-                run.swapped = {id(m): (m, x) for m, x in zip(metas, run.inputs)}
-                return _replace_tensors((args, kwargs), run.inputs)
-            if run.swapped:  # later blocks get the prefix's values (a mask, say) again: swap them too
-                args, kwargs = _replace_tensors((args, kwargs), [run.swapped.get(id(x), (x, x))[1] for x in _tensors((args, kwargs))])
-            if run.chunk + 1 < run.plan.chunks and i == first[run.chunk + 1]:
-                raise _Boundary((args, kwargs))
-            return (args, kwargs) if run.swapped else None
-
-        model.module.get_submodule(name).register_forward_pre_hook(pre, with_kwargs=True)
-    _hooked.add(model.module)
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -155,6 +128,8 @@ def _from_header(h: list[int]) -> list[tuple[torch.dtype, bool, tuple[int, ...]]
 
 class Pipeline(Transform):
     name = "pipeline"
+    level = Level.SCHEDULE
+    capabilities = Capability.MICROBATCHES | Capability.RUNS_SCHEDULE | Capability.OWNS_UPDATE
 
     def __init__(
         self,
@@ -177,7 +152,7 @@ class Pipeline(Transform):
         self.schedule = SCHEDULES[schedule](stages, microbatches, self.virtual)  # validates m, v
         self.partition, self.mesh, self.axis = partition, mesh, axis
         self.who = f"pipeline(stages={stages})" if self.virtual == 1 else f"pipeline(stages={stages}, virtual={self.virtual})"
-        self.handlers = {"value_and_grad": self._value_and_grad, "apply": self._apply, "update": self._update}
+        self.handlers = {"value_and_grad": self._value_and_grad, "apply": self._apply, "block": self._block, "update": self._update}
         self.record_timeline = False  # set True to keep each step's measured action times
         self.timeline: list[tuple[Action, float, float]] = []
         self.peak_held = 0  # the last step's most micro-batches whose activations this rank held at once
@@ -190,6 +165,15 @@ class Pipeline(Transform):
         # described in a header the first time, known to both ends after.
         self._shapes: dict[tuple, list] = {}
         self._sent: set[tuple] = set()
+
+    def check(self, stack: Any) -> None:
+        inner = [t for t in stack[stack.index(self) + 1 :] if Capability.MICROBATCHES in t.capabilities]
+        if inner:
+            t = inner[0]
+            raise ValueError(
+                f"{t.describe()} inside {self.who} would cut every micro-batch of the schedule again; "
+                f"put it outside: {t.describe()}({self.who}(train_step)), or give the pipeline more micro-batches"
+            )
 
     def describe(self) -> str:
         v = f", virtual={self.virtual}" if self.virtual > 1 else ""
@@ -232,7 +216,7 @@ class Pipeline(Transform):
         self._model, self._names = model, list(state.params)
         self._plan = plan = plan_chunks(model, self.chunks, self.partition, self.who)
         self._replay = ShapeReplay()
-        self._before: dict[int, dict[str, torch.nn.Module]] = {}  # chunk -> the blocks of earlier chunks
+        self._block_index = {name: i for i, name in enumerate(plan.blocks)}
         self._mine = [k for k in range(self.chunks) if k % self.stages == rank]
         keep = set(plan.held_by(self._mine))
         self._like = {n: torch.empty_like(p, device="meta") for n, p in state.params.items()}
@@ -242,8 +226,22 @@ class Pipeline(Transform):
                 x.untyped_storage().resize_(0)
         params = {n: p for n, p in state.params.items() if n in keep}
         opt_state = _select(state.opt_state, self._opt_spec, keep)
-        _install_hooks(model)
         return state.replace(params=params, opt_state=opt_state)
+
+    def gather_params(self, params: Any) -> Any:
+        """Every param from the first stage that holds it, one broadcast each."""
+        if self._plan is None or self.stages == 1:
+            return params
+        rank, group, ranks = self._topo()
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        out = {}
+        for name in self._names:
+            holder = min(k % self.stages for k in self._plan.holders[name])
+            like = self._like[name]
+            x = params[name] if holder == rank else torch.empty(like.shape, dtype=like.dtype, device=device)
+            comm.broadcast(x, src=ranks[holder], group=group)
+            out[name] = x
+        return out
 
     def gather(self, state: Any) -> Any:
         if self._plan is None or self.stages == 1:
@@ -280,22 +278,35 @@ class Pipeline(Transform):
             self._views[chunk] = (model.with_buffers(buffers), placeholders)
         return self._views[chunk]
 
-    def blocks_before(self, chunk: int) -> dict[str, torch.nn.Module]:
-        if chunk not in self._before:
-            paths = self._plan.blocks[: self._plan.first_block[chunk]]
-            self._before[chunk] = {p: self._model.module.get_submodule(p) for p in paths}
-        return self._before[chunk]
+    def _block(self, next_: Callable, call: Any, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
+        """Run the block as this chunk's forward needs it (see [Note: pipeline forward])."""
+        run = _running.get()
+        i = self._block_index.get(call.name) if self._plan is not None else None
+        if run is None or i is None:
+            return next_(call, params, buffers, args, kwargs)
+        first = run.plan.first_block
+        if i < first[run.chunk]:  # an earlier chunk's block: only its output's structure matters
+            return self._replay.call(call.name, lambda a, k: next_(call, params, buffers, a, k), args, kwargs)
+        if run.chunk > 0 and i == first[run.chunk]:
+            metas = _tensors((args, kwargs))
+            run.swapped = {id(m): (m, x) for m, x in zip(metas, run.inputs)}
+            args, kwargs = _replace_tensors((args, kwargs), run.inputs)
+        elif run.swapped:  # later blocks get the prefix's values (a mask, say) again: swap them too
+            args, kwargs = _replace_tensors((args, kwargs), [run.swapped.get(id(x), (x, x))[1] for x in _tensors((args, kwargs))])
+        if run.chunk + 1 < run.plan.chunks and i == first[run.chunk + 1]:
+            raise _Boundary((args, kwargs))
+        return next_(call, params, buffers, args, kwargs)
 
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
-        micro = split(
-            args, self.microbatches, who=f"pipeline(microbatches={self.microbatches})",
-            fix="make the (per-rank) batch a multiple of the micro-batch count",
-        )
         with grad_pass(params) as (gp, owner):
             box: dict[str, Any] = {}
 
-            def whole_schedule(leaves: Any, *_: Any, **__: Any) -> Any:
-                box["value"] = _Run(self, fn, has_aux, leaves, micro, kwargs, gp).run()
+            def whole_schedule(leaves: Any, *rows: Any, **kw: Any) -> Any:
+                micro = split(
+                    rows, self.microbatches, who=f"pipeline(microbatches={self.microbatches})",
+                    fix="make the (per-rank) batch a multiple of the micro-batch count",
+                )
+                box["value"] = _Run(self, fn, has_aux, leaves, micro, kw, gp).run()
                 done = torch.zeros((), requires_grad=True)  # the grads are in already
                 return (done, None) if has_aux else done
 
@@ -443,8 +454,7 @@ class _Run:
         inputs = self.inbox.pop((a.mb, a.chunk), None)
         token = _running.set(_Forward(self.t._plan, a.chunk, inputs))
         try:
-            with self.t._replay.replaying(self.t.blocks_before(a.chunk)):
-                out = self.fn(self.params, *self.micro[a.mb], **self.kwargs)
+            out = self.fn(self.params, *self.micro[a.mb], **self.kwargs)
         except _Boundary as b:
             self.saved[(a.mb, a.chunk)] = ("out", _tensors(b.args), inputs or [])
         else:

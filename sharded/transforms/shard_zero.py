@@ -36,19 +36,19 @@ import torch
 from sharded import tree as T
 from sharded.grad import grad_pass
 from sharded.mesh import Mesh
-from sharded.step import Op, ProgramInfo, Transform, transform
+from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.transforms import _stage3
 from sharded.transforms._batch import rank_rows
 from sharded.sharding import ChunkLayout, local_chunk, map_chunked
 from sharded.transforms._flat import FlatGroup, gather_leaf, plan_group
-from sharded.transforms._reduce import GradReducer
-from sharded.transforms.data_parallel import ReadyOrder, broadcast_from_first, mean_over, plan_buckets, reduce_during_backward
+from sharded.transforms._reduce import GradReducer, ReadyOrder, broadcast_from_first, mean_over, plan_buckets, reduce_during_backward
 
 __all__ = ["shard_zero"]
 
 
 class ShardZero(Transform):
     name = "shard_zero"
+    level = Level.PARALLEL
 
     def __init__(
         self,
@@ -79,9 +79,11 @@ class ShardZero(Transform):
             raise ValueError("shard_zero(stage=1) keeps whole grads, so reduce_every_microbatch saves nothing; use stage=2 or 3")
         self.reduce_every_microbatch = reduce_every_microbatch
         self._topology: _Topology | None = None
+        self.capabilities = Capability.SPLITS_ROWS | Capability.REDUCES_GRADS | Capability.OWNS_UPDATE
         self.handlers = {"value_and_grad": self._value_and_grad, "update": self._update}
         if stage == 3:
-            self.handlers["apply"] = self._apply
+            self.capabilities |= Capability.SHARDS_PARAMS
+            self.handlers.update(apply=self._apply, block=self._block)
         self._layout: ChunkLayout | None = None  # set by init
         self._like: list[torch.Tensor] = []  # a meta tensor per param leaf: its shape and dtype
         self._plans: dict[Any, list[FlatGroup]] = {}
@@ -93,25 +95,17 @@ class ShardZero(Transform):
         return f"shard_zero(stage={self.stage}, {self.axis}={self._mesh().size(self.axis)}{hybrid})"
 
     def check(self, stack: Any) -> None:
-        names = [t.name for t in stack]
-        if "data_parallel" in names:
-            raise ValueError("shard_zero already averages grads over dp (it is data parallelism with sharded state); drop data_parallel")
-        if names.count(self.name) > 1:
-            raise ValueError("shard_zero appears twice in the step; apply it once")
-        if self.stage == 3 and "accumulate" in names[: stack.index(self)]:
-            raise ValueError(
-                "shard_zero(stage=3) must be outside accumulate, since it provides the params that are differentiated: "
-                "write shard_zero(stage=3)(accumulate(steps=k)(train_step))"
-            )
-        # Under mixed_precision, stage 3 gathers params in its param_dtype (half the
-        # bytes for bf16) and reduces their grads back to the masters' dtype.
-        inner = stack[stack.index(self) + 1 :]
-        self.gather_dtype = next((t.param_dtype for t in inner if t.name == "mixed_precision"), None) if self.stage == 3 else None
-        # By default stage 3 frees a block after its forward, except around a pipeline:
-        # there a stage's blocks run once per micro-batch, and re-gathering them for each
-        # would multiply the all-gathers by m; they stay until their grads are reduced.
-        if self.reshard_after_forward is None:
-            self.reshard_after_forward = not any(t.name == "pipeline" for t in inner)
+        # Stage 3 gathers params in the compute dtype of a transform that casts them
+        # (half the bytes for bf16) and reduces their grads back to the masters' dtype.
+        casts = [t.param_dtype for t in stack if Capability.CASTS_PARAMS in t.capabilities]
+        self.gather_dtype = casts[0] if casts and self.stage == 3 else None
+        # By default stage 3 frees a block after its forward, except under a schedule
+        # of micro-batches: there a stage's blocks run once per micro-batch, and
+        # re-gathering them for each would multiply the all-gathers by m; they stay
+        # until their grads are reduced.
+        self.reshard = self.reshard_after_forward
+        if self.reshard is None:
+            self.reshard = not any(Capability.RUNS_SCHEDULE in t.capabilities for t in stack)
 
     # -- the axis -------------------------------------------------------------------
 
@@ -178,6 +172,12 @@ class ShardZero(Transform):
             if chunked:
                 x.untyped_storage().resize_(0)
         return state.replace(params=params, opt_state=opt_state, sharding=layout)
+
+    def gather_params(self, params: Any) -> Any:
+        layout = self._layout
+        if self.stage < 3 or layout is None or layout.ranks == 1:
+            return params
+        return map_chunked(params, layout.treespec, layout.chunked, lambda x, i: gather_leaf(x, layout.shapes[i], layout.group, layout.ranks))
 
     def gather(self, state: Any) -> Any:
         size, _, group = self._axis()
@@ -252,7 +252,7 @@ class ShardZero(Transform):
     def _gatherer(self, chunks: list[torch.Tensor], size: int, group: Any) -> _stage3.Gatherer:
         layout = self._layout
         return _stage3.Gatherer(
-            chunks, layout.shapes, layout.chunked, group, self.prefetch, self.reshard_after_forward is not False, dtype=self.gather_dtype
+            chunks, layout.shapes, layout.chunked, group, self.prefetch, self.reshard, dtype=self.gather_dtype
         )
 
     def _value_and_grad_stage3(self, next_, fn, has_aux, params, local, kwargs, t: _Topology) -> Any:
@@ -285,7 +285,6 @@ class ShardZero(Transform):
         if g.units is not None:
             return
         units = self._units(model, size)
-        _stage3.install_hooks(model.module, {b.name: u for u, b in enumerate(model.blocks) if not b.name.startswith("<")})
         g.bind_units(units, [not b.name.startswith("<") for b in model.blocks])
         gp = getattr(g, "grad_pass", None)
         if gp is not None:
@@ -298,6 +297,17 @@ class ShardZero(Transform):
             gp.attached[self] = reducer
             gp.on_ready.append(reducer.ready)
             gp.finalize = lambda: T.unflatten(gp.treespec, reducer.result())
+
+    def _block(self, next_: Callable, call: Any, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
+        """Gather the block before it runs (prefetching the next); free it after, and
+        gather it again when its output's grads arrive (see [Note: stage 3 params])."""
+        g = _stage3.current()
+        if g is None or g.units is None:
+            return next_(call, params, buffers, args, kwargs)
+        g.ensure(call.index)
+        out = next_(call, params, buffers, args, kwargs)
+        g.after_forward(call.index, out)
+        return out
 
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
         size, rank, group = self._axis()

@@ -1,0 +1,49 @@
+"""The "reduce_grads" primitive: one bucket of grads reduced over a group of ranks.
+
+`data_parallel` and `shard_zero` bind it for every bucket of grads they fill during
+backward (see sharded/transforms/_reduce.py); a transform that changes how grads travel
+(compressed communication, say) handles it, without knowing which transform bound it.
+The bucket's grads are already scaled (the mean's 1/N is folded into the copy-in), so
+every reduction here is a sum.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import torch
+
+from sharded import comm, primitives
+
+__all__ = ["GradBucket", "Reduction", "reduce_grads"]
+
+
+class Reduction(enum.Enum):
+    ALL_REDUCE = "all_reduce"  # every rank gets the whole sum, in `grads`
+    REDUCE_SCATTER = "reduce_scatter"  # each rank gets its row of the sum, in `out`
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GradBucket:
+    """What one reduction moves: `grads` (flat) over `group`, the result in `out`."""
+
+    name: str
+    grads: torch.Tensor
+    out: torch.Tensor  # `grads` itself for ALL_REDUCE; this rank's row for REDUCE_SCATTER
+    reduction: Reduction
+    group: Any
+
+
+def _reduce_impl(bucket: GradBucket) -> comm.Pending:
+    if bucket.reduction is Reduction.ALL_REDUCE:
+        return comm.all_reduce(bucket.grads, group=bucket.group, async_op=True)
+    return comm.reduce_scatter_tensor(bucket.out, bucket.grads, group=bucket.group, async_op=True)
+
+
+primitives.register("reduce_grads", _reduce_impl)
+
+
+def reduce_grads(bucket: GradBucket) -> comm.Pending:
+    """Start the bucket's reduction through the active transforms; wait on the result."""
+    return primitives.bind("reduce_grads", bucket)
