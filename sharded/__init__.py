@@ -23,10 +23,15 @@ from sharded.step import Transform as Transform
 from sharded.step import transform as transform
 from sharded.trace import Model as Model
 from sharded.trace import trace as trace
-from sharded.transforms import accumulate as accumulate
-from sharded.transforms import data_parallel as data_parallel
-from sharded.transforms import mixed_precision as mixed_precision
-from sharded.transforms import pipeline as pipeline
-from sharded.transforms import shard_zero as shard_zero
+from sharded.transforms import *  # noqa: F403 - every transform in sharded.transforms.REGISTRY
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`sharded.testing` on first use (it imports hypothesis, a test dependency)."""
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module("sharded.testing")
+    raise AttributeError(f"module 'sharded' has no attribute {name!r}")

@@ -146,7 +146,7 @@ def load(path: str | os.PathLike, like: Any) -> Any:
 
 
 def export_safetensors(params: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write whole params ({name: tensor}, e.g. `step.gather(state).params`) as one
+    """Write whole params ({name: tensor}, e.g. `step.gather_params(state)`) as one
     safetensors file, from rank 0, atomically."""
     from safetensors.torch import save_file
 

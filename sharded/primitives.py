@@ -22,11 +22,12 @@ import contextlib
 import contextvars
 from typing import Any, Callable, Iterator
 
-__all__ = ["bind", "register", "active", "handling", "step_state"]
+__all__ = ["bind", "register", "active", "handling", "step_state", "binding"]
 
 _impls: dict[str, Callable[..., Any]] = {}
 _stack: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("sharded_transforms", default=())
 _state: contextvars.ContextVar[Any] = contextvars.ContextVar("sharded_step_state", default=None)
+_binding: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("sharded_binding", default=frozenset())
 
 
 def register(name: str, impl: Callable[..., Any]) -> None:
@@ -56,10 +57,25 @@ def handling(transforms: tuple[Any, ...], state: Any = None) -> Iterator[None]:
         _state.reset(state_token)
 
 
+def binding(name: str) -> bool:
+    """Whether primitive `name` is being bound now (its handlers or implementation run)."""
+    return name in _binding.get()
+
+
 def bind(name: str, *args: Any) -> Any:
     """Call primitive `name` through the active transforms' handlers."""
     chain = [t for t in _stack.get() if name in t.handlers]
+    outer = _binding.get()
+    if name not in outer:
+        token = _binding.set(outer | {name})
+        try:
+            return _call(chain, name, args)
+        finally:
+            _binding.reset(token)
+    return _call(chain, name, args)
 
+
+def _call(chain: list, name: str, args: tuple) -> Any:
     def call(i: int, *a: Any) -> Any:
         if i == len(chain):
             # Inner calls (e.g. the loss's own model.apply) see the full stack again.

@@ -182,7 +182,7 @@ class Step:
                     "declare it once with `my_transform = sharded.transform(MyTransform)`"
                 )
         self.transforms = tuple(sorted((s.build() for s in self.specs), key=lambda t: t.level))
-        _check_axes(self.transforms)
+        _check_stack(self.transforms)
         for t in self.transforms:
             t.check(self.transforms)
         self._params_layout: Any = None
@@ -241,15 +241,17 @@ class Step:
         return f"Step({stack} ∘ {getattr(self.fn, '__name__', 'fn')})"
 
 
-def _check_axes(stack: Sequence[Transform]) -> None:
-    """Two transforms that each average the grads over one axis would average twice."""
+def _check_stack(stack: Sequence[Transform]) -> None:
+    """A transform applied twice, or two that each average the grads over one axis."""
+    names = [t.name for t in stack]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise ValueError(f"{twice} appears twice in the step; apply it once (with the options of both)")
     seen: dict[str, Transform] = {}
     for t in stack:
         if Capability.REDUCES_GRADS in t.capabilities:
             other = seen.setdefault(t.axis, t)
             if other is not t:
-                if other.name == t.name:
-                    raise ValueError(f"{t.name} appears twice in the step over the {t.axis!r} axis; apply it once")
                 raise ValueError(
                     f"{other.name} and {t.name} both average the grads over the {t.axis!r} axis; apply one of them "
                     "(shard_zero is data parallelism with sharded state: drop data_parallel)"

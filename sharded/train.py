@@ -151,10 +151,10 @@ def run_rank(cfg: TrainConfig) -> dict:
             }
             log.append(row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-    full = step.gather(state)
-    val = evaluate(model, full.params, corpus, cfg, seq_len, device)
+    params = step.gather_params(state)  # the params only: the optimizer state stays sharded (decision 30)
+    val = evaluate(model, params, corpus, cfg, seq_len, device)
     sharded.checkpoint.save(state, out / "checkpoint")  # resumable under any transforms
-    sharded.checkpoint.export_safetensors(full.params, out / "model.safetensors")
+    sharded.checkpoint.export_safetensors(params, out / "model.safetensors")
     baseline = corpus.unigram_entropy("val")
     summary = {
         "preset": cfg.preset,

@@ -12,10 +12,12 @@ updates params and state in place (one kernel for all tensors, as
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import torch
 
+from sharded import primitives
 from sharded import tree as T
 
 __all__ = ["GradientTransformation", "EmptyState", "identity", "chain", "apply_updates", "apply"]
@@ -29,10 +31,46 @@ class EmptyState(NamedTuple):
     """The state of a transformation that keeps none."""
 
 
-class GradientTransformation(NamedTuple):
+class _Fields(NamedTuple):
     init: Callable[[Params], State]
     update: Callable[[Updates, State, Params], tuple[Updates, State]]
     fused: Callable[[Updates, State, Params], tuple[Params, State]] | None = None
+
+
+class GradientTransformation(_Fields):
+    """`(init, update, fused=None)`; `update` refuses to run beside a transform that
+    owns the update (see the module's docstring)."""
+
+    __slots__ = ()
+
+    def __new__(cls, init: Callable, update: Callable, fused: Callable | None = None) -> GradientTransformation:
+        return super().__new__(cls, init, _guarded(update), fused)
+
+
+def _guarded(update: Callable) -> Callable:
+    if getattr(update, "_sharded_guarded", False):
+        return update
+
+    @functools.wraps(update)
+    def guarded(updates: Updates, state: State, params: Params = None) -> tuple[Updates, State]:
+        if not primitives.binding("update"):
+            _refuse_outside_update()
+        return update(updates, state, params)
+
+    guarded._sharded_guarded = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _refuse_outside_update() -> None:
+    from sharded.step import Capability
+
+    owner = next((t for t in primitives.active() if Capability.OWNS_UPDATE in t.capabilities), None)
+    if owner is not None:
+        raise ValueError(
+            f"{owner.describe()} rewrites the optimizer update (sharded grads, skipped steps or a stage's "
+            "part of them), so tx.update(grads, opt_state, params) + apply_updates inside the step would be "
+            "wrong; write `state = state.apply_gradients(grads)`, which it handles"
+        )
 
 
 def identity() -> GradientTransformation:

@@ -34,6 +34,9 @@ _DTYPES = {
 }
 
 
+_AUTOCAST = (torch.bfloat16, torch.float16)  # the dtypes autocast lowers ops to
+
+
 def _dtype(value: Any, what: str) -> torch.dtype:
     if isinstance(value, torch.dtype) and value.is_floating_point:
         return value
@@ -134,6 +137,8 @@ class MixedPrecision(Transform):
         if not self.cast_at_use:
             casts = self._casts(params)
             params = {k: (p.to(self.param_dtype) if casts.get(k, False) else p) for k, p in params.items()}
+        if self.compute not in _AUTOCAST:  # fp32/fp64 compute: the params' cast is all there is
+            return next_(model, params, args, kwargs)
         # The compute device (a pipeline hands other stages' params over as meta placeholders).
         device = next((p.device.type for p in params.values() if p.device.type != "meta"), "cpu")
         with torch.autocast(device, dtype=self.compute):
