@@ -103,6 +103,7 @@ class Transform:
     level = Level.MEMORY
     capabilities = Capability.NONE
     axis: str | None = None
+    once = True  # applying it twice is a mistake (accumulate twice is not: k1 × k2 micro-batches)
     handlers: dict[str, Callable[..., Any]] = {}
 
     def init(self, state: Any) -> Any:
@@ -243,7 +244,7 @@ class Step:
 
 def _check_stack(stack: Sequence[Transform]) -> None:
     """A transform applied twice, or two that each average the grads over one axis."""
-    names = [t.name for t in stack]
+    names = [t.name for t in stack if t.once]
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:
         raise ValueError(f"{twice} appears twice in the step; apply it once (with the options of both)")

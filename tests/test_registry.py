@@ -5,7 +5,7 @@ or is refused at construction with a ValueError that says what to write instead.
 Transforms are sorted into one canonical order whatever the nesting (protocol v2), so
 both orders of a pair must agree; the only refusals are a transform applied twice, two
 transforms that both average grads over dp, and a micro-batch splitter inside a
-pipeline.
+pipeline. (`accumulate` twice is allowed: k1·k2 micro-batches.)
 """
 import itertools
 import math
@@ -60,7 +60,8 @@ def refusal(stack: list[tuple[str, dict]]) -> str | None:
     inner part of the stack breaks is the one named."""
     for k in range(1, len(stack) + 1):
         names = [n for n, _ in stack[-k:]]
-        if len(set(names)) < len(names):
+        once = [n for n in names if n != "accumulate"]  # accumulate twice is k1·k2 micro-batches
+        if len(set(once)) < len(once):
             return "appears twice"
         if {"data_parallel", "shard_zero"} <= set(names):
             return "drop data_parallel"

@@ -27,6 +27,7 @@ class Accumulate(Transform):
     name = "accumulate"
     level = Level.SCHEDULE
     capabilities = Capability.MICROBATCHES
+    once = False  # accumulate(a)(accumulate(b)(f)) is a·b micro-batches
 
     def __init__(self, steps: int | None = None):
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
