@@ -37,6 +37,9 @@ STACKS = {
     "zero1": lambda f: sharded.shard_zero(stage=1, bucket_mb=0.01)(sharded.accumulate(steps=2)(f)),
     "zero2": lambda f: sharded.accumulate(steps=2)(sharded.shard_zero(stage=2, bucket_mb=0.01)(f)),
     "zero3": lambda f: sharded.shard_zero(stage=3, prefetch=2)(sharded.accumulate(steps=2)(f)),
+    # protocol v2: any nesting is the canonical one; remat recomputes after ZeRO-3 regathers
+    "zero3_remat_any_order": lambda f: sharded.remat("full")(sharded.accumulate(steps=2)(sharded.shard_zero(stage=3)(f))),
+    "dp_remat_selective": lambda f: sharded.data_parallel(sharded.remat("selective")(f)),
 }
 
 
@@ -95,7 +98,10 @@ def _pipeline_on_cuda(cfg, batches, schedule):
     dev = sharded.distributed.device()
     model = sharded.trace(ToyLM(cfg).to(dev))
     virtual = 2 if schedule == "interleaved" else 1
-    step = sharded.pipeline(stages=2, microbatches=4, schedule=schedule, virtual=virtual)(make_train_step(model))
+    step = make_train_step(model)
+    if schedule == "1f1b":  # remat inside each stage's blocks, over NCCL
+        step = sharded.remat("full")(step)
+    step = sharded.pipeline(stages=2, microbatches=4, schedule=schedule, virtual=virtual)(step)
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     for x, y in batches:
         state, m = step(state, (x.to(dev), y.to(dev)))
