@@ -6,14 +6,14 @@ Systems, each in its own fresh process (so each peak is its own), same init, dat
   sharded_remat_selective  remat("selective") over it
   torch                    plain GPT, fp32 params, bf16 autocast, AdamW(fused=True)
   torch_checkpoint         the same, each block's call under torch.utils.checkpoint (use_reentrant=False)
-Per system: step times after --warmup (min/median/max over the timed steps of all rounds,
-plus each round's median), tokens/s from the median, state memory (allocated before the
-timed steps: params, optimizer state, masters), peak memory over the timed steps,
-activation memory = peak - state (note: this includes the fp32 grads, alive in backward
-and not in the state), and forward activations = allocated right after the forward - state
-(what the forward keeps for backward). --repeats rounds alternate the order (A..E, E..A).
-Ratios: remat vs none (activations without / with, step-time overhead), and the
-acceptance booleans for sharded_remat_full (activations >= 3x lower, overhead <= 35%).
+Per system: step times after --warmup (min/median/max over the timed steps of all
+--repeats rounds, whose order alternates A..E, E..A, plus each round's median), tokens/s
+from the median; state memory = allocated before the timed steps (params, optimizer
+state); peak over the timed steps; activation memory = peak - state (it also holds the
+grads and sharded's bf16 param copies, neither in the state); forward activations =
+allocated once the loss is computed, before backward, - state. Ratios, remat vs none:
+activations without / with, step-time overhead; for sharded_remat_full the acceptance
+booleans (activations >= 3x lower, overhead <= 35%).
 
     python benchmarks/remat_gpt.py --out benchmarks/results/remat_1.3b_h200.json
 CPU smoke run (no memory fields):
@@ -83,11 +83,11 @@ def _torch(cfg, dev, remat, probe):
 
 
 BUILD = {
-    "sharded": lambda cfg, dev, probe: _sharded(cfg, dev, None, probe),
-    "sharded_remat_full": lambda cfg, dev, probe: _sharded(cfg, dev, "full", probe),
-    "sharded_remat_selective": lambda cfg, dev, probe: _sharded(cfg, dev, "selective", probe),
-    "torch": lambda cfg, dev, probe: _torch(cfg, dev, False, probe),
-    "torch_checkpoint": lambda cfg, dev, probe: _torch(cfg, dev, True, probe),
+    "sharded": functools.partial(_sharded, policy=None),
+    "sharded_remat_full": functools.partial(_sharded, policy="full"),
+    "sharded_remat_selective": functools.partial(_sharded, policy="selective"),
+    "torch": functools.partial(_torch, remat=False),
+    "torch_checkpoint": functools.partial(_torch, remat=True),
 }
 
 
@@ -105,10 +105,10 @@ def measure(name: str, args) -> dict:
             after_forward[0] = max(after_forward[0], torch.cuda.memory_allocated(dev))
 
     torch.manual_seed(0)
-    step = BUILD[name](cfg, dev, probe)
-    losses = [step(x, y) for _ in range(max(args.warmup, 1))]
-    first_loss = losses[0].item()
-    state = peak = None
+    step = BUILD[name](cfg, dev, probe=probe)
+    first_loss = step(x, y).item()  # warm-up, its first step's loss a check that all systems agree
+    for _ in range(args.warmup - 1):
+        step(x, y)
     if cuda:
         torch.cuda.synchronize()
         state = torch.cuda.memory_allocated(dev)
@@ -120,26 +120,17 @@ def measure(name: str, args) -> dict:
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                step(x, y)
+            t0 = time.perf_counter()
+            step(x, y)
+            if cuda:
                 end.record()
                 torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                step(x, y)
-                times.append(time.perf_counter() - t0)
+            times.append(start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0)
+    memory = dict.fromkeys(MEMORY)
     if cuda:
         peak = torch.cuda.max_memory_allocated(dev)
-    gib = lambda b: None if b is None or state is None else b / 2**30  # noqa: E731
-    return {
-        "step_s": times,
-        "median_step_s": statistics.median(times),
-        "state_memory_gib": gib(state),
-        "peak_memory_gib": gib(peak),
-        "activation_memory_gib": gib(peak - state) if cuda else None,
-        "forward_activation_gib": gib(after_forward[0] - state) if cuda else None,
-        "loss_first_step": first_loss,
-    }
+        memory = dict(zip(MEMORY, (b / 2**30 for b in (state, peak, peak - state, after_forward[0] - state))))
+    return {"step_s": times, "median_step_s": statistics.median(times), **memory, "loss_first_step": first_loss}
 
 
 def aggregate(runs: list[dict], tokens: int) -> dict:
@@ -162,6 +153,7 @@ def aggregate(runs: list[dict], tokens: int) -> dict:
 
 
 def compare(with_: dict, without: dict, criteria: bool = False) -> dict:
+    """Memory ratios are `without` / `with_`, the overhead `with_` / `without` - 1."""
     if "error" in with_ or "error" in without:
         return {"error": "a system failed; see results"}
     div = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
@@ -207,9 +199,7 @@ def main() -> None:
         "tied": args.tied,
         "seq": args.seq,
         "batch": args.batch,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
+        **{k: getattr(args, k) for k in ("steps", "warmup", "repeats")},
         "precision": "sharded: bf16 compute params, fp32 masters; torch: fp32 params, bf16 autocast; fused AdamW both",
         "results": results,
         "ratios": {
