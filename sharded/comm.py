@@ -45,6 +45,10 @@ __all__ = [
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
+# torch.func.functional_call's own context manager (private, stable since torch 2.0):
+# swaps a module's params for given tensors without calling the module.
+from torch.nn.utils.stateless import _reparametrize_module as reparametrize  # noqa: E402
+
 _REDUCE_OPS = ("sum", "avg", "product", "min", "max")  # names of torch.distributed.ReduceOp, lower-cased
 
 

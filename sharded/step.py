@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -283,6 +284,19 @@ class TransformSpec:
         return f"{self.cls.name}({', '.join(spelled)})"
 
 
+def _takes_state_and_batch(fn: Callable) -> bool:
+    """Whether `fn` can be called as a step, fn(state, batch) (a Step always can)."""
+    if isinstance(fn, Step):
+        return True
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): let the call decide
+        return True
+    return True
+
+
 def transform(cls: type[Transform]) -> Callable:
     """Make `cls` usable as `t(fn)`, `t(step)`, `t(**options)(fn)` and, where the
     first option reads naturally unnamed, `t("bf16")(fn)`. Options are checked now."""
@@ -291,8 +305,11 @@ def transform(cls: type[Transform]) -> Callable:
     def factory(*args: Any, **options: Any) -> Any:
         if args and callable(args[0]):
             fn, rest = args[0], args[1:]
-            if rest:
-                raise TypeError(f"{cls.name}(fn) takes the step alone; pass options by name: {cls.name}(**options)(fn)")
+            if rest or not _takes_state_and_batch(fn):
+                raise TypeError(
+                    f"{cls.name}(fn) takes the step, fn(state, batch), alone; pass options by name: "
+                    f"{cls.name}(**options)(fn) (a predicate too, e.g. remat(policy=lambda name: ...))"
+                )
             return factory(**options)(fn)
         cls(*args, **options)  # bad options raise here, where the user wrote them
         return TransformSpec(cls, args, dict(options))

@@ -12,12 +12,13 @@ that sharding, pipelining, offload and remat work on.
 [Note: the block primitive] While `model.apply` runs, each block module's forward binds
 the "block" primitive with the block's own params and buffers (by their names in the
 model) and its inputs; with no handler it runs the block. Block-level work (ZeRO-3's
-gather and free, pipeline boundaries, remat) is a handler of that one primitive, run in
-the step's canonical order. The binding is installed on the module for the duration of
-the call and removed after, so the user's module is never left changed. A handler may
-call the rest of the chain later (remat recomputes in backward): the implementation
-then runs the block through `functional_call` on the params it is given, so a block is
-a pure function of (params, inputs) whenever it runs.
+gather and free, pipeline boundaries, casts, remat) is a handler of that one primitive,
+run in the step's canonical order. The binding is installed on the module for the
+duration of the call and removed after, so the user's module is never left changed. A
+handler may call the rest of the chain later (remat recomputes in backward) or with
+other tensors (a cast): the implementation then runs the block's own forward with the
+params it is given swapped in (as `functional_call` does), so a block is a pure
+function of (params, inputs) whenever it runs.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from sharded import primitives
+from sharded import comm, primitives
 
 __all__ = ["Block", "BlockCall", "Model", "trace", "model_of"]
 
@@ -158,8 +159,10 @@ def _binding(call: BlockCall, named: dict, param_names: tuple[str, ...], buffer_
 def _block_impl(call: BlockCall, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
     if _in_place.get() is params:  # inside the model's forward, with the params it set: run as is
         return call.forward(*args, **kwargs)
-    named = {**call.local(buffers), **call.local(params)}
-    return functional_call(call.module, named, args, kwargs, tie_weights=False, strict=False)
+    # The block's own forward on these tensors: not module(...), whose forward is the
+    # binding while the model runs, and whose hooks ran already.
+    with comm.reparametrize(call.module, {**call.local(buffers), **call.local(params)}):
+        return call.forward(*args, **kwargs)
 
 
 primitives.register("block", _block_impl)

@@ -85,7 +85,7 @@ class MixedPrecision(Transform):
         self.init_scale, self.growth_interval, self.growth_factor = init_scale, growth_interval, growth_factor
         self.backoff_factor, self.min_scale, self.hysteresis = backoff_factor, min_scale, hysteresis
         self.capabilities = Capability.CASTS_PARAMS
-        self.handlers = {"apply": self._apply}
+        self.handlers = {"apply": self._apply, "block": self._block}
         if self.scaling:
             self.capabilities |= Capability.OWNS_UPDATE
             self.handlers.update(value_and_grad=self._value_and_grad, update=self._update)
@@ -125,7 +125,8 @@ class MixedPrecision(Transform):
         return {"loss_scale": ls["scale"].clone(), "skipped_steps": ls["skipped_steps"].clone()}
 
     def _casts(self, params: dict) -> dict[str, bool]:
-        """{name: cast to param_dtype?}, decided once; warns when a user policy keeps nothing."""
+        """{name: cast to param_dtype?}, decided once from the first (whole) params;
+        warns when a user policy keeps nothing."""
         if self._cast is None:
             self._cast = {k: p.is_floating_point() and not self.keep_fp32(k, p) for k, p in params.items()}
             if self.user_policy and all(self._cast.values()):
@@ -133,16 +134,27 @@ class MixedPrecision(Transform):
                 warnings.warn(f"mixed_precision(keep_fp32={name}) matched no param: every param is cast to {self.param_dtype}", stacklevel=2)
         return self._cast
 
+    def _cast_params(self, params: dict, skip: frozenset = frozenset()) -> dict:
+        """`params` with those the policy casts in `param_dtype` (names in `skip` as they are)."""
+        casts = self._casts(params)
+        return {k: (p.to(self.param_dtype) if k not in skip and casts.get(k, False) else p) for k, p in params.items()}
+
     def _apply(self, next_: Callable, model: Any, params: dict, args: tuple, kwargs: dict) -> Any:
+        # The blocks' params are cast by the block handler, as each block runs: under
+        # remat the casts are then recomputed in backward rather than kept.
         if not self.cast_at_use:
-            casts = self._casts(params)
-            params = {k: (p.to(self.param_dtype) if casts.get(k, False) else p) for k, p in params.items()}
+            params = self._cast_params(params, skip=frozenset(n for _, _, names, _ in model.block_modules for n in names))
         if self.compute not in _AUTOCAST:  # fp32/fp64 compute: the params' cast is all there is
             return next_(model, params, args, kwargs)
         # The compute device (a pipeline hands other stages' params over as meta placeholders).
         device = next((p.device.type for p in params.values() if p.device.type != "meta"), "cpu")
         with torch.autocast(device, dtype=self.compute):
             return next_(model, params, args, kwargs)
+
+    def _block(self, next_: Callable, call: Any, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
+        if not self.cast_at_use:
+            params = self._cast_params(params)
+        return next_(call, params, buffers, args, kwargs)
 
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
         scale = primitives.step_state().extra["loss_scale"]["scale"]
