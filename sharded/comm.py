@@ -49,6 +49,10 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr
 # swaps a module's params for given tensors without calling the module.
 from torch.nn.utils.stateless import _reparametrize_module as reparametrize  # noqa: E402
 
+# Whether a tensor is a torch.func transform's wrapper (grad, vmap, jvp), whose storage
+# cannot be touched: code that resizes or refills storage must leave such tensors alone.
+is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
 _REDUCE_OPS = ("sum", "avg", "product", "min", "max")  # names of torch.distributed.ReduceOp, lower-cased
 
 

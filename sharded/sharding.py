@@ -18,7 +18,9 @@ import torch
 
 from sharded import tree as T
 
-__all__ = ["ChunkLayout", "as_dtensors", "chunk_size", "bounds", "local_chunk", "map_chunked", "to_dtensor"]
+__all__ = [
+    "ChunkLayout", "as_dtensors", "chunk_size", "bounds", "local_chunk", "map_chunked", "to_dtensor", "whole", "sum_over_shards",
+]
 
 
 def chunk_size(numel: int, ranks: int) -> int:
@@ -95,3 +97,58 @@ def as_dtensors(state: Any) -> Any:
 
     params = map_chunked(state.params, layout.treespec, layout.chunked, shard) if layout.params else state.params
     return state.replace(params=params, opt_state=map_chunked(state.opt_state, layout.treespec, layout.chunked, shard))
+
+
+class _Whole(torch.autograd.Function):
+    """The whole leaf from every rank's chunk, differentiably: forward all-gathers, and the
+    grad of the chunk is this rank's slice of the whole leaf's grad (every rank computes
+    the same function of the whole leaf, so no sum over ranks). Works under torch.func
+    (grad, vmap: the backward is plain slicing; jvp: the tangent is gathered too)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(chunk: torch.Tensor, shape: torch.Size, group: Any, ranks: int, rank: int) -> torch.Tensor:
+        from sharded.transforms._flat import gather_leaf
+
+        return gather_leaf(chunk.detach(), shape, group, ranks)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        _, shape, group, ranks, rank = inputs
+        ctx.shape, ctx.group, ctx.ranks, ctx.rank = shape, group, ranks, rank
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        start, end = bounds(torch.Size(ctx.shape).numel(), ctx.ranks, ctx.rank)
+        return grad.reshape(-1)[start:end], None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor, *_: Any) -> torch.Tensor:
+        from sharded.transforms._flat import gather_leaf
+
+        return gather_leaf(tangent, ctx.shape, ctx.group, ctx.ranks)
+
+
+def whole(chunk: torch.Tensor, shape: torch.Size, group: Any, ranks: int, rank: int) -> torch.Tensor:
+    """The whole leaf of `shape` from this rank's `chunk` ([Note: chunk layout]), differentiable."""
+    return _Whole.apply(chunk, torch.Size(shape), group, ranks, rank)
+
+
+def sum_over_shards(x: torch.Tensor) -> torch.Tensor:
+    """Inside a step whose params are this rank's chunks (ZeRO-3), `x` summed over the
+    ranks that hold the other chunks; else `x` itself. For reductions over grads taken
+    with respect to `state.params` in the step's own code:
+
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(state.params, x, y)
+        sq = sum(g.flatten(1).square().sum(1) for g in sharded.tree.leaves(per_sample))
+        norms = sharded.sharding.sum_over_shards(sq).sqrt()   # as on one device
+    """
+    from sharded import comm, primitives
+
+    for t in primitives.active():
+        group = t.params_group()
+        if group is not None:
+            x = x.clone()
+            comm.all_reduce(x, group=group)
+    return x

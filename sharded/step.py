@@ -117,6 +117,11 @@ class Transform:
         """The full params from this rank's part of them (the optimizer state stays put)."""
         return params
 
+    def params_group(self) -> Any:
+        """With SHARDS_PARAMS: the process group whose ranks hold the other chunks of the
+        params between steps (None: this transform leaves the params whole)."""
+        return None
+
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
         return program
 

@@ -260,7 +260,10 @@ class Pipeline(Transform):
     def _apply(self, next_: Callable, model: Any, params: dict, args: tuple, kwargs: dict) -> Any:
         run = _running.get()
         if run is None:
-            raise RuntimeError(f"{self.who}: model.apply outside value_and_grad is not pipelined yet; evaluate on step.gather(state)")
+            raise RuntimeError(
+                f"{self.who}: model.apply outside value_and_grad (an eval, or torch.func over the model in the step's "
+                "own code) is not pipelined: each pp rank holds only its stage's params; evaluate on step.gather_params(state)"
+            )
         view, placeholders = self._view(model, run.chunk)
         full = {**placeholders, **{n: p for n, p in params.items() if self._plan.name_chunk.get(n) == run.chunk}}
         full.update({a: params[c] for a, c in model.tied.items() if self._plan.name_chunk[a] == run.chunk and c in params})

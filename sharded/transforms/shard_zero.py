@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 import optree
 import torch
 
+from sharded import comm, sharding
 from sharded import tree as T
 from sharded.grad import grad_pass
 from sharded.mesh import Mesh
@@ -271,7 +272,11 @@ class ShardZero(Transform):
         if size == 1:
             return next_(model, params, args, kwargs)
         gatherer = _stage3.current()
-        if gatherer is None:  # a forward outside value_and_grad (eval in the step): gather for this call
+        if gatherer is None and _differentiated(params):  # torch.func or autograd over the chunks, in the step's code
+            layout = self._layout
+            whole = lambda x, i: sharding.whole(x, layout.shapes[i], group, size, rank)  # noqa: E731
+            return next_(model, map_chunked(params, layout.treespec, layout.chunked, whole), args, kwargs)
+        if gatherer is None:  # a forward outside value_and_grad (eval in the step): gather per block for this call
             with self._gatherer(T.leaves(params), size, group) as g:
                 self._bind(g, model, size, rank, group)
                 g.ensure_roots()
@@ -279,6 +284,9 @@ class ShardZero(Transform):
         self._bind(gatherer, model, size, rank, group)
         gatherer.ensure_roots()
         return next_(model, params, args, kwargs)
+
+    def params_group(self) -> Any:
+        return self._axis()[2] if self.stage == 3 and self._layout is not None else None
 
     def _bind(self, g: _stage3.Gatherer, model: Any, size: int, rank: int, group: Any) -> None:
         """First apply of a differentiation: the units, the hooks, the grad reducer."""
@@ -393,6 +401,14 @@ def _every_dp_group(mine: list[int]) -> list[list[int]]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return [list(r) for r in sorted({tuple(r) for r in gathered})]
+
+
+def _differentiated(params: Any) -> bool:
+    """Whether a forward on these params will be differentiated: they require grad, or a
+    torch.func transform wraps them."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and (x.requires_grad or comm.is_functorch_wrapped(x)) for x in T.leaves(params)
+    )
 
 
 def _contains(op: Op, name: str) -> bool:
