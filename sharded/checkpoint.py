@@ -5,10 +5,12 @@
 
 Every leaf is stored flattened, under its path in the state ("params['wte.weight']",
 "opt_state[1][0].mu['wte.weight']", ...), through torch.distributed.checkpoint (DCP).
-A leaf that is this rank's chunk (`state.sharding`) is handed to DCP as the local
+A leaf that is this rank's chunk (`state.placements`) is handed to DCP as the local
 shard of a DTensor of the flattened leaf, so DCP writes each rank's part once and
 reads back whatever part a loading rank needs: save with ZeRO-3 on 4 ranks, load
-with ZeRO-1 on 2 ranks or into a plain single-process state.
+with ZeRO-1 on 2 ranks or into a plain single-process state. A buffer that is each
+rank's own (`per_rank`: error feedback) is saved per rank and loads only into the same
+rank of a job of the same layout.
 
 Saves are atomic: ranks write into "<path>.partial", and rank 0 swaps it into place
 after every rank has finished, so a crash leaves the previous checkpoint whole.
@@ -29,7 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from sharded import comm
-from sharded import tree as T
+from sharded.placement import state_leaves
 from sharded.sharding import as_dtensors
 
 __all__ = ["save", "load", "export_safetensors", "UnsafeCheckpoint"]
@@ -49,15 +51,15 @@ def _barrier() -> None:
 
 
 def _flat_views(state: Any) -> dict[str, Any]:
-    """{path: flattened leaf}, with this rank's chunks as DTensor shards."""
-    state = as_dtensors(state)
-    parts = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "extra": state.extra}
+    """{path: flattened leaf}, with this rank's chunks as DTensor shards and its own
+    (per-rank) buffers under "<path>@rank<r>"."""
+    placements = state.placements
     out = {}
-    for part, tree in parts.items():  # params first: a mismatch is named where users look
-        for path, x in T.leaves_with_paths(tree):
-            if isinstance(x, torch.Tensor) and not hasattr(x, "placements"):
-                x = x.view(-1)
-            out[part + path] = x
+    for path, x in state_leaves(as_dtensors(state)):  # params first: a mismatch is named where users look
+        if isinstance(x, torch.Tensor) and not hasattr(x, "placements"):
+            x = x.view(-1)
+        p = placements.get(path)
+        out[f"{path}@rank{_rank()}" if p is not None and p.per_rank else path] = x
     return out
 
 
@@ -118,14 +120,16 @@ def _check_matches(path: Path, views: dict[str, Any], metadata: Any) -> None:
     stored = metadata.state_dict_metadata
     for key, x in views.items():
         if key not in stored:
+            per_rank = "@rank" in key and " (a per-rank buffer: load it into a job whose ranks match the one that saved it)"
             raise ValueError(
-                f"checkpoint {path} does not match this state: it has no {key!r} "
+                f"checkpoint {path} does not match this state: it has no {key!r}{per_rank or ''} "
                 f"(it holds {len(stored)} entries, e.g. {sorted(stored)[:3]}); is it another model or optimizer?"
             )
         want, got = tuple(x.shape), tuple(getattr(stored[key], "size", ()))
         if want != got:
             raise ValueError(f"checkpoint {path} does not match this state: {key!r} has {got[0] if got else 1} elements there, {want[0]} here")
-    extra = sorted(set(stored) - set(views))
+    mine = f"@rank{_rank()}"
+    extra = sorted(k for k in set(stored) - set(views) if k.rpartition("@rank")[0] + mine not in views)  # other ranks' own buffers
     if extra:
         raise ValueError(f"checkpoint {path} does not match this state: it has {extra[0]!r}, which this state lacks")
 

@@ -4,9 +4,9 @@
 form cut into chunks of `c = ceil(n / N)`: rank r owns elements [r·c, (r+1)·c) clipped
 to n, so the last ranks may own fewer (or none). This is exactly DTensor's Shard(0) of
 the flattened leaf (`to_dtensor`), which is how checkpoints reshard across stages and
-world sizes. `ChunkLayout` travels in `TrainState.sharding`, so anything that reads a
-state (checkpoints, `gather`) knows which leaves are chunks without knowing the
-transform that cut them.
+world sizes. Which leaves of a state are chunks, and over what, is data in the state
+(`state.placements`, [Note: placements] in placement.py), so anything that reads a
+state (checkpoints, `as_dtensors`) knows without knowing the transform that cut them.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import optree
 import torch
 
 from sharded import tree as T
+from sharded.placement import map_state
 
 __all__ = [
     "ChunkLayout", "as_dtensors", "chunk_size", "bounds", "local_chunk", "map_chunked", "to_dtensor", "whole", "sum_over_shards",
@@ -42,7 +43,8 @@ def local_chunk(x: torch.Tensor, ranks: int, rank: int) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ChunkLayout:
-    """Which leaves of a state are this rank's chunks, and of what."""
+    """How a transform cut the params and their optimizer-state mirrors (its runtime
+    record; what the state says of each leaf is in `state.placements`)."""
 
     group: Any  # the process group the chunks are spread over (None: one process)
     ranks: int
@@ -80,23 +82,29 @@ def to_dtensor(chunk: torch.Tensor, numel: int, group: Any) -> Any:
 
 
 def as_dtensors(state: Any) -> Any:
-    """`state` with every chunk as a DTensor of its flattened leaf (no copy): code over
-    params or optimizer state outside the step sees global values, as on one device.
+    """`state` with every cut leaf as a DTensor of its flattened leaf (no copy): code
+    over params or optimizer state outside the step sees global values, as on one device.
 
         view = sharded.sharding.as_dtensors(state)
         l2 = sum((p.float() ** 2).sum() for p in sharded.tree.leaves(view.params))
         l2.full_tensor()   # == the plain model's, on every rank
 
-    A state that is not sharded comes back as it is."""
-    layout = getattr(state, "sharding", None)
-    if layout is None or layout.ranks == 1:
+    Leaves that are whole (or this rank's own, `per_rank`) come back as they are."""
+    placements = getattr(state, "placements", None)
+    if not placements:
         return state
 
-    def shard(x: torch.Tensor, i: int) -> Any:
-        return to_dtensor(x, layout.shapes[i].numel(), layout.group)
+    def view(path: str, x: Any) -> Any:
+        p = placements.get(path)
+        if p is None or not p.cuts or not isinstance(x, torch.Tensor):
+            return x
+        if len(p.cuts) > 1:
+            axes = [c.axis for c in p.cuts]
+            raise NotImplementedError(f"as_dtensors: {path} is cut over {axes}; one cut per leaf is supported")
+        cut = p.cuts[0]
+        return x if cut.ranks == 1 else to_dtensor(x, p.shape.numel(), cut.group)
 
-    params = map_chunked(state.params, layout.treespec, layout.chunked, shard) if layout.params else state.params
-    return state.replace(params=params, opt_state=map_chunked(state.opt_state, layout.treespec, layout.chunked, shard))
+    return map_state(state, view)
 
 
 class _Whole(torch.autograd.Function):

@@ -9,6 +9,7 @@ import torch
 
 from sharded import primitives
 from sharded.optim import GradientTransformation
+from sharded.placement import Placements
 from sharded.optim import apply as apply_optimizer
 
 __all__ = ["TrainState"]
@@ -17,9 +18,9 @@ __all__ = ["TrainState"]
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     """params, opt_state, step and `extra` (what transforms add: loss scale, error
-    feedback, ...) are the pytree's children; `tx`, the optimizer, and `sharding` (a
-    `sharded.sharding.ChunkLayout` when a transform keeps only this rank's chunks of
-    the leaves, else None) are static.
+    feedback, ...) are the pytree's children; `tx`, the optimizer, and `placements`
+    (where each leaf lives and how it is cut: [Note: placements] in placement.py) are
+    static.
 
     A step may update the tensors of the state it is given in place (as jax.jit with
     donated arguments does): keep using the state it returns, not the one passed in.
@@ -30,7 +31,7 @@ class TrainState:
     step: torch.Tensor
     tx: GradientTransformation
     extra: dict = dataclasses.field(default_factory=dict)
-    sharding: Any = None
+    placements: Placements = Placements()
 
     @classmethod
     def create(cls, params: Any, tx: GradientTransformation, **extra: Any) -> TrainState:
@@ -47,13 +48,13 @@ class TrainState:
 
 
 def _flatten(s: TrainState):
-    return (s.params, s.opt_state, s.step, s.extra), (s.tx, s.sharding), ("params", "opt_state", "step", "extra")
+    return (s.params, s.opt_state, s.step, s.extra), (s.tx, s.placements), ("params", "opt_state", "step", "extra")
 
 
 def _unflatten(static: tuple, children: tuple) -> TrainState:
     params, opt_state, step, extra = children
-    tx, sharding = static
-    return TrainState(params=params, opt_state=opt_state, step=step, tx=tx, extra=extra, sharding=sharding)
+    tx, placements = static
+    return TrainState(params=params, opt_state=opt_state, step=step, tx=tx, extra=extra, placements=placements)
 
 
 optree.register_pytree_node(TrainState, _flatten, _unflatten, namespace="sharded")

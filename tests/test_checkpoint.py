@@ -174,3 +174,66 @@ def test_a_pipeline_checkpoint_loads_into_one_process(tmp_path):
     got, _ = run_steps(step, state, batches[2:])
     for name in want.params:
         torch.testing.assert_close(got.params[name], want.params[name], rtol=1e-9, atol=1e-11)
+
+
+class _RankStamp(sharded.Transform):
+    """Adds a buffer whose value is each rank's own, and declares it so (per_rank)."""
+
+    name = "rank_stamp"
+
+    def init(self, state):
+        from sharded.placement import Placement
+
+        stamp = torch.full((3,), float(sharded.distributed.rank()))
+        return state.replace(
+            extra={**state.extra, "stamp": stamp},
+            placements=state.placements.update({"extra['stamp']": Placement(stamp.shape, per_rank=True)}),
+        )
+
+
+def _stamped_state():
+    model = sharded.trace(ToyLM(ToyConfig()))
+    step = sharded.transform(_RankStamp)()(sharded.shard_zero(stage=3)(make_train_step(model)))
+    return step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+
+
+def _save_stamps(path):
+    sharded.checkpoint.save(_stamped_state(), path)
+
+
+def _load_stamps(path):
+    state = _stamped_state()
+    state.extra["stamp"].fill_(-1.0)
+    sharded.checkpoint.load(path, like=state)
+    return state.extra["stamp"].tolist()
+
+
+def test_per_rank_buffers_are_saved_and_restored_per_rank(tmp_path):
+    """A buffer a transform declares per_rank (error feedback, say) comes back to the rank
+    that saved it; a job whose ranks do not match is told so by name."""
+    get_pool(2).run(_save_stamps, tmp_path / "ckpt")
+    assert get_pool(2).run(_load_stamps, tmp_path / "ckpt") == [[0.0] * 3, [1.0] * 3]
+    with pytest.raises(Exception, match=r"stamp'\]@rank2.*per-rank buffer"):
+        get_pool(3).run(_load_stamps, tmp_path / "ckpt")
+
+
+def _placements_of_zero(stage):
+    model = sharded.trace(ToyLM(ToyConfig()))
+    step = sharded.shard_zero(stage=stage)(make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    cut = {path: [(c.axis, c.ranks, c.rank) for c in p.cuts] for path, p in state.placements.items()}
+    return cut, step.gather(state).placements.entries
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_placements_say_which_leaves_are_cut(stage):
+    """ZeRO writes a dp cut for each leaf it chunks (the params too at stage 3) and
+    gather removes them; nothing else is recorded."""
+    (cut, after), _ = get_pool(2).run(_placements_of_zero, stage)
+    model = sharded.trace(ToyLM(ToyConfig()))
+    params = {f"params['{n}']" for n in model.params}
+    moments = {p for p in cut if p.startswith("opt_state")}
+    assert len(moments) == 2 * len(params)  # AdamW's mu and nu
+    assert (params <= set(cut)) == (stage == 3)
+    assert all(c == [("dp", 2, 0)] for c in cut.values())
+    assert after == ()

@@ -28,6 +28,7 @@ import torch
 from sharded import comm
 from sharded import tree as T
 from sharded.grad import grad_pass
+from sharded.placement import state_leaves
 from sharded.reduce import GradBucket, Reduction, reduce_grads
 from sharded.transforms._flat import FlatGroup
 
@@ -83,11 +84,13 @@ def plan_buckets(params: list[torch.Tensor], bucket_bytes: int, order: list[int]
 
 
 def broadcast_from_first(state: Any, group: Any) -> None:
-    """Every rank of `group` takes its first rank's tensors (replicas start equal)."""
+    """Every rank of `group` takes its first rank's tensors (replicas start equal), but
+    for the buffers the state's placements say are each rank's own."""
     if group is not None:
         src = torch.distributed.get_global_rank(group, 0)
-        for x in T.leaves(state):
-            if isinstance(x, torch.Tensor):
+        for path, x in state_leaves(state):
+            p = state.placements.get(path)
+            if isinstance(x, torch.Tensor) and not (p is not None and p.per_rank):
                 comm.broadcast(x, src=src, group=group)
 
 

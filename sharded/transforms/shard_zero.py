@@ -9,7 +9,7 @@ grads averaged over the dp ranks), with the model state split over those ranks:
              block runs (see [Note: stage 3 params] in _stage3.py)
 
 Chunks follow [Note: chunk layout] in sharded/sharding.py (DTensor's Shard(0) of the
-flattened leaf); the state records them in `state.sharding`. The optimizer runs only on this rank's chunks, through the optimizer's fused
+flattened leaf); the state records them in `state.placements` (a cut over dp). The optimizer runs only on this rank's chunks, through the optimizer's fused
 path; inside it, tree reductions (`clip_by_global_norm`) sum over the dp ranks. In
 stages 1 and 2 the chunks are views of the full params, updated in place, then
 all-gathered bucket by bucket.
@@ -40,6 +40,7 @@ from sharded.mesh import Mesh
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.transforms import _stage3
 from sharded.transforms._batch import rank_rows
+from sharded.placement import Cut, Placement
 from sharded.sharding import ChunkLayout, local_chunk, map_chunked
 from sharded.transforms._flat import FlatGroup, gather_leaf, plan_group
 from sharded.transforms._reduce import GradReducer, ReadyOrder, broadcast_from_first, mean_over, plan_buckets, reduce_during_backward
@@ -165,14 +166,28 @@ class ShardZero(Transform):
         def cut(x: torch.Tensor, i: int) -> torch.Tensor:
             return local_chunk(x.contiguous(), size, rank).clone()
 
+        placements = state.placements.update(self._placements(state, topo))
         opt_state = map_chunked(state.opt_state, layout.treespec, layout.chunked, cut)
         if self.stage < 3:
-            return state.replace(opt_state=opt_state, sharding=layout)
+            return state.replace(opt_state=opt_state, placements=placements)
         params = map_chunked(state.params, layout.treespec, layout.chunked, cut)
         for x, chunked in zip(leaves, layout.chunked):  # donated (decision 1): the full params' memory goes back now
             if chunked:
                 x.untyped_storage().resize_(0)
-        return state.replace(params=params, opt_state=opt_state, sharding=layout)
+        return state.replace(params=params, opt_state=opt_state, placements=placements)
+
+    def _placements(self, state: Any, topo: _Topology) -> dict[str, Placement]:
+        """The entries of `state.placements` for the leaves this transform cuts."""
+        layout, cut = self._layout, Cut(self.axis, topo.shard_group, topo.shard_size, topo.shard_rank)
+        parts = {"opt_state": state.opt_state, **({"params": state.params} if self.stage == 3 else {})}
+        out = {}
+        for part, tree in parts.items():
+            marked = map_chunked(tree, layout.treespec, layout.chunked, lambda x, i: _Leaf(i))
+            for path, leaf in T.leaves_with_paths(marked):
+                if isinstance(leaf, _Leaf):
+                    before = state.placements.get(part + path) or Placement(layout.shapes[leaf.index])
+                    out[part + path] = before.cut(cut)
+        return out
 
     def gather_params(self, params: Any) -> Any:
         layout = self._layout
@@ -182,7 +197,7 @@ class ShardZero(Transform):
 
     def gather(self, state: Any) -> Any:
         size, _, group = self._axis()
-        layout = state.sharding
+        layout = self._layout
         if size == 1 or layout is None:
             return state
 
@@ -191,7 +206,7 @@ class ShardZero(Transform):
 
         params = map_chunked(state.params, layout.treespec, layout.chunked, whole) if layout.params else state.params
         opt_state = map_chunked(state.opt_state, layout.treespec, layout.chunked, whole)
-        return state.replace(params=params, opt_state=opt_state, sharding=None)
+        return state.replace(params=params, opt_state=opt_state, placements=state.placements.map(lambda p: p.uncut(self.axis)))
 
     def _buckets(self, leaves: list[torch.Tensor], size: int) -> list[FlatGroup]:
         key = tuple((x.shape, x.dtype, x.device) for x in leaves)
@@ -361,6 +376,13 @@ class ShardZero(Transform):
                     for g in buckets:
                         out.append(Op("collective", f"all_gather params {g.name}", "updated chunks to every rank", nbytes=size * g.size * itemsize(g), overlaps="the next bucket's gather"))
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """A marker standing for param leaf `index` (or its optimizer-state mirror): a pytree leaf."""
+
+    index: int
 
 
 class _Topology(NamedTuple):
