@@ -40,6 +40,7 @@ class TrainConfig:
     zero: int = 0  # shard_zero stage in place of data_parallel (0: off)
     pp: int = 1  # pipeline stages (the mesh is pp × dp; micro-batches are --accumulate's)
     precision: str = "fp32"  # or "bf16" / "fp16": mixed_precision around the step
+    remat: str = "none"  # or "full" / "selective": activation checkpointing per block
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
@@ -51,12 +52,14 @@ class TrainConfig:
 
 
 def make_step(model: sharded.Model, cfg: TrainConfig):
-    """The user's step, then the transforms, outermost last (torchtitan style: order matters).
+    """The user's step, then the transforms (any nesting is sorted into the canonical
+    order; this one is it, innermost first):
 
-    0. mixed_precision (if asked): innermost, it only changes how each forward runs;
-    1. accumulate: micro-batches inside each rank; with pp > 1, pipeline instead, whose
+    0. mixed_precision (if asked): it only changes how each forward runs;
+    1. remat (if asked): each block keeps only its inputs through the forward;
+    2. accumulate: micro-batches inside each rank; with pp > 1, pipeline instead, whose
        schedule runs the micro-batches through the stages;
-    2. data_parallel, or shard_zero(stage=cfg.zero): outside them, so grads are
+    3. data_parallel, or shard_zero(stage=cfg.zero): outside them, so grads are
        reduced once per update, overlapped with the last micro-batch's backward.
     """
 
@@ -71,6 +74,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     step = train_step
     if cfg.precision != "fp32":
         step = sharded.mixed_precision(cfg.precision)(step)
+    if cfg.remat != "none":
+        step = sharded.remat(policy=cfg.remat)(step)
     if cfg.pp > 1:
         step = sharded.pipeline(stages=cfg.pp, microbatches=cfg.accumulate)(step)
     elif cfg.accumulate > 1:

@@ -137,3 +137,34 @@ def test_adamw_on_cuda_runs_the_triton_kernel_and_matches_torch_fused():
         ref.step()
     for p, q in zip(params.values(), torch_params):
         torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _per_sample_norms_on_cuda(cfg, batches, zero):
+    import torch.nn.functional as F
+
+    dev = sharded.distributed.device()
+    model = sharded.trace(ToyLM(cfg).to(dev))
+
+    def sample_loss(params, tokens, targets):
+        logits = model.apply(params, tokens[None])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def step_fn(state, batch):
+        per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(state.params, *batch)
+        squares = sum(g.flatten(1).square().sum(1) for g in sharded.tree.leaves(per_sample))
+        return state, {"norms": sharded.sharding.sum_over_shards(squares).sqrt()}
+
+    step = sharded.shard_zero(stage=3)(step_fn) if zero else sharded.Step(step_fn)
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.sgd(0.1)))
+    x, y = batches[0]
+    return step(state, (x.to(dev), y.to(dev)))[1]["norms"].cpu()
+
+
+@needs(2)
+def test_per_sample_grad_norms_under_zero3_over_nccl_match_one_gpu():
+    """torch.func's vmap(grad) over model.apply in the step's own code, ZeRO-3 over NCCL."""
+    cfg = ToyConfig(tied=True, depth=3, width=64, hidden=96, vocab=50)
+    batches = _batches(cfg.vocab, 8, 1)
+    got = sharded.launch(_per_sample_norms_on_cuda, cfg, batches, True, nprocs=2, device="cuda")
+    want = sharded.launch(_per_sample_norms_on_cuda, cfg, batches, False, nprocs=1, device="cuda")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
