@@ -24,9 +24,6 @@ class ChunkPlan:
     name_chunk: dict[str, int]  # every param name, tied aliases too -> the chunk that uses it
     buffer_chunk: dict[str, int]  # buffer name -> its chunk (absent: a root buffer, real everywhere)
 
-    def chunk_of_block(self, i: int) -> int:
-        return max(c for c, first in enumerate(self.first_block) if first <= i)
-
     def held_by(self, chunks: Sequence[int]) -> list[str]:
         """The params any of `chunks` holds, in the model's order."""
         return [n for n, hs in self.holders.items() if hs & set(chunks)]
