@@ -17,6 +17,7 @@ for `recording()`, which lets a test see which collectives a step issued.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,12 +31,15 @@ __all__ = [
     "all_gather_into_tensor",
     "all_gather_object",
     "all_reduce",
+    "all_to_all_single",
     "barrier",
     "broadcast",
     "broadcast_object",
+    "done",
     "exchange",
     "recording",
     "reduce_scatter_tensor",
+    "tagged",
 ]
 
 # [Note: gather and scatter names] torch 2.13 renamed `all_gather_into_tensor` and
@@ -64,12 +68,21 @@ class CollectiveTimeout(RuntimeError):
 class Op:
     """One collective call, as `recording()` sees it (group_size 1: a no-op in this process)."""
 
-    name: str  # "all_reduce" | "all_gather" | "reduce_scatter" | "broadcast" | "barrier" | "send" | "recv"
+    name: str  # "all_reduce" | "all_gather" | "reduce_scatter" | "all_to_all" | "broadcast" | "barrier" | "send" | "recv"
     shape: tuple[int, ...]
     dtype: torch.dtype | None
     group_size: int
     async_op: bool = False
     reduce: str = ""  # "sum", "avg", ... for reductions
+    tag: str = ""  # what the caller said it was moving (`tagged`): "reduce_grads", "compress_grads", ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this rank's input to the collective."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * (self.dtype.itemsize if self.dtype is not None else 0)
 
 
 _recorders: list[list[Op]] = []
@@ -98,8 +111,22 @@ def recording() -> Iterator[list[Op]]:
         _recorders.remove(ops)
 
 
+_tag: contextvars.ContextVar[str] = contextvars.ContextVar("sharded_comm_tag", default="")
+
+
+@contextlib.contextmanager
+def tagged(tag: str) -> Iterator[None]:
+    """Collectives issued inside are recorded with `tag` (what they move), so a test or
+    `explain` can count, say, the bytes of the grads' exchange apart from the params'."""
+    token = _tag.set(tag)
+    try:
+        yield
+    finally:
+        _tag.reset(token)
+
+
 def _record(name: str, t: torch.Tensor | None, size: int, async_op: bool, reduce: str = "") -> None:
-    op = Op(name, tuple(t.shape) if t is not None else (), t.dtype if t is not None else None, size, async_op, reduce)
+    op = Op(name, tuple(t.shape) if t is not None else (), t.dtype if t is not None else None, size, async_op, reduce, _tag.get())
     for ops in _recorders:
         ops.append(op)
 
@@ -226,6 +253,25 @@ def all_reduce(t: torch.Tensor, group: Any = None, op: str = "sum", async_op: bo
     reduce_op, then = _averaging(op, t, size)
     what = ("all_reduce", t, size)
     return _start(what, lambda: dist.all_reduce(t, op=reduce_op, group=group, async_op=True), async_op, then)
+
+
+def done() -> Pending:
+    """A collective that has already completed (what a handler that finished the work itself returns)."""
+    return _DONE
+
+
+def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, group: Any = None, async_op: bool = False) -> Pending:
+    """Row r of `inp` (its first dimension cut in `size` equal parts) goes to rank r; row
+    i of `out` comes from rank i."""
+    size = _group_size(group)
+    if _recorders:
+        _record("all_to_all", inp, size, async_op)
+    if size == 1:
+        if out.data_ptr() != inp.data_ptr():
+            out.copy_(inp)
+        return _DONE
+    what = ("all_to_all", inp, size)
+    return _start(what, lambda: dist.all_to_all_single(out, inp, group=group, async_op=True), async_op)
 
 
 def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group: Any = None, async_op: bool = False) -> Pending:

@@ -86,6 +86,9 @@ class Placements:
     def __bool__(self) -> bool:
         return bool(self.entries)
 
+    def __deepcopy__(self, memo: dict) -> Placements:
+        return self  # immutable, and its cuts hold process groups, which are handles, not values
+
     def __repr__(self) -> str:
         return f"Placements({len(self.entries)} leaves)"
 

@@ -21,6 +21,7 @@ nothing a step learns leaks into another. A Transform has
   - `gather(state) -> state`: the inverse, the full state (`gather_params`: params only);
   - `explain(program, info) -> program`: its rewrite of the step's program, as `Op`s;
   - `check(stack)`: raise at construction when it cannot run in `stack`;
+  - `require(stack)`: raise at `init` when the finished stack lacks what it needs;
   - `metrics(state) -> dict`: what it adds to the step's metrics (a loss scale, say).
 Handlers apply outermost first; `init` runs innermost first, `gather` outermost first.
 """
@@ -126,7 +127,12 @@ class Transform:
         return program
 
     def check(self, stack: Sequence[Transform]) -> None:
-        """Raise if this transform cannot run in `stack` (outermost first)."""
+        """Raise if this transform cannot run in `stack` (outermost first). A step is built
+        from the inside out, so `stack` may still grow: check conflicts here."""
+
+    def require(self, stack: Sequence[Transform]) -> None:
+        """Raise if something this transform needs is missing from the finished `stack`
+        (a transform to work with): `init` calls it before any transform lays out state."""
 
     def metrics(self, state: Any) -> dict:
         """Entries this transform adds to the metrics the step returns."""
@@ -197,6 +203,8 @@ class Step:
 
     def init(self, state: Any) -> Any:
         """Lay out `state` for this rank (innermost transform first)."""
+        for t in self.transforms:
+            t.require(self.transforms)
         for t in reversed(self.transforms):
             state = t.init(state)
         self._params_layout = T.map(lambda x: torch.empty_like(x, device="meta"), state.params)

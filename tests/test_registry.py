@@ -1,6 +1,7 @@
 """Every registered transform, alone, in every ordered pair and in drawn stacks of three,
 equals the plain step in float64 (params, optimizer state, metrics over three steps),
-or is refused at construction with a ValueError that says what to write instead.
+or is refused at construction (or, for what needs the whole stack, at init) with a
+ValueError that says what to write instead.
 
 Transforms are sorted into one canonical order whatever the nesting (protocol v2), so
 both orders of a pair must agree; the only refusals are a transform applied twice, two
@@ -43,6 +44,8 @@ def options(name: str, draw) -> dict:
         return {"stages": 2, "schedule": schedule, "microbatches": draw(st.sampled_from([2, 4] if schedule == "interleaved" else [1, 2, 3]))}
     if name == "remat":
         return {"policy": draw(st.sampled_from(["full", "selective", "every other"]))}
+    if name == "compress_grads":  # three steps, all in its warmup: the plain step (after it: test_compress_grads.py)
+        return {"method": "onebit"}
     raise AssertionError(f"no option strategy for {name}: add one when registering a transform")
 
 
@@ -52,6 +55,14 @@ def build(stack: list[tuple[str, dict]], fn):
             opts = {"policy": lambda block: int(block.rsplit(".", 1)[-1]) % 2 == 0}
         fn = REGISTRY[name](**opts)(fn)
     return fn
+
+
+def refused_at_init(stack: list[tuple[str, dict]]) -> str | None:
+    """What init refuses, once the whole stack is known: compression with nothing to compress."""
+    names = [n for n, _ in stack]
+    if "compress_grads" in names and not {"data_parallel", "shard_zero"} & set(names):
+        return "nothing in this step reduces them"
+    return None
 
 
 def refusal(stack: list[tuple[str, dict]]) -> str | None:
@@ -86,8 +97,17 @@ def check(stack: list[tuple[str, dict]], draw) -> None:
         with pytest.raises(ValueError, match=words):
             build(stack, train_step)
         return
-    event("ran on ranks")
     step = build(stack, train_step)
+    tx = OPTIMIZERS[draw(st.sampled_from(sorted(OPTIMIZERS)))]()
+    if "compress_grads" in names:  # 1-bit Adam's optimizer half; its warmup outlasts the three steps
+        tx = sharded.optim.onebit_adam(1e-2, warmup_steps=3, weight_decay=0.1)
+    words = refused_at_init(stack)
+    if words is not None:
+        event("refused at init")
+        with pytest.raises(ValueError, match=words):
+            step.init(sharded.TrainState.create(model.params, tx))
+        return
+    event("ran on ranks")
     # ZeRO on a pipeline needs a dp axis of its own (it refuses dp=1 beside pp=2 at init).
     dp = (2 if "shard_zero" in names else draw(st.sampled_from([1, 2]))) if piped else draw(st.integers(1, 4))
     world, mesh = (2 * dp, dict(pp=2, dp=dp)) if piped else (dp, None)
@@ -96,7 +116,7 @@ def check(stack: list[tuple[str, dict]], draw) -> None:
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     seq = draw(st.integers(1, 4))
     batches = [(torch.randint(0, cfg.vocab, (rows, seq), generator=g), torch.randint(0, cfg.vocab, (rows, seq), generator=g)) for _ in range(3)]
-    state = sharded.TrainState.create(model.params, OPTIMIZERS[draw(st.sampled_from(sorted(OPTIMIZERS)))]())
+    state = sharded.TrainState.create(model.params, tx)
     assert_step_equivalent(step, train_step, state, batches, world_size=world, rtol=1e-7, atol=1e-9, mesh=mesh)
 
 

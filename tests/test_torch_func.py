@@ -16,6 +16,7 @@ OPTIONS = {
     "shard_zero": {"stage": 3},
     "mixed_precision": {"compute": torch.float64, "loss_scale": True},
     "remat": {"policy": "full"},
+    "compress_grads": {"method": "onebit"},
 }
 CFG = ToyConfig(vocab=7, width=5, hidden=6, depth=2, tied=True, seed=3)
 
@@ -63,8 +64,11 @@ def test_per_sample_grads_and_jvp_under_every_zero_stage(stage):
 def test_per_sample_grads_and_jvp_under_each_transform(name):
     model = sharded.trace(ToyLM(CFG).double())
     train_step = make_step(model)
-    state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2))
+    tx = sharded.optim.adamw(1e-2)
     step = REGISTRY[name](**OPTIONS[name])(train_step)
+    if name == "compress_grads":  # it needs a reducer and 1-bit Adam; two steps in its warmup
+        step, tx = sharded.compress_grads()(sharded.data_parallel(train_step)), sharded.optim.onebit_adam(1e-2, warmup_steps=2)
+    state = sharded.TrainState.create(model.params, tx)
     assert_step_equivalent(step, train_step, state, _batches(), world_size=2, rtol=1e-7, atol=1e-9)
 
 

@@ -7,6 +7,8 @@
                                               many (a pytree's leaves), one launch
     unscale_and_check_                        grads *= 1/scale and an inf/nan flag, one pass
     copy_in / copy_out                        tensors <-> slots of a flat buffer, cast fused
+    pack_signs_ / unpack_signs_               1-bit compression: signs 32 to an int32, the
+                                              scale and the error update fused
 
 Each public function checks its inputs (ValueError naming the fix), then runs the
 Triton kernel where it can (`uses_triton`): CUDA tensors when triton imports, or CPU
@@ -23,7 +25,7 @@ from typing import Sequence, Union
 
 import torch
 
-from sharded.kernels import adamw, flat_copy, lion, sgd, unscale
+from sharded.kernels import adamw, flat_copy, lion, onebit, sgd, unscale
 from sharded.kernels._launch import (
     FLOAT_DTYPES,
     HAVE_TRITON,
@@ -41,6 +43,8 @@ __all__ = [
     "unscale_and_check_",
     "copy_in",
     "copy_out",
+    "pack_signs_",
+    "unpack_signs_",
     "triton_available",
     "uses_triton",
 ]
@@ -257,3 +261,25 @@ def copy_out(flat: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence
     kernels/flat_copy.py). Same layout rules as `copy_in`; slots may overlap."""
     dsts, offsets = _check_slots("copy_out", flat, "dsts", dsts, offsets, disjoint=False)
     _dispatch(flat_copy.copy_out, flat_copy.reference_copy_out, flat, flat, dsts, offsets, operands=[flat, *dsts])
+
+
+def pack_signs_(x: torch.Tensor, scale: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    """The signs of x (1-D) as int32 words, 32 each (bit j of word w: x[32w + j] >= 0;
+    padding bits 1), and error = x - scale * sign(x) written in place (math in
+    kernels/onebit.py). scale, error: x's shape, dtype and device."""
+    for name, t in (("scale", scale), ("error", error)):
+        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"pack_signs_: {name} must have x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}); got {tuple(t.shape)}, {t.dtype}, {t.device}")
+    check_flat("pack_signs_", "x", x, _ANY_FLOAT)
+    return _dispatch(onebit.pack_signs_, onebit.reference_pack_signs_, x, x, scale, error, operands=[x])
+
+
+def unpack_signs_(words: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """out = scale * (±1 by each bit of words), or out += it with accumulate (math in
+    kernels/onebit.py). words: int32, at least ceil(out.numel() / 32); scale: out's shape."""
+    if words.dtype != torch.int32 or words.numel() < onebit.words_for(out.numel()):
+        raise ValueError(f"unpack_signs_: words must be int32 with >= {onebit.words_for(out.numel())} elements; got {words.dtype}, {words.numel()}")
+    if scale.shape != out.shape or scale.dtype != out.dtype:
+        raise ValueError(f"unpack_signs_: scale must have out's shape and dtype ({tuple(out.shape)}, {out.dtype})")
+    check_flat("unpack_signs_", "out", out, _ANY_FLOAT)
+    return _dispatch(onebit.unpack_signs_, onebit.reference_unpack_signs_, out, words, scale, out, accumulate, operands=[out])

@@ -26,7 +26,7 @@ from sharded.optim.transforms import (
     trace,
 )
 
-__all__ = ["sgd", "adamw", "lion"]
+__all__ = ["sgd", "adamw", "lion", "onebit_adam"]
 
 _FUSED_DEVICES = ("cuda", "cpu")
 
@@ -86,3 +86,14 @@ def adamw(
         return params, state
 
     return GradientTransformation(pure.init, pure.update, fused)
+
+
+def onebit_adam(
+    lr: float | Schedule, warmup_steps: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
+) -> GradientTransformation:
+    """AdamW whose variance freezes after `warmup_steps` updates: the optimizer half of
+    1-bit Adam (`sharded.compress_grads(method="onebit")` is the communication half).
+    During warmup it is `adamw`, update for update."""
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 1:
+        raise ValueError(f"onebit_adam(warmup_steps=...) must be an int >= 1 (Adam's variance needs warmup); got {warmup_steps!r}")
+    return chain(scale_by_adam(b1, b2, eps, freeze_variance_after=warmup_steps), add_decayed_weights(weight_decay), scale_by_learning_rate(lr))

@@ -16,6 +16,7 @@ from sharded.optim.schedules import Schedule
 
 __all__ = [
     "ScaleByAdamState",
+    "ScaleByFrozenAdamState",
     "ScaleByLionState",
     "TraceState",
     "ScheduleState",
@@ -45,24 +46,46 @@ class ScaleByAdamState(NamedTuple):
     nu: Any
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
-    """Adam's direction `m̂ / (sqrt(v̂) + eps)` with bias-corrected moments."""
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, freeze_variance_after: int | None = None) -> GradientTransformation:
+    """Adam's direction `m̂ / (sqrt(v̂) + eps)` with bias-corrected moments.
+
+    With `freeze_variance_after=k` the variance stops moving after k updates (its bias
+    correction stays at k's), as 1-bit Adam needs once its grads travel compressed
+    (`sharded.compress_grads`); the state is then a `ScaleByFrozenAdamState`."""
 
     def init(params: Any) -> ScaleByAdamState:
-        return ScaleByAdamState(zero_count(params), _zeros(params), _zeros(params))
+        if freeze_variance_after is None:
+            return ScaleByAdamState(zero_count(params), _zeros(params), _zeros(params))
+        return ScaleByFrozenAdamState(zero_count(params), _zeros(params), _zeros(params), torch.tensor(freeze_variance_after))
 
-    def update(grads: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, ScaleByAdamState]:
+    def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         count = state.count + 1
         mu = T.map(lambda m, g: torch.lerp(m, g.to(m.dtype), 1 - b1), state.mu, grads)
         nu = T.map(lambda v, g: v * b2 + (1 - b2) * g.to(v.dtype).square(), state.nu, grads)
+        variance_count = count
+        if freeze_variance_after is not None:
+            frozen = count > freeze_variance_after
+            nu = T.map(lambda new, old: torch.where(frozen, old, new), nu, state.nu)
+            variance_count = count.clamp(max=freeze_variance_after)
         # in float64: 1 - b2**count loses 4 digits to cancellation in float32 (0-d
         # tensors do not promote the moments, which keep their dtype)
-        bc1, bc2 = 1 - b1 ** count.double(), 1 - b2 ** count.double()
+        bc1, bc2 = 1 - b1 ** count.double(), 1 - b2 ** variance_count.double()
         step_size, bc2_sqrt = 1 / bc1, bc2.sqrt()
         updates = T.map(lambda m, v: step_size * m / (v.sqrt() / bc2_sqrt + eps), mu, nu)
-        return updates, ScaleByAdamState(count, mu, nu)
+        if freeze_variance_after is None:
+            return updates, ScaleByAdamState(count, mu, nu)
+        return updates, ScaleByFrozenAdamState(count, mu, nu, state.freeze_after)
 
     return GradientTransformation(init, update)
+
+
+class ScaleByFrozenAdamState(NamedTuple):
+    """Adam's state whose variance freezes after `freeze_after` updates."""
+
+    count: torch.Tensor
+    mu: Any
+    nu: Any
+    freeze_after: torch.Tensor  # 0-d int64
 
 
 class ScaleByLionState(NamedTuple):

@@ -1,5 +1,6 @@
 """Transforms of a step function; each file is one transform, each a line in REGISTRY."""
 from sharded.transforms.accumulate import accumulate
+from sharded.transforms.compress_grads import compress_grads
 from sharded.transforms.data_parallel import data_parallel
 from sharded.transforms.mixed_precision import mixed_precision
 from sharded.transforms.pipeline import pipeline
@@ -14,6 +15,7 @@ REGISTRY = {
     "mixed_precision": mixed_precision,
     "pipeline": pipeline,
     "remat": remat,
+    "compress_grads": compress_grads,
 }
 
 __all__ = ["REGISTRY", *REGISTRY]

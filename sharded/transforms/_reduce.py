@@ -19,6 +19,7 @@ masters' dtype, when ZeRO-3 gathered low-precision copies), else the params'.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Callable, Sequence
@@ -29,7 +30,7 @@ from sharded import comm
 from sharded import tree as T
 from sharded.grad import grad_pass
 from sharded.placement import state_leaves
-from sharded.reduce import GradBucket, Reduction, reduce_grads
+from sharded.reduce import GradBucket, Reduction, bind_in
 from sharded.transforms._flat import FlatGroup
 
 __all__ = ["GradReducer", "ReadyOrder", "plan_buckets", "broadcast_from_first", "mean_over", "reduce_during_backward"]
@@ -162,6 +163,7 @@ class GradReducer:
         self.filled: set[int] = set()
         self.pending: dict[int, comm.Pending] = {}  # started, not yet waited
         self.started = 0
+        self.context = contextvars.copy_context()  # [Note: reduce in context] in sharded/reduce.py
 
     def _input(self, g: int) -> torch.Tensor:
         if self.inputs[g] is None:
@@ -192,10 +194,10 @@ class GradReducer:
             fg, inp = self.groups[g], self._input(g)
             if self.scatter:
                 out = torch.empty(fg.size, dtype=inp.dtype, device=fg.device)
-                self.pending[g] = reduce_grads(GradBucket(fg.name, inp, out, Reduction.REDUCE_SCATTER, self.group))
+                self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, out, Reduction.REDUCE_SCATTER, self.group, fg))
             else:
                 out = fg.rows(inp)[self.rank]
-                self.pending[g] = reduce_grads(GradBucket(fg.name, inp, inp, Reduction.ALL_REDUCE, self.group))
+                self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, inp, Reduction.ALL_REDUCE, self.group, fg))
             self.outputs.append(out)
             self.started += 1
             self._retire(keep=self.IN_FLIGHT)
@@ -210,7 +212,8 @@ class GradReducer:
                 self.inputs[g] = None
             if self.replicate_group is not None:
                 out = self.outputs[g]
-                self.replicas.append(reduce_grads(GradBucket(f"{self.groups[g].name} replicas", out, out, Reduction.ALL_REDUCE, self.replicate_group)))
+                replicas = GradBucket(f"{self.groups[g].name} replicas", out, out, Reduction.ALL_REDUCE, self.replicate_group)
+                self.replicas.append(bind_in(self.context, replicas))
 
     def end_pass(self) -> None:
         """For a reduction per micro-batch: finish this backward's reductions, add them

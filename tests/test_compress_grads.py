@@ -1,0 +1,188 @@
+"""compress_grads("onebit"): plain Adam during warmup, then a compressed exchange equal
+to a plain single-process simulation of N workers running the same 1-bit algorithm."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sharded
+from sharded import comm
+from sharded.testing import assert_step_equivalent, get_pool
+from sharded.testing.models import ToyConfig, ToyLM, make_train_step
+
+CFG = ToyConfig(vocab=9, width=6, hidden=7, depth=2, tied=True, seed=4)
+STACKS = {
+    "data_parallel": lambda f: sharded.compress_grads(method="onebit")(sharded.data_parallel(bucket_mb=1e-4)(f)),
+    "zero1": lambda f: sharded.shard_zero(stage=1)(sharded.compress_grads(method="onebit")(f)),
+    "zero2": lambda f: sharded.compress_grads(method="onebit")(sharded.shard_zero(stage=2, bucket_mb=1e-4)(f)),
+    "zero3": lambda f: sharded.compress_grads(method="onebit")(sharded.shard_zero(stage=3)(f)),
+}
+SCATTERS = {"zero2", "zero3"}  # their exchange is the reduce-scatter (no server error, no second phase)
+
+
+def _batches(rows, steps=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, CFG.vocab, (rows, 3), generator=g), torch.randint(0, CFG.vocab, (rows, 3), generator=g)) for _ in range(steps)]
+
+
+def _loss(model, params, batch):
+    tokens, targets = batch
+    logits = model.apply(params, tokens)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def reference_step(model, workers: int, warmup: int, scatter: bool):
+    """1-bit Adam's exchange, written plainly: `workers` simulated ranks, each on its rows."""
+    worker_error, server_error = {}, {}
+
+    def step(state, batch):
+        rows = batch[0].shape[0] // workers
+        parts = [tuple(x[i * rows : (i + 1) * rows] for x in batch) for i in range(workers)]
+        local = [sharded.grad(lambda p, b: _loss(model, p, b))(state.params, part) for part in parts]
+        loss = torch.stack([_loss(model, state.params, part) for part in parts]).mean()
+        if int(state.step) < warmup:
+            grads = {n: sum(g[n] for g in local) / workers for n in state.params}
+            return state.apply_gradients(grads), {"loss": loss}
+        grads = {}
+        for name, p in state.params.items():
+            n, c = p.numel(), math.ceil(p.numel() / workers)
+            out = torch.zeros(n, dtype=p.dtype)
+            for r in range(workers):
+                lo, hi = min(r * c, n), min((r + 1) * c, n)
+                if lo == hi:
+                    continue
+                y = torch.zeros(hi - lo, dtype=p.dtype)
+                for i in range(workers):
+                    e = worker_error.setdefault((i, name), torch.zeros(n, dtype=p.dtype))
+                    x = local[i][name].reshape(-1)[lo:hi] / workers + e[lo:hi]
+                    s = x.norm() / math.sqrt(hi - lo)
+                    sign = torch.where(x >= 0, 1.0, -1.0).to(p.dtype)
+                    e[lo:hi] = x - s * sign
+                    y += s * sign
+                if not scatter:
+                    f = server_error.setdefault((r, name), torch.zeros(hi - lo, dtype=p.dtype))
+                    y = y + f
+                    t = y.norm() / math.sqrt(hi - lo)
+                    sign = torch.where(y >= 0, 1.0, -1.0).to(p.dtype)
+                    f.copy_(y - t * sign)
+                    y = t * sign
+                out[lo:hi] = y
+            grads[name] = out.view(p.shape)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    return step
+
+
+def _state(model, warmup):
+    return sharded.TrainState.create(model.params, sharded.optim.onebit_adam(1e-2, warmup_steps=warmup, weight_decay=0.1))
+
+
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_during_warmup_the_step_is_plain_adamw(stack):
+    model = sharded.trace(ToyLM(CFG).double())
+    train_step = make_train_step(model)
+    state = _state(model, warmup=3)
+    reference = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2, weight_decay=0.1))
+    got = get_pool(2).run(_params_after, STACKS[stack], train_step, state, _batches(4, steps=3))[0]
+    want = reference
+    for batch in _batches(4, steps=3):
+        want, _ = train_step(want, batch)
+    for name, p in want.params.items():
+        torch.testing.assert_close(got[name], p, rtol=1e-7, atol=1e-9)
+
+
+def _params_after(build, train_step, state, batches):
+    step = build(train_step)
+    state = step.init(state)
+    for batch in batches:
+        state, _ = step(state, batch)
+    return step.gather_params(state)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_after_warmup_the_exchange_is_the_one_bit_algorithm(stack, world):
+    model = sharded.trace(ToyLM(CFG).double())
+    step = STACKS[stack](make_train_step(model))
+    reference = reference_step(model, world, warmup=1, scatter=stack in SCATTERS)
+    assert_step_equivalent(step, reference, _state(model, warmup=1), _batches(2 * world), world_size=world, rtol=1e-7, atol=1e-9)
+
+
+def _save_and_continue(path, stack, split):
+    model = sharded.trace(ToyLM(CFG).double())
+    step = STACKS[stack](make_train_step(model))
+    state = step.init(_state(model, warmup=1))
+    batches = _batches(4, steps=5)
+    for batch in batches[:split]:
+        state, _ = step(state, batch)
+    sharded.checkpoint.save(state, path)
+    straight = copy.deepcopy(state)
+    for batch in batches[split:]:
+        straight, _ = step(straight, batch)
+    resumed = step.init(_state(sharded.trace(ToyLM(CFG).double()), warmup=1))
+    resumed = sharded.checkpoint.load(path, like=resumed)
+    for batch in batches[split:]:
+        resumed, _ = step(resumed, batch)
+    return [torch.equal(a, b) for a, b in zip(sharded.tree.leaves(straight), sharded.tree.leaves(resumed))]
+
+
+@pytest.mark.parametrize("stack", ["data_parallel", "zero2"])
+def test_a_checkpoint_mid_run_continues_identically(tmp_path, stack):
+    """Each rank's error buffers are saved and restored per rank (per_rank placements)."""
+    same = get_pool(2).run(_save_and_continue, tmp_path / "ckpt", stack, 3)
+    assert all(all(rank) for rank in same)
+
+
+def _bytes_per_step(stack):
+    """Bytes of the grads' exchange this rank sends in the warmup step (fp32) and in the
+    next (compressed), as the comm recorder tags them (ZeRO's all-gathers of params are
+    not grads, and the same in both)."""
+    from sharded.models import GPT, GPTConfig, loss_fn
+
+    torch.manual_seed(0)
+    model = sharded.trace(GPT(GPTConfig(vocab_size=512, seq_len=16, n_layers=2, d_model=128, n_heads=4)))
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    step = STACKS[stack](train_step)
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.onebit_adam(1e-3, warmup_steps=1)))
+    batch = (torch.randint(0, 512, (4, 16)),) * 2
+    sent = []
+    for _ in range(2):
+        with comm.recording() as ops:
+            state, _ = step(state, batch)
+        sent.append(sum(op.nbytes for op in ops if op.tag in ("reduce_grads", "compress_grads")))
+    return sent
+
+
+@pytest.mark.parametrize("stack", ["data_parallel", "zero2", "zero3"])
+def test_after_warmup_a_step_moves_16x_fewer_bytes_than_fp32(stack):
+    """Each rank's input to every collective of the grads' exchange, signs and scales
+    included; against bf16 (half of fp32's bytes) at least 8x."""
+    for plain, compressed in get_pool(2).run(_bytes_per_step, stack):
+        assert compressed > 0 and plain >= 16 * compressed, (plain, compressed)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        sharded.compress_grads(method="onebit", warmup_steps=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        sharded.optim.onebit_adam(1e-3, warmup_steps=0)
+    with pytest.raises(ValueError, match="decision 35"):
+        sharded.compress_grads(method="zeroone")
+    model = sharded.trace(ToyLM(CFG))
+    f = make_train_step(model)
+    with pytest.raises(ValueError, match="loss scaling"):
+        sharded.compress_grads()(sharded.data_parallel(sharded.mixed_precision("fp16", loss_scale=False)(f)))
+    step = sharded.compress_grads()(f)  # nothing reduces the grads
+    with pytest.raises(ValueError, match=r"compress_grads\(method='onebit'\)\(shard_zero"):
+        step.init(_state(model, warmup=2))
+    step = sharded.compress_grads()(sharded.data_parallel(f))
+    with pytest.raises(ValueError, match="onebit_adam"):
+        step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
+    with pytest.warns(UserWarning, match="nothing to compress"):
+        step.init(_state(model, warmup=2))
