@@ -41,6 +41,8 @@ class TrainConfig:
     pp: int = 1  # pipeline stages (the mesh is pp × dp; micro-batches are --accumulate's)
     precision: str = "fp32"  # or "bf16" / "fp16": mixed_precision around the step
     remat: str = "none"  # or "full" / "selective": activation checkpointing per block
+    compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
+    compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
@@ -60,7 +62,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     2. accumulate: micro-batches inside each rank; with pp > 1, pipeline instead, whose
        schedule runs the micro-batches through the stages;
     3. data_parallel, or shard_zero(stage=cfg.zero): outside them, so grads are
-       reduced once per update, overlapped with the last micro-batch's backward.
+       reduced once per update, overlapped with the last micro-batch's backward;
+    4. compress_grads (if asked): that reduction, compressed after the warmup.
     """
 
     def loss(params, batch):
@@ -85,6 +88,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
         step = sharded.shard_zero(stage=cfg.zero)(step)
     elif cfg.data_parallel and (dp > 1 or cfg.pp == 1):
         step = sharded.data_parallel(step)
+    if cfg.compress == "onebit":
+        step = sharded.compress_grads(method="onebit")(step)
     return sharded.Step(step) if not isinstance(step, sharded.Step) else step
 
 
@@ -120,9 +125,11 @@ def run_rank(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
     model = sharded.trace(GPT(gcfg).to(device))
     schedule = sharded.optim.schedules.warmup_cosine(cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps, end=cfg.lr / 10)
-    tx = sharded.optim.chain(
-        sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(schedule, weight_decay=cfg.weight_decay)
-    )
+    if cfg.compress == "onebit":
+        adam = sharded.optim.onebit_adam(schedule, warmup_steps=max(1, round(cfg.compress_warmup * cfg.steps)), weight_decay=cfg.weight_decay)
+    else:
+        adam = sharded.optim.adamw(schedule, weight_decay=cfg.weight_decay)
+    tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), adam)
     step = make_step(model, cfg)
     state = step.init(sharded.TrainState.create(model.params, tx))
     if rank == 0:
