@@ -48,21 +48,21 @@ def reference_step(model, workers: int, warmup: int, scatter: bool):
         grads = {}
         for name, p in state.params.items():
             n, c = p.numel(), math.ceil(p.numel() / workers)
-            out = torch.zeros(n, dtype=p.dtype)
+            out = torch.zeros(n, dtype=p.dtype, device=p.device)
             for r in range(workers):
                 lo, hi = min(r * c, n), min((r + 1) * c, n)
                 if lo == hi:
                     continue
-                y = torch.zeros(hi - lo, dtype=p.dtype)
+                y = torch.zeros(hi - lo, dtype=p.dtype, device=p.device)
                 for i in range(workers):
-                    e = worker_error.setdefault((i, name), torch.zeros(n, dtype=p.dtype))
+                    e = worker_error.setdefault((i, name), torch.zeros(n, dtype=p.dtype, device=p.device))
                     x = local[i][name].reshape(-1)[lo:hi] / workers + e[lo:hi]
                     s = x.norm() / math.sqrt(hi - lo)
                     sign = torch.where(x >= 0, 1.0, -1.0).to(p.dtype)
                     e[lo:hi] = x - s * sign
                     y += s * sign
                 if not scatter:
-                    f = server_error.setdefault((r, name), torch.zeros(hi - lo, dtype=p.dtype))
+                    f = server_error.setdefault((r, name), torch.zeros(hi - lo, dtype=p.dtype, device=p.device))
                     y = y + f
                     t = y.norm() / math.sqrt(hi - lo)
                     sign = torch.where(y >= 0, 1.0, -1.0).to(p.dtype)

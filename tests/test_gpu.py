@@ -168,3 +168,53 @@ def test_per_sample_grad_norms_under_zero3_over_nccl_match_one_gpu():
     got = sharded.launch(_per_sample_norms_on_cuda, cfg, batches, True, nprocs=2, device="cuda")
     want = sharded.launch(_per_sample_norms_on_cuda, cfg, batches, False, nprocs=1, device="cuda")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _compressed_on_cuda(cfg, batches, stack):
+    from test_compress_grads import STACKS
+
+    dev = sharded.distributed.device()
+    model = sharded.trace(ToyLM(cfg).to(dev))
+    step = STACKS[stack](make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.onebit_adam(1e-2, warmup_steps=1, weight_decay=0.1)))
+    for x, y in batches:
+        state, m = step(state, (x.to(dev), y.to(dev)))
+    return {k: v.cpu() for k, v in step.gather_params(state).items()}
+
+
+@needs(2)
+@pytest.mark.parametrize("stack", ["data_parallel", "zero2"])
+def test_compress_grads_over_nccl_matches_the_one_bit_simulation(stack):
+    """1-bit Adam's exchange over NCCL (all-to-all, the Triton sign kernels) against the
+    plain simulation of two workers on one GPU."""
+    from test_compress_grads import SCATTERS, reference_step
+
+    cfg = ToyConfig(tied=True, depth=3, width=64, hidden=96, vocab=50)
+    batches = _batches(cfg.vocab, 8, 4)
+    got = sharded.launch(_compressed_on_cuda, cfg, batches, stack, nprocs=2, device="cuda")
+    model = sharded.trace(ToyLM(cfg).cuda())
+    step = reference_step(model, 2, warmup=1, scatter=stack in SCATTERS)
+    state = sharded.TrainState.create(model.params, sharded.optim.onebit_adam(1e-2, warmup_steps=1, weight_decay=0.1))
+    for x, y in batches:
+        state, _ = step(state, (x.cuda(), y.cuda()))
+    for k, v in state.params.items():
+        torch.testing.assert_close(got[k], v.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@needs(1)
+def test_sign_packing_kernels_on_cuda_match_references():
+    from sharded import kernels
+    from sharded.kernels import onebit
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (1, 31, 33, 1000, 100_003):
+        x = torch.randn(n, device="cuda", generator=g)
+        x[::7] = 0.0
+        scale = torch.rand(n, device="cuda", generator=g)
+        error, want_error = torch.empty_like(x), torch.empty_like(x)
+        words = kernels.pack_signs_(x, scale, error)
+        assert torch.equal(words, onebit.reference_pack_signs_(x, scale, want_error))
+        torch.testing.assert_close(error, want_error)
+        out = torch.empty_like(x)
+        kernels.unpack_signs_(words, scale, out)
+        assert torch.equal(out, torch.where(x >= 0, scale, -scale))
