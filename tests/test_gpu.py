@@ -46,7 +46,7 @@ STACKS = {
 def _dp_on_cuda(cfg, batches, stack):
     assert torch.distributed.get_backend() == "nccl"
     dev = sharded.distributed.device()
-    model = sharded.trace(ToyLM(cfg).to(dev))
+    model = sharded.trace(ToyLM(cfg).to(dev).double())
     step = STACKS[stack](make_train_step(model))
     tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2))
     state = step.init(sharded.TrainState.create(model.params, tx))
@@ -174,7 +174,7 @@ def _compressed_on_cuda(cfg, batches, stack):
     from test_compress_grads import STACKS
 
     dev = sharded.distributed.device()
-    model = sharded.trace(ToyLM(cfg).to(dev))
+    model = sharded.trace(ToyLM(cfg).to(dev).double())
     step = STACKS[stack](make_train_step(model))
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.onebit_adam(1e-2, warmup_steps=1, weight_decay=0.1)))
     for x, y in batches:
@@ -185,20 +185,22 @@ def _compressed_on_cuda(cfg, batches, stack):
 @needs(2)
 @pytest.mark.parametrize("stack", ["data_parallel", "zero2"])
 def test_compress_grads_over_nccl_matches_the_one_bit_simulation(stack):
-    """1-bit Adam's exchange over NCCL (all-to-all, the Triton sign kernels) against the
-    plain simulation of two workers on one GPU."""
+    """1-bit Adam's exchange over NCCL (all-to-all, all-gather of packed signs) against the
+    plain simulation of two workers on one GPU, in float64: after a short warmup Adam's
+    frozen variance is tiny for some elements, so a float32 rounding that flips one sign
+    moves a param a lot (the kernels themselves are checked natively below)."""
     from test_compress_grads import SCATTERS, reference_step
 
     cfg = ToyConfig(tied=True, depth=3, width=64, hidden=96, vocab=50)
     batches = _batches(cfg.vocab, 8, 4)
     got = sharded.launch(_compressed_on_cuda, cfg, batches, stack, nprocs=2, device="cuda")
-    model = sharded.trace(ToyLM(cfg).cuda())
+    model = sharded.trace(ToyLM(cfg).cuda().double())
     step = reference_step(model, 2, warmup=1, scatter=stack in SCATTERS)
     state = sharded.TrainState.create(model.params, sharded.optim.onebit_adam(1e-2, warmup_steps=1, weight_decay=0.1))
     for x, y in batches:
         state, _ = step(state, (x.cuda(), y.cuda()))
     for k, v in state.params.items():
-        torch.testing.assert_close(got[k], v.cpu(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[k], v.cpu(), rtol=1e-7, atol=1e-9)
 
 
 @needs(1)
