@@ -7,6 +7,8 @@ from sharded import optim as optim
 from sharded import plot as plot
 from sharded import sharding as sharding
 from sharded import checkpoint as checkpoint
+from sharded import deepspeed as deepspeed
+from sharded.deepspeed import from_deepspeed_config as from_deepspeed_config
 from sharded import distributed as distributed
 from sharded import tree as tree
 from sharded.grad import grad as grad

@@ -31,6 +31,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, default=d.pp, help="pipeline stages (1F1B over --accumulate micro-batches; dp = nproc / pp)")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"], help="mixed_precision compute dtype")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
+    p.add_argument("--config", default=d.config, help="a DeepSpeed config (JSON): its batch sizes, fp16/bf16, ZeRO stage, optimizer and scheduler replace the flags for them")
     p.add_argument("--compress", default=d.compress, choices=["none", "onebit"], help="1-bit Adam: grads exchanged as signs after a warmup")
     p.add_argument("--compress-warmup", type=float, default=d.compress_warmup, help="fraction of --steps before compressing (default 0.15)")
     p.add_argument("--lr", type=float, default=d.lr)

@@ -43,6 +43,7 @@ class TrainConfig:
     remat: str = "none"  # or "full" / "selective": activation checkpointing per block
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
+    config: str | None = None  # a DeepSpeed config (JSON): its batch sizes, precision, ZeRO, optimizer decide
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
@@ -74,6 +75,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
         value, grads = sharded.value_and_grad(loss)(state.params, batch)
         return state.apply_gradients(grads), {"loss": value}
 
+    if cfg.config is not None:  # the DeepSpeed config decides the transforms
+        return _deepspeed_plan(cfg)(train_step)
     step = train_step
     if cfg.precision != "fp32":
         step = sharded.mixed_precision(cfg.precision)(step)
@@ -91,6 +94,12 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     if cfg.compress == "onebit":
         step = sharded.compress_grads(method="onebit")(step)
     return sharded.Step(step) if not isinstance(step, sharded.Step) else step
+
+
+def _deepspeed_plan(cfg: TrainConfig) -> sharded.deepspeed.DeepSpeedPlan:
+    """The config's plan, on this job's dp ranks, its "auto" values from the train flags."""
+    auto = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "total_steps": cfg.steps, "warmup_steps": cfg.warmup, "max_grad_norm": 1.0}
+    return sharded.from_deepspeed_config(cfg.config, world_size=sharded.Mesh.current().size("dp"), auto=auto)
 
 
 def _memory_mb(state, device: torch.device) -> dict:
@@ -125,11 +134,16 @@ def run_rank(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
     model = sharded.trace(GPT(gcfg).to(device))
     schedule = sharded.optim.schedules.warmup_cosine(cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps, end=cfg.lr / 10)
-    if cfg.compress == "onebit":
+    if cfg.config is not None:
+        plan = _deepspeed_plan(cfg)
+        cfg, tx = dataclasses.replace(cfg, batch_size=plan.global_batch), plan.optimizer
+        if rank == 0:
+            print("\n".join([f"{cfg.config}: {', '.join(map(repr, plan.transforms))}; {plan.micro_batch} sequences per rank per micro-batch"] + [f"  note: {n}" for n in plan.notes]))
+    elif cfg.compress == "onebit":
         adam = sharded.optim.onebit_adam(schedule, warmup_steps=max(1, round(cfg.compress_warmup * cfg.steps)), weight_decay=cfg.weight_decay)
+        tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), adam)
     else:
-        adam = sharded.optim.adamw(schedule, weight_decay=cfg.weight_decay)
-    tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), adam)
+        tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(schedule, weight_decay=cfg.weight_decay))
     step = make_step(model, cfg)
     state = step.init(sharded.TrainState.create(model.params, tx))
     if rank == 0:
