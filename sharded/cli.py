@@ -8,7 +8,43 @@ import sys
 __all__ = ["main"]
 
 
+def _int_at_least(low: int):
+    """argparse type: an int >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+
+    return parse
+
+
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a fraction of the steps, between 0 and 1")
+    return value
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> None:
+    from sharded.models.gpt import PRESETS
     from sharded.train import TrainConfig
 
     d = TrainConfig()
@@ -19,36 +55,41 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "writes metrics.jsonl, summary.json and loss.png to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default=d.preset, help="GPT preset: tiny, 125m, 350m, 760m, 1.3b, 2.7b, 6.7b")
-    p.add_argument("--nproc", type=int, default=d.nproc, help="local ranks to spawn (ignored under torchrun)")
+    p.add_argument("--preset", default=d.preset, choices=list(PRESETS), help="GPT preset")
+    p.add_argument("--nproc", type=_positive, default=d.nproc, help="local ranks to spawn (ignored under torchrun)")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, in sequences")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="default: the preset's")
-    p.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per update (1: off)")
+    p.add_argument("--steps", type=_positive, default=d.steps)
+    p.add_argument("--batch-size", type=_positive, default=d.batch_size, help="global batch, in sequences")
+    p.add_argument("--seq-len", type=_positive, default=d.seq_len, help="default: the preset's")
+    p.add_argument("--accumulate", type=_positive, default=d.accumulate, help="micro-batches per update (1: off)")
     p.add_argument("--no-data-parallel", dest="data_parallel", action="store_false", help="drop data_parallel")
     p.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3], help="shard_zero stage instead of data_parallel (0: off)")
-    p.add_argument("--pp", type=int, default=d.pp, help="pipeline stages (1F1B over --accumulate micro-batches; dp = nproc / pp)")
+    p.add_argument("--pp", type=_positive, default=d.pp, help="pipeline stages (1F1B over --accumulate micro-batches; dp = nproc / pp)")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"], help="mixed_precision compute dtype")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
     p.add_argument("--config", default=d.config, help="a DeepSpeed config (JSON): its batch sizes, fp16/bf16, ZeRO stage, optimizer and scheduler replace the flags for them")
     p.add_argument("--compress", default=d.compress, choices=["none", "onebit"], help="1-bit Adam: grads exchanged as signs after a warmup")
-    p.add_argument("--compress-warmup", type=float, default=d.compress_warmup, help="fraction of --steps before compressing (default 0.15)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--compress-warmup", type=_fraction, default=d.compress_warmup, help="fraction of --steps before compressing (default 0.15)")
+    p.add_argument("--lr", type=_positive_float, default=d.lr)
+    p.add_argument("--warmup", type=_non_negative, default=d.warmup, help="learning-rate warmup steps")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--log-every", type=_positive, default=d.log_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--init-seed", type=int, default=d.init_seed, help="seed of the model init alone (default: --seed)")
     p.add_argument("--out", default=d.out, help="output directory")
-    p.set_defaults(run=_run_train)
+    p.set_defaults(run=_run_train, parser=p)
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from sharded.train import TrainConfig, main
+    from sharded.train import TrainConfig, check, main
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    main(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        check(cfg)  # a user's mistake is one line, here, before any rank starts
+    except ValueError as e:
+        args.parser.error(str(e))
+    main(cfg)
 
 
 def _estimate_parser(sub: argparse._SubParsersAction) -> None:

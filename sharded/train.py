@@ -226,6 +226,25 @@ def _write_outputs(out: Path, log: list[dict], summary: dict) -> None:
     plt.close(fig)
 
 
+def check(cfg: TrainConfig) -> None:
+    """ValueError, in a line, for a configuration that cannot run: checked before any
+    rank starts, so a mistake is one message rather than a traceback per rank."""
+    world = int(os.environ.get("WORLD_SIZE", cfg.nproc))
+    if world % cfg.pp:
+        raise ValueError(f"--pp {cfg.pp} does not divide the {world} ranks; use a --pp that divides --nproc")
+    dp = world // cfg.pp
+    if cfg.config is not None:
+        sharded.from_deepspeed_config(cfg.config, world_size=dp)
+        return
+    if cfg.batch_size % (dp * cfg.accumulate):
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} does not split into {dp} data-parallel ranks x {cfg.accumulate} micro-batches; "
+            f"use a multiple of {dp * cfg.accumulate}"
+        )
+    if cfg.device == "cuda" and torch.cuda.device_count() < (world if "RANK" not in os.environ else 1):
+        raise ValueError(f"--device cuda --nproc {world} needs {world} GPUs; this machine has {torch.cuda.device_count()}")
+
+
 def main(cfg: TrainConfig) -> dict:
     """Train on `cfg.nproc` local ranks (or on this rank, under torchrun) and report."""
     if "RANK" in os.environ:

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from sharded.train import TrainConfig, main
 
 
@@ -22,3 +24,16 @@ def test_train_with_zero3_and_remat_learns(tmp_path):
 def test_train_help_names_the_pipeline_flag():
     text = subprocess.run([sys.executable, "-m", "sharded", "train", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--pp" in text and "--zero" in text and "--remat" in text
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--accumulate", "0"], "argument --accumulate: 0 must be at least 1"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["--pp", "3", "--nproc", "2"], "--pp 3 does not divide the 2 ranks"),
+    (["--batch-size", "30", "--accumulate", "4"], "--batch-size 30 does not split into 2 data-parallel ranks x 4 micro-batches"),
+])
+def test_a_users_mistake_is_one_line_and_exit_status_2(args, words):
+    done = subprocess.run([sys.executable, "-m", "sharded", "train", *args], capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1].startswith("sharded train: error: ") and words in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
