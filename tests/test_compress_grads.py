@@ -14,10 +14,10 @@ from sharded.testing.models import ToyConfig, ToyLM, make_train_step
 
 CFG = ToyConfig(vocab=9, width=6, hidden=7, depth=2, tied=True, seed=4)
 STACKS = {
-    "data_parallel": lambda f: sharded.compress_grads(method="onebit")(sharded.data_parallel(bucket_mb=1e-4)(f)),
-    "zero1": lambda f: sharded.shard_zero(stage=1)(sharded.compress_grads(method="onebit")(f)),
-    "zero2": lambda f: sharded.compress_grads(method="onebit")(sharded.shard_zero(stage=2, bucket_mb=1e-4)(f)),
-    "zero3": lambda f: sharded.compress_grads(method="onebit")(sharded.shard_zero(stage=3)(f)),
+    "data_parallel": lambda f, block=256: sharded.compress_grads(method="onebit", block=block)(sharded.data_parallel(bucket_mb=1e-4)(f)),
+    "zero1": lambda f, block=256: sharded.shard_zero(stage=1)(sharded.compress_grads(method="onebit", block=block)(f)),
+    "zero2": lambda f, block=256: sharded.compress_grads(method="onebit", block=block)(sharded.shard_zero(stage=2, bucket_mb=1e-4)(f)),
+    "zero3": lambda f, block=256: sharded.compress_grads(method="onebit", block=block)(sharded.shard_zero(stage=3)(f)),
 }
 SCATTERS = {"zero2", "zero3"}  # their exchange is the reduce-scatter (no server error, no second phase)
 
@@ -33,7 +33,7 @@ def _loss(model, params, batch):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def reference_step(model, workers: int, warmup: int, scatter: bool):
+def reference_step(model, workers: int, warmup: int, scatter: bool, block: int = 256):
     """1-bit Adam's exchange, written plainly: `workers` simulated ranks, each on its rows."""
     worker_error, server_error = {}, {}
 
@@ -49,26 +49,25 @@ def reference_step(model, workers: int, warmup: int, scatter: bool):
         for name, p in state.params.items():
             n, c = p.numel(), math.ceil(p.numel() / workers)
             out = torch.zeros(n, dtype=p.dtype, device=p.device)
-            for r in range(workers):
-                lo, hi = min(r * c, n), min((r + 1) * c, n)
-                if lo == hi:
-                    continue
-                y = torch.zeros(hi - lo, dtype=p.dtype, device=p.device)
-                for i in range(workers):
-                    e = worker_error.setdefault((i, name), torch.zeros(n, dtype=p.dtype, device=p.device))
-                    x = local[i][name].reshape(-1)[lo:hi] / workers + e[lo:hi]
-                    s = x.norm() / math.sqrt(hi - lo)
-                    sign = torch.where(x >= 0, 1.0, -1.0).to(p.dtype)
-                    e[lo:hi] = x - s * sign
-                    y += s * sign
-                if not scatter:
-                    f = server_error.setdefault((r, name), torch.zeros(hi - lo, dtype=p.dtype, device=p.device))
-                    y = y + f
-                    t = y.norm() / math.sqrt(hi - lo)
-                    sign = torch.where(y >= 0, 1.0, -1.0).to(p.dtype)
-                    f.copy_(y - t * sign)
-                    y = t * sign
-                out[lo:hi] = y
+            for r in range(workers):  # chunk r of the leaf, its server rank r
+                for lo in range(r * c, min((r + 1) * c, n), block):  # one scale per block of the chunk
+                    hi = min(lo + block, (r + 1) * c, n)
+                    y = torch.zeros(hi - lo, dtype=p.dtype, device=p.device)
+                    for i in range(workers):
+                        e = worker_error.setdefault((i, name), torch.zeros(n, dtype=p.dtype, device=p.device))
+                        x = local[i][name].reshape(-1)[lo:hi] / workers + e[lo:hi]
+                        s = x.norm() / math.sqrt(hi - lo)
+                        sign = torch.where(x >= 0, 1.0, -1.0).to(p.dtype)
+                        e[lo:hi] = x - s * sign
+                        y += s * sign
+                    if not scatter:
+                        f = server_error.setdefault((r, name), torch.zeros(c, dtype=p.dtype, device=p.device))[lo - r * c : hi - r * c]
+                        y = y + f
+                        t = y.norm() / math.sqrt(hi - lo)
+                        sign = torch.where(y >= 0, 1.0, -1.0).to(p.dtype)
+                        f.copy_(y - t * sign)
+                        y = t * sign
+                    out[lo:hi] = y
             grads[name] = out.view(p.shape)
         return state.apply_gradients(grads), {"loss": loss}
 
@@ -101,12 +100,13 @@ def _params_after(build, train_step, state, batches):
     return step.gather_params(state)
 
 
+@pytest.mark.parametrize("block", [4, 256])  # several scales per chunk, or one
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("stack", sorted(STACKS))
-def test_after_warmup_the_exchange_is_the_one_bit_algorithm(stack, world):
+def test_after_warmup_the_exchange_is_the_one_bit_algorithm(stack, world, block):
     model = sharded.trace(ToyLM(CFG).double())
-    step = STACKS[stack](make_train_step(model))
-    reference = reference_step(model, world, warmup=1, scatter=stack in SCATTERS)
+    step = STACKS[stack](make_train_step(model), block)
+    reference = reference_step(model, world, warmup=1, scatter=stack in SCATTERS, block=block)
     assert_step_equivalent(step, reference, _state(model, warmup=1), _batches(2 * world), world_size=world, rtol=1e-7, atol=1e-9)
 
 

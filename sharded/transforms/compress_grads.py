@@ -9,18 +9,19 @@ Reference semantics. During the optimizer's warmup (`onebit_adam(warmup_steps=k)
 first k updates, while Adam's variance still moves) nothing changes: the step is the
 plain step. After it, every bucket that `data_parallel` or `shard_zero` reduces (a
 "reduce_grads" primitive) is exchanged compressed. For each grad leaf, cut into N chunks
-([Note: chunk layout]), on each worker i and for each chunk r:
+([Note: chunk layout]), each chunk into blocks of `block` elements, on each worker i
+and for each block b of chunk r:
 
-    x      = g_i[r] / N + e_i[r]                  (the mean's 1/N, this worker's error)
-    s      = ||x|| / sqrt(len(x));  e_i[r] = x - s·sign(x)        (sign(0) = +1)
-    y[r]   = Σ_i s_i·sign(x_i)                      on rank r, the chunk's server
-  reduce-scatter (ZeRO-2/3): rank r keeps y[r]. all-reduce (data_parallel, ZeRO-1):
-    y[r]  += f[r];  t = ||y[r]|| / sqrt(len);  f[r] = y[r] - t·sign(y[r])   (server error)
-    every rank gets, for each chunk r, t_r·sign(y[r])
+    x      = g_i[b] / N + e_i[b]                  (the mean's 1/N, this worker's error)
+    s      = ||x|| / sqrt(len(x));  e_i[b] = x - s·sign(x)        (sign(0) = +1)
+    y[b]   = Σ_i s_i·sign(x_i)                      on rank r, the chunk's server
+  reduce-scatter (ZeRO-2/3): rank r keeps y. all-reduce (data_parallel, ZeRO-1):
+    y[b]  += f[b];  t = ||y[b]|| / sqrt(len);  f[b] = y[b] - t·sign(y[b])   (server error)
+    every rank gets, for each block, t·sign(y[b])
 
-Signs go 32 to an int32 (sharded.kernels.pack_signs_), with one scale per chunk of each
-leaf: about 1/32 of fp32's bytes in an all-to-all, plus, for an all-reduce, 1/(32N) in
-an all-gather. The errors are state (`extra["compress_grads"]`): each rank's own
+Signs go 32 to an int32 (sharded.kernels.pack_signs_), with a float scale per block of
+256: about 1/32 + 1/64 of fp32's bytes in an all-to-all, plus, for an all-reduce, as
+much again over N in an all-gather. The errors are state (`extra["compress_grads"]`): each rank's own
 (`per_rank` placements), a worker error the size of the grads and a server error the
 size of this rank's chunks, so checkpoints restore each rank's own. Replicas of hybrid
 sharding are still summed in full precision. We compress the grads, not Adam's
@@ -52,7 +53,8 @@ __all__ = ["compress_grads"]
 @dataclasses.dataclass(frozen=True)
 class _Rows:
     """A bucket's leaves laid out as N rows of S32 columns: row r holds chunk r of each
-    leaf (zero padded to its chunk size, then to a multiple of 32)."""
+    leaf (zero padded to its chunk size, then to a multiple of 32). Each leaf's chunk
+    columns are cut into blocks of at most `block` columns, one scale each."""
 
     ranks: int
     numels: tuple[int, ...]
@@ -60,26 +62,27 @@ class _Rows:
     offsets: tuple[int, ...]  # each leaf's first column
     size: int  # S: the columns of the leaves' chunks
     columns: int  # S32
-    leaf_of_column: torch.Tensor  # (S32,) leaf index, len(numels) for the padding
+    block_of_column: torch.Tensor  # (S32,) the scale block of each column; the last id for the padding
     valid: torch.Tensor  # (N, S32) bool: a real element of its leaf
-    lengths: torch.Tensor  # (N, K) real elements of each chunk
+    lengths: torch.Tensor  # (N, blocks) real elements of each block in each row
 
     @staticmethod
-    def plan(numels: tuple[int, ...], ranks: int, device: torch.device) -> _Rows:
+    def plan(numels: tuple[int, ...], ranks: int, block: int, device: torch.device) -> _Rows:
         chunks = tuple(chunk_size(n, ranks) for n in numels)
         offsets = tuple(sum(chunks[:k]) for k in range(len(chunks)))
         size = sum(chunks)
         columns = words_for(size) * 32
-        leaf = torch.full((columns,), len(numels), dtype=torch.long)
+        starts = [(o + j, min(j + block, c) - j) for o, c in zip(offsets, chunks) for j in range(0, c, block)]  # (first column, width)
+        ids = torch.full((columns,), len(starts), dtype=torch.long)
+        for b, (first, width) in enumerate(starts):
+            ids[first : first + width] = b
         valid = torch.zeros(ranks, columns, dtype=torch.bool)
-        lengths = torch.zeros(ranks, len(numels))
-        for k, (n, c, o) in enumerate(zip(numels, chunks, offsets)):
-            leaf[o : o + c] = k
+        for n, c, o in zip(numels, chunks, offsets):
             for r in range(ranks):
-                real = max(0, min(c, n - r * c))
-                valid[r, o : o + real] = True
-                lengths[r, k] = real
-        return _Rows(ranks, numels, chunks, offsets, size, columns, leaf.to(device), valid.to(device), lengths.to(device))
+                valid[r, o : o + max(0, min(c, n - r * c))] = True
+        lengths = torch.zeros(ranks, len(starts))
+        lengths.index_add_(1, ids[ids < len(starts)], valid[:, ids < len(starts)].to(lengths.dtype))
+        return _Rows(ranks, numels, chunks, offsets, size, columns, ids.to(device), valid.to(device), lengths.to(device))
 
     def gather(self, flats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """(N, S32) from each leaf's whole flat tensor."""
@@ -96,26 +99,28 @@ class _Rows:
             x.copy_(rows[:, o : o + c].reshape(-1)[:n])
 
     def scales(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """||chunk|| / sqrt(len) of each leaf's chunk in each row: (rows, K + 1), the
-        padding's column 0."""
-        sums = torch.zeros(rows.shape[0], len(self.numels) + 1, dtype=rows.dtype, device=rows.device)
-        sums.index_add_(1, self.leaf_of_column, rows.square())
+        """||block|| / sqrt(its real elements) (the RMS) of each block in each row: (rows,
+        blocks + 1), the padding's scale 0. s·sign(x) then keeps x's norm."""
+        sums = torch.zeros(rows.shape[0], lengths.shape[1] + 1, dtype=rows.dtype, device=rows.device)
+        sums.index_add_(1, self.block_of_column, rows.square())
         lengths = torch.cat([lengths, torch.zeros(lengths.shape[0], 1, device=lengths.device)], 1).to(rows.dtype)
-        return torch.where(lengths > 0, sums.sqrt() / lengths.clamp(min=1).sqrt(), 0)
+        return sums.sqrt() / lengths.clamp(min=1).sqrt()
 
 
 class CompressGrads(Transform):
     name = "compress_grads"
     level = Level.PARALLEL
 
-    def __init__(self, method: str = "onebit", warmup_steps: int | None = None):
+    def __init__(self, method: str = "onebit", warmup_steps: int | None = None, block: int = 256):
         if method == "zeroone":
             raise ValueError("compress_grads(method='zeroone'), 0/1 Adam, is not built (docs/decisions.md, decision 35); use method='onebit'")
         if method != "onebit":
             raise ValueError(f"compress_grads(method={method!r}): the method is 'onebit' (1-bit Adam's compressed exchange)")
         if warmup_steps is not None and (not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 1):
             raise ValueError(f"compress_grads(warmup_steps=...) must be an int >= 1 (Adam's variance needs warmup); got {warmup_steps!r}")
-        self.method, self.warmup_steps = method, warmup_steps
+        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+            raise ValueError(f"compress_grads(block=...) is how many elements share a scale (an int >= 1); got {block!r}")
+        self.method, self.warmup_steps, self.block = method, warmup_steps, block
         self.handlers = {"reduce_grads": self._reduce_grads}
         self._rows: dict[Any, _Rows] = {}
         self._warmup = warmup_steps
@@ -181,14 +186,14 @@ class CompressGrads(Transform):
         ranks, me = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
         key = (fg.name, fg.numels, ranks)
         if key not in self._rows:
-            self._rows[key] = _Rows.plan(fg.numels, ranks, bucket.grads.device)
+            self._rows[key] = _Rows.plan(fg.numels, ranks, self.block, bucket.grads.device)
         rows = self._rows[key]
         dtype = worker[fg.leaves[0]].dtype
         mine = [worker[i] for i in fg.leaves]
         x = self._bucket_rows(bucket, rows, dtype) + rows.gather(mine, dtype)
         scale = rows.scales(x, rows.lengths)
         error = torch.empty_like(x)
-        words = kernels.pack_signs_(x.view(-1), scale[:, rows.leaf_of_column].reshape(-1).contiguous(), error.view(-1))
+        words = kernels.pack_signs_(x.view(-1), scale[:, rows.block_of_column].reshape(-1).contiguous(), error.view(-1))
         rows.scatter(error, mine)
         # phase 1: chunk r of every worker to rank r, which sums them (the server)
         got_words, got_scale = torch.empty_like(words), torch.empty_like(scale)
@@ -196,7 +201,7 @@ class CompressGrads(Transform):
         comm.all_to_all_single(got_scale, scale, group=group)
         y = torch.zeros(rows.columns, dtype=dtype, device=x.device)
         for i, (w, s) in enumerate(zip(got_words.view(ranks, -1), got_scale)):
-            kernels.unpack_signs_(w, s[rows.leaf_of_column].contiguous(), y, accumulate=True)
+            kernels.unpack_signs_(w, s[rows.block_of_column].contiguous(), y, accumulate=True)
         y *= rows.valid[me]
         if bucket.reduction is Reduction.REDUCE_SCATTER:
             bucket.out.copy_(y[: rows.size])
@@ -208,7 +213,7 @@ class CompressGrads(Transform):
             y[sl] += s
         server_scale = rows.scales(y[None], rows.lengths[me][None])[0]
         server_error = torch.empty_like(y)
-        server_words = kernels.pack_signs_(y, server_scale[rows.leaf_of_column].contiguous(), server_error)
+        server_words = kernels.pack_signs_(y, server_scale[rows.block_of_column].contiguous(), server_error)
         server_error *= rows.valid[me]
         for s, sl in zip(own, offsets):
             s.copy_(server_error[sl])
@@ -219,7 +224,7 @@ class CompressGrads(Transform):
         all_words, all_scales = all_words.view(ranks, -1), all_scales.view(ranks, -1)
         z = torch.empty(ranks, rows.columns, dtype=dtype, device=y.device)
         for r in range(ranks):
-            kernels.unpack_signs_(all_words[r], all_scales[r][rows.leaf_of_column].contiguous(), z[r])
+            kernels.unpack_signs_(all_words[r], all_scales[r][rows.block_of_column].contiguous(), z[r])
         self._write_rows(bucket, rows, z)
 
     @staticmethod
@@ -250,7 +255,7 @@ class CompressGrads(Transform):
         signs = numel // 8  # bytes of packed signs
         note = Op(
             "collective", "compressed exchange (after warmup)",
-            f"signs 32 per int32 and a scale per chunk of each leaf, error feedback; ~{signs * (1 + 1 / size) / 2**20:.2f} MiB instead of "
+            f"signs 32 per int32 and a scale per {self.block} elements, error feedback; ~{signs * (1 + 1 / size) / 2**20:.2f} MiB instead of "
             f"{4 * numel / 2**20:.2f} MiB of fp32 grads, over {self.axis}={size}",
             nbytes=int(signs * (1 + 1 / size)),
         )
