@@ -68,6 +68,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"], help="mixed_precision compute dtype")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
     p.add_argument("--config", default=d.config, help="a DeepSpeed config (JSON): its batch sizes, fp16/bf16, ZeRO stage, optimizer and scheduler replace the flags for them")
+    p.add_argument("--resume", default=d.resume, help="a checkpoint directory (a run's OUT/checkpoint): continue from its step up to --steps, under any --zero and --nproc")
+    p.add_argument("--stop-at", type=_positive, default=d.stop_at, help="end this run after this step, checkpointed (the schedule still spans --steps); continue with --resume")
     p.add_argument("--compress", default=d.compress, choices=["none", "onebit"], help="1-bit Adam: grads exchanged as signs after a warmup")
     p.add_argument("--compress-warmup", type=_fraction, default=d.compress_warmup, help="fraction of --steps before compressing (default 0.15)")
     p.add_argument("--lr", type=_positive_float, default=d.lr)

@@ -44,6 +44,8 @@ class TrainConfig:
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
     config: str | None = None  # a DeepSpeed config (JSON): its batch sizes, precision, ZeRO, optimizer decide
+    resume: str | None = None  # a checkpoint directory (a run's out/checkpoint): continue from its step to --steps
+    stop_at: int | None = None  # end this run after this step, checkpointed (a job's time limit); the schedule is still --steps'
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
@@ -154,19 +156,26 @@ def run_rank(cfg: TrainConfig) -> dict:
     log = []
     tokens_per_step = cfg.batch_size * seq_len
     batches = corpus.batches("train", cfg.batch_size, seq_len, seed=cfg.seed)
-    bar = tqdm(range(cfg.steps), disable=rank != 0, desc="train", unit="step", mininterval=1.0)
+    start = 0
+    if cfg.resume is not None:  # the state, and the data's position (its step count: batches are a seeded sequence)
+        state = sharded.checkpoint.load(cfg.resume, like=state)
+        start = int(state.step)
+        for _ in range(start):
+            next(batches)
+    end = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
+    bar = tqdm(range(start, end), disable=rank != 0, desc="train", unit="step", mininterval=1.0)
     t0 = time.perf_counter()
     for i in bar:
         x, y = next(batches)
         state, metrics = step(state, (x.to(device), y.to(device)))
-        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
+        if (i + 1) % cfg.log_every == 0 or i + 1 == end:
             loss = metrics["loss"].item()  # syncs: only when logging
             dt = time.perf_counter() - t0
             mem = torch.tensor(list(_memory_mb(state, device).values()), dtype=torch.float64, device=device)
             per_rank = [mem.clone() for _ in range(distributed.world_size())]
             if distributed.world_size() > 1:
                 torch.distributed.all_gather(per_rank, mem)
-            tps = tokens_per_step * (i + 1) / dt
+            tps = tokens_per_step * (i + 1 - start) / dt
             row = {
                 "step": i + 1,
                 "loss": loss,
@@ -233,6 +242,8 @@ def check(cfg: TrainConfig) -> None:
     if world % cfg.pp:
         raise ValueError(f"--pp {cfg.pp} does not divide the {world} ranks; use a --pp that divides --nproc")
     dp = world // cfg.pp
+    if cfg.resume is not None and not (Path(cfg.resume) / ".metadata").exists():
+        raise ValueError(f"--resume {cfg.resume}: no checkpoint there (no .metadata); give a run's OUT/checkpoint directory")
     if cfg.config is not None:
         sharded.from_deepspeed_config(cfg.config, world_size=dp)
         return
