@@ -22,7 +22,7 @@ from tqdm import tqdm
 import sharded
 from sharded import distributed
 from sharded.data import Corpus
-from sharded.models import GPT, GPTConfig, flops_per_token, loss_fn
+from sharded.models import GPT, GPTConfig, flops_per_token, hf, loss_fn
 
 __all__ = ["TrainConfig", "main", "run_rank"]
 
@@ -43,6 +43,7 @@ class TrainConfig:
     remat: str = "none"  # or "full" / "selective": activation checkpointing per block
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
+    model: str | None = None  # a Hugging Face causal LM's directory (config.json, + safetensors weights) instead of --preset
     config: str | None = None  # a DeepSpeed config (JSON): its batch sizes, precision, ZeRO, optimizer decide
     resume: str | None = None  # a checkpoint directory (a run's out/checkpoint): continue from its step to --steps
     stop_at: int | None = None  # end this run after this step, checkpointed (a job's time limit); the schedule is still --steps'
@@ -71,7 +72,7 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
 
     def loss(params, batch):
         inputs, targets = batch
-        return loss_fn(model.apply(params, inputs), targets)
+        return loss_fn(hf.logits_of(model.apply(params, inputs)), targets)
 
     def train_step(state, batch):
         value, grads = sharded.value_and_grad(loss)(state.params, batch)
@@ -119,7 +120,7 @@ def evaluate(model: sharded.Model, params, corpus: Corpus, cfg: TrainConfig, seq
     for i, (x, y) in enumerate(corpus.batches("val", cfg.batch_size, seq_len, seed=cfg.seed)):
         if i == cfg.eval_batches:
             break
-        losses.append(loss_fn(model.apply(params, x.to(device)), y.to(device)).item())
+        losses.append(loss_fn(hf.logits_of(model.apply(params, x.to(device))), y.to(device)).item())
     return sum(losses) / len(losses)
 
 
@@ -130,11 +131,17 @@ def run_rank(cfg: TrainConfig) -> dict:
         sharded.Mesh.set_current(sharded.Mesh(pp=cfg.pp))
     rank, device = distributed.rank(), distributed.device()
     corpus = Corpus(seed=cfg.seed)
-    gcfg = GPTConfig.preset(cfg.preset, vocab_size=corpus.tokenizer.vocab_size)
-    seq_len = cfg.seq_len or gcfg.seq_len
-    gcfg = dataclasses.replace(gcfg, seq_len=seq_len)
     torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
-    model = sharded.trace(GPT(gcfg).to(device))
+    if cfg.model is not None:  # the user's Hugging Face model
+        module = hf.load_causal_lm(cfg.model).to(device)
+        seq_len = cfg.seq_len or min(128, hf.max_positions(module) or 128)
+        flops = 6 * sum(p.numel() for p in module.parameters())
+    else:
+        gcfg = GPTConfig.preset(cfg.preset, vocab_size=corpus.tokenizer.vocab_size)
+        seq_len = cfg.seq_len or gcfg.seq_len
+        gcfg = dataclasses.replace(gcfg, seq_len=seq_len)
+        module, flops = GPT(gcfg).to(device), flops_per_token(gcfg)
+    model = sharded.trace(module)
     schedule = sharded.optim.schedules.warmup_cosine(cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps, end=cfg.lr / 10)
     if cfg.config is not None:
         plan = _deepspeed_plan(cfg)
@@ -180,7 +187,7 @@ def run_rank(cfg: TrainConfig) -> dict:
                 "step": i + 1,
                 "loss": loss,
                 "tokens_per_s": tps,
-                "mfu": tps * flops_per_token(gcfg) / _peak_flops(device) if device.type == "cuda" else None,
+                "mfu": tps * flops / _peak_flops(device) if device.type == "cuda" else None,
                 "memory_mb_per_rank": [m.tolist() for m in per_rank],
                 "memory_fields": list(_memory_mb(state, device)),
             }
@@ -190,6 +197,8 @@ def run_rank(cfg: TrainConfig) -> dict:
     val = evaluate(model, params, corpus, cfg, seq_len, device)
     sharded.checkpoint.save(state, out / "checkpoint")  # resumable under any transforms
     sharded.checkpoint.export_safetensors(params, out / "model.safetensors")
+    if cfg.model is not None and rank == 0:  # a directory from_pretrained loads
+        hf.export(model.module, params, out / "hf")
     baseline = corpus.unigram_entropy("val")
     summary = {
         "preset": cfg.preset,
@@ -242,6 +251,10 @@ def check(cfg: TrainConfig) -> None:
     if world % cfg.pp:
         raise ValueError(f"--pp {cfg.pp} does not divide the {world} ranks; use a --pp that divides --nproc")
     dp = world // cfg.pp
+    if cfg.model is not None:
+        vocab, chars = hf.vocab_size(cfg.model), Corpus(seed=cfg.seed).tokenizer.vocab_size
+        if vocab < chars:
+            raise ValueError(f"--model {cfg.model}: its vocab ({vocab}) is smaller than the embedded corpus's {chars} characters")
     if cfg.resume is not None and not (Path(cfg.resume) / ".metadata").exists():
         raise ValueError(f"--resume {cfg.resume}: no checkpoint there (no .metadata); give a run's OUT/checkpoint directory")
     if cfg.config is not None:
@@ -258,6 +271,7 @@ def check(cfg: TrainConfig) -> None:
 
 def main(cfg: TrainConfig) -> dict:
     """Train on `cfg.nproc` local ranks (or on this rank, under torchrun) and report."""
+    check(cfg)
     if "RANK" in os.environ:
         summary = run_rank(cfg)
     else:

@@ -1,0 +1,44 @@
+"""`sharded train --model DIR`: a Hugging Face causal LM from a local directory trains
+and exports back to a directory that `from_pretrained` loads."""
+import pytest
+import torch
+
+from sharded.train import TrainConfig, main
+
+transformers = pytest.importorskip("transformers")
+
+
+def _small(name):
+    if name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=40, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(config)
+    config = transformers.LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_hugging_face_directory_trains_and_exports_back(tmp_path, name):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    module = _small(name)
+    module.save_pretrained(tmp_path / "model")
+    out = tmp_path / "run"
+    summary = main(TrainConfig(model=str(tmp_path / "model"), nproc=2, steps=8, batch_size=8, accumulate=1, seq_len=16, log_every=4, out=str(out)))
+    assert summary["world_size"] == 2
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    trained = _small(name).eval()
+    missing, unexpected = trained.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if name == "gpt2" else set())  # a tied weight is stored once
+    x = torch.randint(0, 29, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, trained(x).logits)
+        assert not torch.allclose(loaded(x).logits, module.eval()(x).logits)  # it trained
+
+
+def test_a_directory_without_a_config_is_named(tmp_path):
+    with pytest.raises(ValueError, match="no config.json there"):
+        main(TrainConfig(model=str(tmp_path), nproc=1, steps=1, out=str(tmp_path / "run")))
