@@ -67,6 +67,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=_positive, default=d.pp, help="pipeline stages (1F1B over --accumulate micro-batches; dp = nproc / pp)")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"], help="mixed_precision compute dtype")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
+    p.add_argument("--data", default=d.data, help="your data: a text file, or a token file (.bin uint16 as nanoGPT writes it, .npy), memory-mapped; the last 10%% is validation")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="a local Hugging Face tokenizer directory for a text --data (default: bytes)")
     p.add_argument("--model", default=d.model, help="a Hugging Face causal LM's directory (config.json, and safetensors weights or a fresh init) instead of --preset; exported to OUT/hf")
     p.add_argument("--config", default=d.config, help="a DeepSpeed config (JSON): its batch sizes, fp16/bf16, ZeRO stage, optimizer and scheduler replace the flags for them")
     p.add_argument("--resume", default=d.resume, help="a checkpoint directory (a run's OUT/checkpoint): continue from its step up to --steps, under any --zero and --nproc")

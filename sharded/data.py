@@ -53,6 +53,10 @@ class Corpus:
             "val": self.tokenizer.encode(lexicon.text(rng, val_chars)),
         }
 
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
     def tokens(self, split: str) -> torch.Tensor:
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; choose 'train' or 'val'")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 import sharded
 from sharded import distributed
 from sharded.data import Corpus
+from sharded.token_data import TokenData
 from sharded.models import GPT, GPTConfig, flops_per_token, hf, loss_fn
 
 __all__ = ["TrainConfig", "main", "run_rank"]
@@ -43,6 +44,8 @@ class TrainConfig:
     remat: str = "none"  # or "full" / "selective": activation checkpointing per block
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
+    data: str | None = None  # a text file, or a token file (.bin uint16 / .npy), instead of the embedded corpus
+    tokenizer: str | None = None  # a local Hugging Face tokenizer for a text --data (default: bytes)
     model: str | None = None  # a Hugging Face causal LM's directory (config.json, + safetensors weights) instead of --preset
     config: str | None = None  # a DeepSpeed config (JSON): its batch sizes, precision, ZeRO, optimizer decide
     resume: str | None = None  # a checkpoint directory (a run's out/checkpoint): continue from its step to --steps
@@ -130,14 +133,14 @@ def run_rank(cfg: TrainConfig) -> dict:
     if cfg.pp > 1:
         sharded.Mesh.set_current(sharded.Mesh(pp=cfg.pp))
     rank, device = distributed.rank(), distributed.device()
-    corpus = Corpus(seed=cfg.seed)
+    corpus = _data(cfg)
     torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
     if cfg.model is not None:  # the user's Hugging Face model
         module = hf.load_causal_lm(cfg.model).to(device)
         seq_len = cfg.seq_len or min(128, hf.max_positions(module) or 128)
         flops = 6 * sum(p.numel() for p in module.parameters())
     else:
-        gcfg = GPTConfig.preset(cfg.preset, vocab_size=corpus.tokenizer.vocab_size)
+        gcfg = GPTConfig.preset(cfg.preset, vocab_size=corpus.vocab_size)
         seq_len = cfg.seq_len or gcfg.seq_len
         gcfg = dataclasses.replace(gcfg, seq_len=seq_len)
         module, flops = GPT(gcfg).to(device), flops_per_token(gcfg)
@@ -244,6 +247,14 @@ def _write_outputs(out: Path, log: list[dict], summary: dict) -> None:
     plt.close(fig)
 
 
+def _data(cfg: TrainConfig) -> Corpus | TokenData:
+    """The embedded corpus, or the user's --data (its vocab: the model's, if --model)."""
+    if cfg.data is None:
+        return Corpus(seed=cfg.seed)
+    vocab = hf.vocab_size(cfg.model) if cfg.model is not None else None
+    return TokenData.from_path(cfg.data, tokenizer=cfg.tokenizer, vocab_size=vocab)
+
+
 def check(cfg: TrainConfig) -> None:
     """ValueError, in a line, for a configuration that cannot run: checked before any
     rank starts, so a mistake is one message rather than a traceback per rank."""
@@ -251,10 +262,9 @@ def check(cfg: TrainConfig) -> None:
     if world % cfg.pp:
         raise ValueError(f"--pp {cfg.pp} does not divide the {world} ranks; use a --pp that divides --nproc")
     dp = world // cfg.pp
-    if cfg.model is not None:
-        vocab, chars = hf.vocab_size(cfg.model), Corpus(seed=cfg.seed).tokenizer.vocab_size
-        if vocab < chars:
-            raise ValueError(f"--model {cfg.model}: its vocab ({vocab}) is smaller than the embedded corpus's {chars} characters")
+    data = _data(cfg)  # reads the file: an empty one, or ids beyond the vocab, are named here
+    if cfg.model is not None and hf.vocab_size(cfg.model) < data.vocab_size:
+        raise ValueError(f"--model {cfg.model}: its vocab ({hf.vocab_size(cfg.model)}) is smaller than the data's {data.vocab_size} tokens")
     if cfg.resume is not None and not (Path(cfg.resume) / ".metadata").exists():
         raise ValueError(f"--resume {cfg.resume}: no checkpoint there (no .metadata); give a run's OUT/checkpoint directory")
     if cfg.config is not None:
