@@ -18,6 +18,7 @@ from sharded.launch import launch as launch
 from sharded.memory import estimate_memory as estimate_memory
 from sharded.mesh import Mesh as Mesh
 from sharded.state import TrainState as TrainState
+from sharded.token_data import TokenData as TokenData
 from sharded.step import Step as Step
 from sharded.step import Capability as Capability
 from sharded.step import Level as Level
