@@ -44,7 +44,7 @@ __all__ = ["Capability", "Level", "Op", "ProgramInfo", "Step", "Transform", "Tra
 class Level(enum.IntEnum):
     """A transform's place in the canonical order, outermost first (decision 29)."""
 
-    PARALLEL = 10  # which rows and which shards this rank holds: data_parallel, shard_zero
+    PARALLEL = 10  # which rows and shards this rank holds, how grads travel: data_parallel, shard_zero, compress_grads
     SCHEDULE = 20  # how this rank's rows are cut into micro-batches and ordered: pipeline, accumulate
     MEMORY = 30  # what is kept between forward and backward: remat
     PRECISION = 40  # the dtype compute runs in: mixed_precision

@@ -208,6 +208,8 @@ class CompressGrads(Transform):
             return
         # phase 2: the server's sum, compressed again with its own error, to every rank
         own = [server[i] for i in fg.leaves]
+        if any(x.numel() != c for x, c in zip(own, rows.chunks)):  # an all-reduce over part of dp: ZeRO-1's hybrid groups
+            raise ValueError("compress_grads: an all-reduce over a part of the dp ranks (shard_zero(stage=1, hybrid=k)) is not supported; use stage 2 or 3, or drop hybrid")
         offsets = [slice(o, o + c) for o, c in zip(rows.offsets, rows.chunks)]
         for s, sl in zip(own, offsets):
             y[sl] += s
