@@ -141,7 +141,10 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
             "fp16", init_scale=2.0 ** fp16.get("initial_scale_power", 16), growth_interval=fp16.get("loss_scale_window", 1000),
             hysteresis=fp16.get("hysteresis", 2), min_scale=float(fp16.get("min_loss_scale", 1)),
         ))
-        fp16.get("auto_cast"), fp16.get("consecutive_hysteresis")
+        if fp16.get("consecutive_hysteresis", False) is False:
+            notes.append("fp16.hysteresis: sharded refills it after every clean step (DeepSpeed's consecutive_hysteresis: true)")
+        if fp16.get("auto_cast", None) is not None:
+            notes.append("fp16.auto_cast: mixed_precision always runs the forward under autocast")
     elif bf16.get("enabled", False, "bf16"):
         transforms.append(mixed_precision("bf16"))
     for section in (fp16, bf16):
@@ -228,12 +231,16 @@ def _optimizer(top: _Reader, auto: Mapping, notes: list[str]) -> tuple[optim.Gra
     if kind in ("adam", "adamw", "fusedadam"):
         if kind == "adam" and p.get("adam_w_mode", True) is False:
             raise ValueError("DeepSpeed config: optimizer Adam with adam_w_mode false (L2 in the grads) is not supported; use AdamW")
-        p.get("torch_adam"), p.get("amsgrad")
+        if p.get("amsgrad", False):
+            raise ValueError("DeepSpeed config: optimizer.params.amsgrad is not supported by sharded.optim.adamw; remove it")
+        if p.get("torch_adam", None) is not None:
+            notes.append("optimizer.params.torch_adam: sharded's AdamW is its own fused kernel")
         tx, compressed = optim.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd), False
     elif kind == "onebitadam":
         freeze = int(p.get("freeze_step", 100000))
         for key in ("cuda_aware", "comm_backend_name"):
-            p.get(key)
+            if p.get(key, None) is not None:
+                notes.append(f"optimizer.params.{key}: the compressed exchange goes through torch.distributed's backend")
         tx, compressed = optim.onebit_adam(schedule, warmup_steps=freeze, b1=b1, b2=b2, eps=eps, weight_decay=wd), True
     elif kind == "zerooneadam":
         raise ValueError("DeepSpeed config: optimizer ZeroOneAdam (0/1 Adam) is not built (docs/decisions.md, decision 35); use OneBitAdam")
