@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     log_every: int = 10
     eval_batches: int = 8
+    eval_every: int | None = None  # also evaluate every N steps (the val loss goes in metrics.jsonl)
+    progress: str = "auto"  # "bar" (a terminal, a notebook), "lines" (a log file: one per log step); auto: by stderr
     seed: int = 0  # the corpus, its batches and (unless init_seed) the model's init
     init_seed: int | None = None  # the model's init alone: same data, another init
     out: str = "runs/latest"
@@ -173,7 +176,8 @@ def run_rank(cfg: TrainConfig) -> dict:
         for _ in range(start):
             next(batches)
     end = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
-    bar = tqdm(range(start, end), disable=rank != 0, desc="train", unit="step", mininterval=1.0)
+    live = rank == 0 and cfg.progress == "bar"
+    bar = tqdm(range(start, end), disable=not live, desc="train", unit="step", mininterval=1.0)
     t0 = time.perf_counter()
     for i in bar:
         x, y = next(batches)
@@ -194,8 +198,13 @@ def run_rank(cfg: TrainConfig) -> dict:
                 "memory_mb_per_rank": [m.tolist() for m in per_rank],
                 "memory_fields": list(_memory_mb(state, device)),
             }
+            if cfg.eval_every is not None and (i + 1) % cfg.eval_every == 0:
+                row["val_loss"] = evaluate(model, step.gather_params(state), corpus, cfg, seq_len, device)
             log.append(row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+            if rank == 0 and not live:
+                val_text = f", val {row['val_loss']:.3f}" if "val_loss" in row else ""
+                print(f"step {i + 1}/{end}: loss {loss:.3f}{val_text}, {tps:,.0f} tokens/s", flush=True)
     params = step.gather_params(state)  # the params only: the optimizer state stays sharded (decision 30)
     val = evaluate(model, params, corpus, cfg, seq_len, device)
     sharded.checkpoint.save(state, out / "checkpoint")  # resumable under any transforms
@@ -282,6 +291,8 @@ def check(cfg: TrainConfig) -> None:
 def main(cfg: TrainConfig) -> dict:
     """Train on `cfg.nproc` local ranks (or on this rank, under torchrun) and report."""
     check(cfg)
+    if cfg.progress == "auto":  # decided here, where the user's stderr is: ranks write into pipes
+        cfg = dataclasses.replace(cfg, progress="bar" if sys.stderr.isatty() or "ipykernel" in sys.modules else "lines")
     if "RANK" in os.environ:
         summary = run_rank(cfg)
     else:

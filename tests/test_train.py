@@ -63,3 +63,17 @@ def test_resume_continues_as_if_never_stopped(tmp_path, second):
             torch.testing.assert_close(resumed[name], p, rtol=0, atol=1e-4)
         else:
             assert torch.equal(resumed[name], p), name
+
+
+def test_a_redirected_run_logs_a_line_per_log_step_with_its_evals(tmp_path):
+    """No carriage-return progress bar in a log file: one line every --log-every steps,
+    the val loss every --eval-every (also in metrics.jsonl)."""
+    out = tmp_path / "run"
+    args = ["--steps", "8", "--log-every", "2", "--eval-every", "4", "--batch-size", "8", "--seq-len", "16", "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "sharded", "train", *args], capture_output=True, text=True, check=True)
+    text = done.stdout + done.stderr
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if "step " in line and "tokens/s" in line]
+    assert len(lines) == 4 and "val " in lines[1] and "val " in lines[3] and "val " not in lines[0], lines
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [("val_loss" in r) for r in rows] == [False, True, False, True]
