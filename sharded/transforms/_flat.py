@@ -56,22 +56,29 @@ class FlatGroup:
         make = torch.zeros if self.padded else torch.empty
         return make(self.ranks * self.size, dtype=dtype or self.dtype, device=self.device)
 
+    def _slots(self, wholes: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+        """Each leaf's pieces (of its flat `wholes[k]`) and their positions in the N*S buffer."""
+        views, positions = [], []
+        for k, whole in enumerate(wholes):
+            for pos, a, n in self.pieces[k]:
+                views.append(whole[a : a + n])
+                positions.append(pos)
+        return views, positions
+
     def write_full(self, k: int, flat: torch.Tensor, src: torch.Tensor, scale: float = 1.0) -> None:
         """Copy-in: leaf k's full value into its pieces of `flat` (N*S), with `scale` and
         the cast to flat's dtype fused into one kernel (padding untouched: see `empty`)."""
         whole = src.reshape(-1)
         kernels.copy_in(flat, [whole[a : a + n] for _, a, n in self.pieces[k]], [pos for pos, _, _ in self.pieces[k]], scale=scale)
 
+    def write_all(self, flat: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
+        """Copy-in: every leaf's full value (one per leaf, in order) into `flat` (N*S), in one kernel."""
+        kernels.copy_in(flat, *self._slots([x.reshape(-1) for x in srcs]))
+
     def read_all(self, flat: torch.Tensor, dsts: Sequence[torch.Tensor]) -> None:
         """Copy-out: every leaf's full value from the gathered `flat` (N*S) into `dsts`
         (one per leaf, in order), cast to their dtype, in one kernel per dtype."""
-        views, positions = [], []
-        for k, dst in enumerate(dsts):
-            whole = dst.view(-1)
-            for pos, a, n in self.pieces[k]:
-                views.append(whole[a : a + n])
-                positions.append(pos)
-        kernels.copy_out(flat, views, positions)
+        kernels.copy_out(flat, *self._slots([x.view(-1) for x in dsts]))
 
     def write_chunks(self, row: torch.Tensor, chunks: Sequence[torch.Tensor]) -> None:
         """Copy-in: this rank's chunks into its row (S,), zero-padded."""

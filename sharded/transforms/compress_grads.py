@@ -46,32 +46,30 @@ from sharded.placement import Placement
 from sharded.reduce import GradBucket, Reduction
 from sharded.sharding import chunk_size
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
+from sharded.transforms._flat import FlatGroup
 
 __all__ = ["compress_grads"]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Rows:
-    """A bucket's leaves laid out as N rows of S32 columns: row r holds chunk r of each
-    leaf (zero padded to its chunk size, then to a multiple of 32). Each leaf's chunk
-    columns are cut into blocks of at most `block` columns, one scale each."""
+    """A bucket's leaves laid out as N rows of S32 columns, ZeRO's flat layout (`layout`,
+    a FlatGroup whose rows are padded to a multiple of 32): row r holds chunk r of each
+    leaf. Each leaf's chunk columns are cut into blocks of at most `block`, one scale each."""
 
-    ranks: int
-    numels: tuple[int, ...]
-    chunks: tuple[int, ...]
-    offsets: tuple[int, ...]  # each leaf's first column
-    size: int  # S: the columns of the leaves' chunks
-    columns: int  # S32
+    layout: FlatGroup
+    size: int  # S: the columns of the leaves' chunks (layout.size is S32)
     block_of_column: torch.Tensor  # (S32,) the scale block of each column; the last id for the padding
     valid: torch.Tensor  # (N, S32) bool: a real element of its leaf
     lengths: torch.Tensor  # (N, blocks) real elements of each block in each row
 
     @staticmethod
-    def plan(numels: tuple[int, ...], ranks: int, block: int, device: torch.device) -> _Rows:
+    def plan(numels: tuple[int, ...], ranks: int, block: int, dtype: torch.dtype, device: torch.device) -> _Rows:
         chunks = tuple(chunk_size(n, ranks) for n in numels)
         offsets = tuple(sum(chunks[:k]) for k in range(len(chunks)))
         size = sum(chunks)
         columns = words_for(size) * 32
+        layout = FlatGroup("compressed", tuple(range(len(numels))), numels, chunks, offsets, columns, ranks, dtype, device)
         starts = [(o + j, min(j + block, c) - j) for o, c in zip(offsets, chunks) for j in range(0, c, block)]  # (first column, width)
         ids = torch.full((columns,), len(starts), dtype=torch.long)
         for b, (first, width) in enumerate(starts):
@@ -82,21 +80,17 @@ class _Rows:
                 valid[r, o : o + max(0, min(c, n - r * c))] = True
         lengths = torch.zeros(ranks, len(starts))
         lengths.index_add_(1, ids[ids < len(starts)], valid[:, ids < len(starts)].to(lengths.dtype))
-        return _Rows(ranks, numels, chunks, offsets, size, columns, ids.to(device), valid.to(device), lengths.to(device))
+        return _Rows(layout, size, ids.to(device), valid.to(device), lengths.to(device))
 
-    def gather(self, flats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """(N, S32) from each leaf's whole flat tensor."""
-        rows = torch.zeros(self.ranks, self.columns, dtype=dtype, device=self.valid.device)
-        for x, n, c, o in zip(flats, self.numels, self.chunks, self.offsets):
-            padded = torch.zeros(self.ranks * c, dtype=dtype, device=rows.device)
-            padded[:n] = x
-            rows[:, o : o + c] = padded.view(self.ranks, c)
-        return rows
+    def gather(self, flats: list[torch.Tensor]) -> torch.Tensor:
+        """(N, S32) from each leaf's whole flat tensor, zero padded."""
+        rows = torch.zeros(self.layout.ranks * self.layout.size, dtype=self.layout.dtype, device=self.valid.device)
+        self.layout.write_all(rows, flats)
+        return rows.view(self.layout.ranks, -1)
 
     def scatter(self, rows: torch.Tensor, flats: list[torch.Tensor]) -> None:
         """Each leaf's whole flat tensor from (N, S32), the padding dropped."""
-        for x, n, c, o in zip(flats, self.numels, self.chunks, self.offsets):
-            x.copy_(rows[:, o : o + c].reshape(-1)[:n])
+        self.layout.read_all(rows.view(-1), flats)
 
     def scales(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """||block|| / sqrt(its real elements) (the RMS) of each block in each row: (rows,
@@ -186,11 +180,11 @@ class CompressGrads(Transform):
         ranks, me = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
         key = (fg.name, fg.numels, ranks)
         if key not in self._rows:
-            self._rows[key] = _Rows.plan(fg.numels, ranks, self.block, bucket.grads.device)
+            self._rows[key] = _Rows.plan(fg.numels, ranks, self.block, worker[fg.leaves[0]].dtype, bucket.grads.device)
         rows = self._rows[key]
-        dtype = worker[fg.leaves[0]].dtype
+        dtype = rows.layout.dtype
         mine = [worker[i] for i in fg.leaves]
-        x = self._bucket_rows(bucket, rows, dtype) + rows.gather(mine, dtype)
+        x = self._bucket_rows(bucket, rows) + rows.gather(mine)
         scale = rows.scales(x, rows.lengths)
         error = torch.empty_like(x)
         words = kernels.pack_signs_(x.view(-1), scale[:, rows.block_of_column].reshape(-1).contiguous(), error.view(-1))
@@ -199,7 +193,7 @@ class CompressGrads(Transform):
         got_words, got_scale = torch.empty_like(words), torch.empty_like(scale)
         comm.all_to_all_single(got_words, words, group=group)
         comm.all_to_all_single(got_scale, scale, group=group)
-        y = torch.zeros(rows.columns, dtype=dtype, device=x.device)
+        y = torch.zeros(rows.layout.size, dtype=dtype, device=x.device)
         for i, (w, s) in enumerate(zip(got_words.view(ranks, -1), got_scale)):
             kernels.unpack_signs_(w, s[rows.block_of_column].contiguous(), y, accumulate=True)
         y *= rows.valid[me]
@@ -208,9 +202,9 @@ class CompressGrads(Transform):
             return
         # phase 2: the server's sum, compressed again with its own error, to every rank
         own = [server[i] for i in fg.leaves]
-        if any(x.numel() != c for x, c in zip(own, rows.chunks)):  # an all-reduce over part of dp: ZeRO-1's hybrid groups
+        if any(x.numel() != c for x, c in zip(own, rows.layout.chunks)):  # an all-reduce over part of dp: ZeRO-1's hybrid groups
             raise ValueError("compress_grads: an all-reduce over a part of the dp ranks (shard_zero(stage=1, hybrid=k)) is not supported; use stage 2 or 3, or drop hybrid")
-        offsets = [slice(o, o + c) for o, c in zip(rows.offsets, rows.chunks)]
+        offsets = [slice(o, o + c) for o, c in zip(rows.layout.offsets, rows.layout.chunks)]
         for s, sl in zip(own, offsets):
             y[sl] += s
         server_scale = rows.scales(y[None], rows.lengths[me][None])[0]
@@ -224,32 +218,29 @@ class CompressGrads(Transform):
         comm.all_gather_into_tensor(all_words, server_words, group=group)
         comm.all_gather_into_tensor(all_scales, server_scale, group=group)
         all_words, all_scales = all_words.view(ranks, -1), all_scales.view(ranks, -1)
-        z = torch.empty(ranks, rows.columns, dtype=dtype, device=y.device)
+        z = torch.empty(ranks, rows.layout.size, dtype=dtype, device=y.device)
         for r in range(ranks):
             kernels.unpack_signs_(all_words[r], all_scales[r][rows.block_of_column].contiguous(), z[r])
         self._write_rows(bucket, rows, z)
 
     @staticmethod
-    def _bucket_rows(bucket: GradBucket, rows: _Rows, dtype: torch.dtype) -> torch.Tensor:
+    def _bucket_rows(bucket: GradBucket, rows: _Rows) -> torch.Tensor:
         """The bucket's grads as (N, S32) rows: already so laid out in ZeRO's groups of N
         ranks; data_parallel's groups of one rank hold whole leaves, cut here."""
-        fg = bucket.layout
-        if fg.ranks == rows.ranks:
-            x = torch.zeros(rows.ranks, rows.columns, dtype=dtype, device=bucket.grads.device)
-            x[:, : rows.size] = bucket.grads.view(rows.ranks, rows.size)
+        fg, n = bucket.layout, rows.layout.ranks
+        if fg.ranks == n:
+            x = torch.zeros(n, rows.layout.size, dtype=rows.layout.dtype, device=bucket.grads.device)
+            x[:, : rows.size] = bucket.grads.view(n, rows.size)
             return x
-        return rows.gather([bucket.grads[o : o + n] for o, n in zip(fg.offsets, fg.numels)], dtype)
+        return rows.gather([bucket.grads[o : o + k] for o, k in zip(fg.offsets, fg.numels)])
 
     @staticmethod
     def _write_rows(bucket: GradBucket, rows: _Rows, z: torch.Tensor) -> None:
-        fg = bucket.layout
-        if fg.ranks == rows.ranks:
-            bucket.grads.view(rows.ranks, rows.size).copy_(z[:, : rows.size])
-            return
-        flats = [torch.empty(n, dtype=z.dtype, device=z.device) for n in fg.numels]
-        rows.scatter(z, flats)
-        for x, o, n in zip(flats, fg.offsets, fg.numels):
-            bucket.grads[o : o + n] = x
+        fg, n = bucket.layout, rows.layout.ranks
+        if fg.ranks == n:
+            bucket.grads.view(n, rows.size).copy_(z[:, : rows.size])
+        else:
+            rows.scatter(z, [bucket.grads[o : o + k] for o, k in zip(fg.offsets, fg.numels)])
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
         numel = sum(x.numel() for x in T.leaves(info.params) if x.is_floating_point())
