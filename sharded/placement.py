@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Any, Callable, Iterator, Mapping
 
 import optree
@@ -70,7 +71,11 @@ class Placements:
     entries: tuple[tuple[str, Placement], ...] = ()
 
     def get(self, path: str) -> Placement | None:
-        return dict(self.entries).get(path)
+        return self._by_path.get(path)
+
+    @functools.cached_property
+    def _by_path(self) -> dict[str, Placement]:
+        return dict(self.entries)
 
     def items(self) -> Iterator[tuple[str, Placement]]:
         return iter(self.entries)

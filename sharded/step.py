@@ -61,6 +61,7 @@ class Capability(enum.Flag):
     MICROBATCHES = enum.auto()  # cuts the rows into micro-batches and sums their grads
     RUNS_SCHEDULE = enum.auto()  # runs the micro-batches itself, in its own order (pipeline)
     CASTS_PARAMS = enum.auto()  # computes with params in `param_dtype`
+    SCALES_LOSS = enum.auto()  # multiplies the loss before backward and skips steps whose grads overflow
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,6 +92,12 @@ class Model:
         return tuple(out)
 
 
+    @functools.cached_property
+    def block_params(self) -> frozenset[str]:
+        """The names of every param some block module owns (the rest: embedding, head, ...)."""
+        return frozenset(n for _, _, names, _ in self.block_modules for n in names)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class BlockCall:
     """The "block" primitive's first argument: which block runs, in which model view."""

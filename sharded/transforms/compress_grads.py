@@ -125,8 +125,8 @@ class CompressGrads(Transform):
     axis = "dp"  # the reducing transform's axis, once `require` has found it
 
     def check(self, stack: Any) -> None:
-        unscaled_fp16 = [t for t in stack if Capability.CASTS_PARAMS in t.capabilities and t.param_dtype == torch.float16 and Capability.OWNS_UPDATE not in t.capabilities]
-        if unscaled_fp16:
+        fp16 = any(Capability.CASTS_PARAMS in t.capabilities and t.param_dtype == torch.float16 for t in stack)
+        if fp16 and not any(Capability.SCALES_LOSS in t.capabilities for t in stack):
             raise ValueError("compress_grads with fp16 compute needs dynamic loss scaling: use mixed_precision('fp16') (scaling is its default), not loss_scale=False")
 
     def require(self, stack: Any) -> None:

@@ -87,7 +87,7 @@ class MixedPrecision(Transform):
         self.capabilities = Capability.CASTS_PARAMS
         self.handlers = {"apply": self._apply, "block": self._block}
         if self.scaling:
-            self.capabilities |= Capability.OWNS_UPDATE
+            self.capabilities |= Capability.OWNS_UPDATE | Capability.SCALES_LOSS
             self.handlers.update(value_and_grad=self._value_and_grad, update=self._update)
         self._cast: dict[str, bool] | None = None
         self.cast_at_use = False  # under ZeRO-3: see check()
@@ -143,7 +143,7 @@ class MixedPrecision(Transform):
         # The blocks' params are cast by the block handler, as each block runs: under
         # remat the casts are then recomputed in backward rather than kept.
         if not self.cast_at_use:
-            params = self._cast_params(params, skip=frozenset(n for _, _, names, _ in model.block_modules for n in names))
+            params = self._cast_params(params, skip=model.block_params)
         if self.compute not in _AUTOCAST:  # fp32/fp64 compute: the params' cast is all there is
             return next_(model, params, args, kwargs)
         # The compute device (a pipeline hands other stages' params over as meta placeholders).
