@@ -68,6 +68,13 @@ def run_each(names: list[str], measure: Callable, args: argparse.Namespace, devi
     return systems
 
 
+def provenance(benchmark: str, device: str, commit: str | None) -> dict:
+    """The fields every results JSON starts with: what ran, where, when, at which commit."""
+    import datetime
+
+    return {"benchmark": benchmark, "device": device, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "commit": commit}
+
+
 def report(result: dict, out: str | None) -> None:
     """Print the result (without the per-system detail) and write it all to `out`."""
     print(json.dumps({k: v for k, v in result.items() if k != "systems"}, indent=2))

@@ -11,7 +11,6 @@ Acceptance (issue 15): the mean final val loss of 1-bit Adam within 2% of AdamW'
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -19,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import torch
+from _harness import provenance
 
 from sharded.train import TrainConfig, main as train
 
@@ -54,11 +53,7 @@ def main() -> None:
     mean = {s: statistics.mean(r["val_loss"] for r in runs[s].values()) for s in runs}
     gap = mean["onebit"] / mean["adamw"] - 1
     result = {
-        "benchmark": "compress_convergence",
-        "device": f"{args.nproc} {args.device} ranks ({platform.machine()})",
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "commit": args.commit,
+        **provenance("compress_convergence", f"{args.nproc} {args.device} ranks ({platform.machine()})", args.commit),
         "model": "tiny GPT, embedded corpus, sharded train defaults (lr 3e-3 warmup-cosine, clip 1.0, wd 0.1)",
         "steps": args.steps,
         "compress_warmup_steps": max(1, round(args.warmup * args.steps)),

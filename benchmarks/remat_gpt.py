@@ -22,7 +22,6 @@ CPU smoke run (no memory fields):
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import platform
 import statistics
@@ -30,7 +29,7 @@ import time
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from _harness import common_args, gc_paused, report, run_each
+from _harness import common_args, gc_paused, provenance, report, run_each
 
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
@@ -191,11 +190,7 @@ def main() -> None:
     with torch.device("meta"):
         params = sum(p.numel() for p in GPT(cfg).parameters())
     result = {
-        "benchmark": "remat_gpt",
-        "device": f"{args.nproc}x {torch.cuda.get_device_name(0)}" if cuda else f"cpu ({platform.machine()})",
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "commit": args.commit,
+        **provenance("remat_gpt", f"{args.nproc}x {torch.cuda.get_device_name(0)}" if cuda else f"cpu ({platform.machine()})", args.commit),
         "preset": args.preset,
         "params": params,
         "tied": args.tied,

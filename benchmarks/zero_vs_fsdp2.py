@@ -14,11 +14,10 @@ reductions, fp32 masters on both sides.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 
 import torch
-from _harness import gc_paused, common_args, gpt_train_step, report, run_each
+from _harness import gc_paused, common_args, gpt_train_step, provenance, report, run_each
 from _profile import profile_steps
 
 import sharded
@@ -117,11 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     systems = run_each([n for pair in PAIRS for n in pair], measure, args)
     result = {
-        "benchmark": "zero_vs_fsdp2",
-        "device": f"{args.nproc}x {torch.cuda.get_device_name(0)}",
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "commit": args.commit,
+        **provenance("zero_vs_fsdp2", f"{args.nproc}x {torch.cuda.get_device_name(0)}", args.commit),
         "preset": args.preset,
         "seq": args.seq,
         "batch_per_rank": args.batch,
