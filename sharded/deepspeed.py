@@ -241,7 +241,9 @@ def _optimizer(top: _Reader, auto: Mapping, notes: list[str]) -> tuple[optim.Gra
         for key in ("cuda_aware", "comm_backend_name"):
             if p.get(key, None) is not None:
                 notes.append(f"optimizer.params.{key}: the compressed exchange goes through torch.distributed's backend")
-        tx, compressed = optim.onebit_adam(schedule, warmup_steps=freeze, b1=b1, b2=b2, eps=eps, weight_decay=wd), True
+        clip = top.get("gradient_clipping", 0.0, "max_grad_norm")  # 1-bit Adam clips during its warmup only
+        tx = optim.onebit_adam(schedule, warmup_steps=freeze, b1=b1, b2=b2, eps=eps, weight_decay=wd, max_grad_norm=float(clip) if clip else None)
+        compressed = True
     elif kind == "zerooneadam":
         raise ValueError("DeepSpeed config: optimizer ZeroOneAdam (0/1 Adam) is not built (docs/decisions.md, decision 35); use OneBitAdam")
     elif kind in ("lamb", "onebitlamb"):
@@ -251,7 +253,7 @@ def _optimizer(top: _Reader, auto: Mapping, notes: list[str]) -> tuple[optim.Gra
     if p.rest():
         raise ValueError(f"DeepSpeed config: optimizer.params.{p.rest()[0]} is not supported; remove it")
     clip = top.get("gradient_clipping", 0.0, "max_grad_norm")
-    if clip:
+    if clip and not compressed:
         tx = optim.chain(optim.clip_by_global_norm(float(clip)), tx)
     return tx, compressed
 

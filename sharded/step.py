@@ -59,6 +59,7 @@ class Capability(enum.Flag):
     SHARDS_PARAMS = enum.auto()  # between steps the params are this rank's chunks
     OWNS_UPDATE = enum.auto()  # rewrites the update: an optax-style `tx.update` beside it would be wrong
     MICROBATCHES = enum.auto()  # cuts the rows into micro-batches and sums their grads
+    REDUCES_EACH_MICROBATCH = enum.auto()  # reduces after every micro-batch: the update's grads are a sum of reductions
     RUNS_SCHEDULE = enum.auto()  # runs the micro-batches itself, in its own order (pipeline)
     CASTS_PARAMS = enum.auto()  # computes with params in `param_dtype`
     SCALES_LOSS = enum.auto()  # multiplies the loss before backward and skips steps whose grads overflow
@@ -138,6 +139,12 @@ class Transform:
     def metrics(self, state: Any) -> dict:
         """Entries this transform adds to the metrics the step returns."""
         return {}
+
+    def grad_scale(self, state: Any) -> float | torch.Tensor:
+        """With SCALES_LOSS: the factor the grads carry from backward until the update
+        divides it out (a loss scale), as `state` holds it; what a reduction that is not
+        linear in the grads must divide out first."""
+        return 1.0
 
     def describe(self) -> str:
         return self.name

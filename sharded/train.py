@@ -155,8 +155,8 @@ def run_rank(cfg: TrainConfig) -> dict:
         if rank == 0:
             print("\n".join([f"{cfg.config}: {', '.join(map(repr, plan.transforms))}; {plan.micro_batch} sequences per rank per micro-batch"] + [f"  note: {n}" for n in plan.notes]))
     elif cfg.compress == "onebit":
-        adam = sharded.optim.onebit_adam(schedule, warmup_steps=max(1, round(cfg.compress_warmup * cfg.steps)), weight_decay=cfg.weight_decay)
-        tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), adam)
+        warmup = max(1, round(cfg.compress_warmup * cfg.steps))
+        tx = sharded.optim.onebit_adam(schedule, warmup_steps=warmup, weight_decay=cfg.weight_decay, max_grad_norm=1.0)
     else:
         tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(schedule, weight_decay=cfg.weight_decay))
     step = make_step(model, cfg)

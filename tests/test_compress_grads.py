@@ -3,12 +3,14 @@ to a plain single-process simulation of N workers running the same 1-bit algorit
 import copy
 import math
 
+import optree
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sharded
 from sharded import comm
+from sharded.optim import ScaleByFrozenAdamState
 from sharded.testing import assert_step_equivalent, get_pool
 from sharded.testing.models import ToyConfig, ToyLM, make_train_step
 
@@ -19,7 +21,6 @@ STACKS = {
     "zero2": lambda f, block=256: sharded.compress_grads(method="onebit", block=block)(sharded.shard_zero(stage=2, bucket_mb=1e-4)(f)),
     "zero3": lambda f, block=256: sharded.compress_grads(method="onebit", block=block)(sharded.shard_zero(stage=3)(f)),
 }
-SCATTERS = {"zero2", "zero3"}  # their exchange is the reduce-scatter (no server error, no second phase)
 
 
 def _batches(rows, steps=4, seed=0):
@@ -33,9 +34,18 @@ def _loss(model, params, batch):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def reference_step(model, workers: int, warmup: int, scatter: bool, block: int = 256):
-    """1-bit Adam's exchange, written plainly: `workers` simulated ranks, each on its rows."""
-    worker_error, server_error = {}, {}
+def _frozen_adam(state):
+    return next(x for x in optree.tree_leaves(state.opt_state, is_leaf=lambda x: isinstance(x, ScaleByFrozenAdamState), namespace="sharded") if isinstance(x, ScaleByFrozenAdamState))
+
+
+def reference_step(model, workers: int, warmup: int, block: int = 256, b1: float = 0.9):
+    """1-bit Adam's exchange of the momentum, written plainly: `workers` simulated ranks,
+    each on its rows, worker i's carry c_i (its error plus b1·m/N) and server r's error f_r."""
+    carry, server, started = {}, {}, [False]
+
+    def rms_sign(x):
+        s = x.norm() / math.sqrt(x.numel())
+        return s * torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
     def step(state, batch):
         rows = batch[0].shape[0] // workers
@@ -45,31 +55,35 @@ def reference_step(model, workers: int, warmup: int, scatter: bool, block: int =
         if int(state.step) < warmup:
             grads = {n: sum(g[n] for g in local) / workers for n in state.params}
             return state.apply_gradients(grads), {"loss": loss}
-        grads = {}
+        mu = _frozen_adam(state).mu
+        momentum = {}
         for name, p in state.params.items():
             n, c = p.numel(), math.ceil(p.numel() / workers)
-            out = torch.zeros(n, dtype=p.dtype, device=p.device)
+            new = torch.zeros(n, dtype=p.dtype, device=p.device)
             for r in range(workers):  # chunk r of the leaf, its server rank r
                 for lo in range(r * c, min((r + 1) * c, n), block):  # one scale per block of the chunk
                     hi = min(lo + block, (r + 1) * c, n)
                     y = torch.zeros(hi - lo, dtype=p.dtype, device=p.device)
                     for i in range(workers):
-                        e = worker_error.setdefault((i, name), torch.zeros(n, dtype=p.dtype, device=p.device))
-                        x = local[i][name].reshape(-1)[lo:hi] / workers + e[lo:hi]
-                        s = x.norm() / math.sqrt(hi - lo)
-                        sign = torch.where(x >= 0, 1.0, -1.0).to(p.dtype)
-                        e[lo:hi] = x - s * sign
-                        y += s * sign
-                    if not scatter:
-                        f = server_error.setdefault((r, name), torch.zeros(c, dtype=p.dtype, device=p.device))[lo - r * c : hi - r * c]
-                        y = y + f
-                        t = y.norm() / math.sqrt(hi - lo)
-                        sign = torch.where(y >= 0, 1.0, -1.0).to(p.dtype)
-                        f.copy_(y - t * sign)
-                        y = t * sign
-                    out[lo:hi] = y
-            grads[name] = out.view(p.shape)
-        return state.apply_gradients(grads), {"loss": loss}
+                        e = carry.setdefault((i, name), torch.zeros(n, dtype=p.dtype, device=p.device))
+                        x = e[lo:hi] + (1 - b1) * local[i][name].reshape(-1)[lo:hi] / workers
+                        e[lo:hi] = x - rms_sign(x)
+                        y += rms_sign(x)
+                    if not started[0]:  # the first exchange starts from warmup's momentum
+                        y += b1 * mu[name].reshape(-1)[lo:hi]
+                    f = server.setdefault((r, name), torch.zeros(c, dtype=p.dtype, device=p.device))[lo - r * c : hi - r * c]
+                    y += f
+                    f.copy_(y - rms_sign(y))
+                    new[lo:hi] = rms_sign(y)
+            for i in range(workers):
+                carry[(i, name)] += b1 * new / workers
+            momentum[name] = new.view(p.shape)
+        started[0] = True
+        grads = {name: (momentum[name] - b1 * mu[name]) / (1 - b1) for name in state.params}
+        state = state.apply_gradients(grads)
+        for name, m in _frozen_adam(state).mu.items():  # the optimizer now holds the exchanged momentum
+            torch.testing.assert_close(m, momentum[name], rtol=1e-12, atol=1e-14)
+        return state, {"loss": loss}
 
     return step
 
@@ -106,7 +120,7 @@ def _params_after(build, train_step, state, batches):
 def test_after_warmup_the_exchange_is_the_one_bit_algorithm(stack, world, block):
     model = sharded.trace(ToyLM(CFG).double())
     step = STACKS[stack](make_train_step(model), block)
-    reference = reference_step(model, world, warmup=1, scatter=stack in SCATTERS, block=block)
+    reference = reference_step(model, world, warmup=1, block=block)
     assert_step_equivalent(step, reference, _state(model, warmup=1), _batches(2 * world), world_size=world, rtol=1e-7, atol=1e-9)
 
 
@@ -186,3 +200,42 @@ def test_bad_input_is_named():
         step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-3)))
     with pytest.warns(UserWarning, match="nothing to compress"):
         step.init(_state(model, warmup=2))
+
+
+def test_a_loss_scale_is_divided_out_before_the_exchange():
+    """A loss scale (2^16, exact in float64) changes nothing: the exchange divides it out
+    and multiplies it back into the grads the update unscales (Transform.grad_scale)."""
+    model = sharded.trace(ToyLM(CFG).double())
+    scaled = sharded.mixed_precision(torch.float64, keep_fp32=lambda name, p: False, loss_scale=True)
+    step = STACKS["zero2"](scaled(make_train_step(model)))
+    reference = reference_step(model, 2, warmup=1)
+    assert_step_equivalent(step, reference, _state(model, warmup=1), _batches(4), world_size=2, rtol=1e-7, atol=1e-9)
+
+
+def _overflow_keeps_the_exchange_state():
+    model = sharded.trace(ToyLM(CFG).double())
+
+    def train_step(state, batch):  # rank 1's rows weigh inf in the overflowing step
+        def loss(params, b):
+            tokens, targets, weight = b
+            logits = model.apply(params, tokens)
+            per_row = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+            return (per_row * weight).mean()
+
+        value, grads = sharded.value_and_grad(loss)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    step = sharded.compress_grads()(sharded.data_parallel(sharded.mixed_precision(torch.float64, keep_fp32=lambda name, p: False, loss_scale=True)(train_step)))
+    state = step.init(_state(model, warmup=1))
+    (tokens, targets), ones = _batches(4, steps=1)[0], torch.ones(4, dtype=torch.float64)
+    for _ in range(2):  # warmup, then a compressed step
+        state, _ = step(state, (tokens, targets, ones))
+    before = copy.deepcopy((state.params, state.extra["compress_grads"]))
+    state, metrics = step(state, (tokens, targets, torch.tensor([1.0, 1.0, float("inf"), 1.0], dtype=torch.float64)))
+    after = (state.params, state.extra["compress_grads"])
+    return int(metrics["skipped_steps"]), all(torch.equal(a, b) for a, b in zip(sharded.tree.leaves(before), sharded.tree.leaves(after)))
+
+
+def test_an_overflowing_step_leaves_the_exchange_state_as_it_was():
+    for skipped, unchanged in get_pool(2).run(_overflow_keeps_the_exchange_state):
+        assert skipped == 1 and unchanged

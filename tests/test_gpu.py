@@ -189,13 +189,13 @@ def test_compress_grads_over_nccl_matches_the_one_bit_simulation(stack):
     plain simulation of two workers on one GPU, in float64: after a short warmup Adam's
     frozen variance is tiny for some elements, so a float32 rounding that flips one sign
     moves a param a lot (the kernels themselves are checked natively below)."""
-    from test_compress_grads import SCATTERS, reference_step
+    from test_compress_grads import reference_step
 
     cfg = ToyConfig(tied=True, depth=3, width=64, hidden=96, vocab=50)
     batches = _batches(cfg.vocab, 8, 4)
     got = sharded.launch(_compressed_on_cuda, cfg, batches, stack, nprocs=2, device="cuda")
     model = sharded.trace(ToyLM(cfg).cuda().double())
-    step = reference_step(model, 2, warmup=1, scatter=stack in SCATTERS)
+    step = reference_step(model, 2, warmup=1)
     state = sharded.TrainState.create(model.params, sharded.optim.onebit_adam(1e-2, warmup_steps=1, weight_decay=0.1))
     for x, y in batches:
         state, _ = step(state, (x.cuda(), y.cuda()))

@@ -19,6 +19,7 @@ from sharded.optim.base import GradientTransformation, chain
 from sharded.optim.schedules import Schedule
 from sharded.optim.transforms import (
     add_decayed_weights,
+    clip_by_global_norm,
     learning_rate_at,
     scale_by_adam,
     scale_by_learning_rate,
@@ -89,11 +90,24 @@ def adamw(
 
 
 def onebit_adam(
-    lr: float | Schedule, warmup_steps: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
+    lr: float | Schedule,
+    warmup_steps: int,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = None,
 ) -> GradientTransformation:
     """AdamW whose variance freezes after `warmup_steps` updates: the optimizer half of
     1-bit Adam (`sharded.compress_grads(method="onebit")` is the communication half).
-    During warmup it is `adamw`, update for update."""
+    During warmup it is `adamw`, update for update (clipped to `max_grad_norm`). After
+    it, the grads it is handed make its momentum the exchanged one, so they are not
+    clipped: clipping them would pull the momentum away from the workers' (DeepSpeed
+    clips each worker's grads before the exchange, which an exchange that starts before
+    backward ends cannot); do not chain a clip in front of it either."""
     if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 1:
         raise ValueError(f"onebit_adam(warmup_steps=...) must be an int >= 1 (Adam's variance needs warmup); got {warmup_steps!r}")
-    return chain(scale_by_adam(b1, b2, eps, freeze_variance_after=warmup_steps), add_decayed_weights(weight_decay), scale_by_learning_rate(lr))
+    adam = [scale_by_adam(b1, b2, eps, freeze_variance_after=warmup_steps), add_decayed_weights(weight_decay), scale_by_learning_rate(lr)]
+    if max_grad_norm is not None:
+        adam.insert(0, clip_by_global_norm(max_grad_norm, steps=warmup_steps))
+    return chain(*adam)

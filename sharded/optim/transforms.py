@@ -56,7 +56,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, freeze_
     def init(params: Any) -> ScaleByAdamState:
         if freeze_variance_after is None:
             return ScaleByAdamState(zero_count(params), _zeros(params), _zeros(params))
-        return ScaleByFrozenAdamState(zero_count(params), _zeros(params), _zeros(params), torch.tensor(freeze_variance_after))
+        return ScaleByFrozenAdamState(zero_count(params), _zeros(params), _zeros(params), torch.tensor(freeze_variance_after), torch.tensor(b1, dtype=torch.float64))
 
     def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         count = state.count + 1
@@ -74,18 +74,21 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, freeze_
         updates = T.map(lambda m, v: step_size * m / (v.sqrt() / bc2_sqrt + eps), mu, nu)
         if freeze_variance_after is None:
             return updates, ScaleByAdamState(count, mu, nu)
-        return updates, ScaleByFrozenAdamState(count, mu, nu, state.freeze_after)
+        return updates, ScaleByFrozenAdamState(count, mu, nu, state.freeze_after, state.b1)
 
     return GradientTransformation(init, update)
 
 
 class ScaleByFrozenAdamState(NamedTuple):
-    """Adam's state whose variance freezes after `freeze_after` updates."""
+    """Adam's state whose variance freezes after `freeze_after` updates. It keeps its
+    momentum's decay `b1` too: 1-bit Adam's exchange (`sharded.compress_grads`) carries
+    the momentum, so it reads both."""
 
     count: torch.Tensor
     mu: Any
     nu: Any
     freeze_after: torch.Tensor  # 0-d int64
+    b1: torch.Tensor  # 0-d float64
 
 
 class ScaleByLionState(NamedTuple):
@@ -164,14 +167,27 @@ def scale_by_learning_rate(lr: float | Schedule) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+class ClipForStepsState(NamedTuple):
+    count: torch.Tensor  # updates so far
+
+
+def clip_by_global_norm(max_norm: float, steps: int | None = None) -> GradientTransformation:
     """Scale updates by `min(1, max_norm / (‖u‖ + 1e-6))`, as torch's clip_grad_norm_
-    does, without reading the norm on the host."""
+    does, without reading the norm on the host. With `steps=k`, only the first k
+    updates (1-bit Adam's warmup, whose later grads are its exchanged momentum's)."""
     if max_norm <= 0:
         raise ValueError(f"clip_by_global_norm needs max_norm > 0, got {max_norm}")
 
-    def update(updates: Any, state: EmptyState, params: Any = None) -> tuple[Any, EmptyState]:
+    def clip(updates: Any, on: torch.Tensor | None = None) -> Any:
         scale = torch.clamp(max_norm / (T.global_norm(updates) + 1e-6), max=1.0)
-        return T.map(lambda u: u * scale.to(u.dtype), updates), state
+        if on is not None:
+            scale = torch.where(on.to(scale.device), scale, torch.ones_like(scale))
+        return T.map(lambda u: u * scale.to(u.dtype), updates)
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+    if steps is None:
+        return GradientTransformation(lambda params: EmptyState(), lambda updates, state, params=None: (clip(updates), state))
+
+    def update(updates: Any, state: ClipForStepsState, params: Any = None) -> tuple[Any, ClipForStepsState]:
+        return clip(updates, state.count < steps), ClipForStepsState(state.count + 1)
+
+    return GradientTransformation(lambda params: ClipForStepsState(zero_count(params)), update)

@@ -1,6 +1,5 @@
-"""`compress_grads(method="onebit")`: after a warmup, grads travel as signs and scales,
-with error feedback: 1-bit Adam's communication, on data_parallel and on ZeRO's
-reduce-scatter alike.
+"""`compress_grads(method="onebit")`: after a warmup, 1-bit Adam's momentum travels
+as signs and scales, with error feedback, on data_parallel and under ZeRO alike.
 
     step = sharded.compress_grads(method="onebit")(sharded.shard_zero(stage=2)(train_step))
     state = step.init(sharded.TrainState.create(params, sharded.optim.onebit_adam(1e-3, warmup_steps=100)))
@@ -8,25 +7,37 @@ reduce-scatter alike.
 Reference semantics. During the optimizer's warmup (`onebit_adam(warmup_steps=k)`: the
 first k updates, while Adam's variance still moves) nothing changes: the step is the
 plain step. After it, every bucket that `data_parallel` or `shard_zero` reduces (a
-"reduce_grads" primitive) is exchanged compressed. For each grad leaf, cut into N chunks
-([Note: chunk layout]), each chunk into blocks of `block` elements, on each worker i
-and for each block b of chunk r:
+"reduce_grads" primitive) is exchanged as DeepSpeed's 1-bit Adam exchanges Adam's
+momentum m (decay b1) over N workers. Each leaf is cut into N chunks ([Note: chunk
+layout]), each chunk into blocks of `block` elements, one scale each; for every block,
+worker i holds a carry c_i (its error plus b1·m/N) and sends
 
-    x      = g_i[b] / N + e_i[b]                  (the mean's 1/N, this worker's error)
-    s      = ||x|| / sqrt(len(x));  e_i[b] = x - s·sign(x)        (sign(0) = +1)
-    y[b]   = Σ_i s_i·sign(x_i)                      on rank r, the chunk's server
-  reduce-scatter (ZeRO-2/3): rank r keeps y. all-reduce (data_parallel, ZeRO-1):
-    y[b]  += f[b];  t = ||y[b]|| / sqrt(len);  f[b] = y[b] - t·sign(y[b])   (server error)
-    every rank gets, for each block, t·sign(y[b])
+    x   = c_i + (1 - b1)·g_i/N                     (g_i: its grad; the sum over i is b1·m + (1-b1)·ḡ)
+    s   = ||x|| / sqrt(len(x));   s·sign(x)        (sign(0) = +1; the carry keeps x - s·sign(x))
+to the chunk's server, rank r, which sums, adds its own error f, and compresses again:
+    y   = Σ_i s_i·sign(x_i) + f;   t = ||y|| / sqrt(len);   m' = t·sign(y);   f = y - m'
+and every rank receives m' (an all-gather), the new momentum: c_i += b1·m'/N. The first
+compressed exchange starts from the momentum warmup built: the carries are zero and
+the server adds b1·m from the optimizer's state. The optimizer is then handed
+g = (m' - b1·m) / (1 - b1), the grad that makes its momentum m', so `onebit_adam`
+stays an ordinary optimizer ([Note: momentum through the grads]).
 
 Signs go 32 to an int32 (sharded.kernels.pack_signs_), with a float scale per block of
-256: about 1/32 + 1/64 of fp32's bytes in an all-to-all, plus, for an all-reduce, as
-much again over N in an all-gather. The errors are state (`extra["compress_grads"]`): each rank's own
-(`per_rank` placements), a worker error the size of the grads and a server error the
-size of this rank's chunks, so checkpoints restore each rank's own. Replicas of hybrid
-sharding are still summed in full precision. We compress the grads, not Adam's
-momentum as DeepSpeed's OnebitAdam does: with the variance frozen Adam is linear in its
-grads, and grads are what ZeRO's reduce-scatter carries (decision 35).
+256: about 1/32 + 1/64 of fp32's bytes in an all-to-all, and as much again over N in
+the all-gather. The carries and server errors are state (`extra["compress_grads"]`),
+each rank's own (`per_rank` placements), so checkpoints restore each rank's own. Why
+the momentum and not the grads, and why every rank gets the momentum under ZeRO too:
+docs/decisions.md, decision 35.
+
+[Note: momentum through the grads] The exchange yields the new momentum m', but the
+optimizer takes grads. Handing it g = (m' - b1·m)/(1 - b1), with m its own momentum,
+makes its update b1·m + (1-b1)·g = m' (to rounding), with nothing special in the
+optimizer. m is what this rank holds: the whole leaves under data_parallel, its chunk
+under ZeRO, which is all the grads that rank's update reads. A loss scale is divided
+out before the exchange and multiplied back into g (`Transform.grad_scale`), so fp16's
+overflow check and unscaling see what they expect; an exchange whose momentum is not
+finite (an overflow on some rank) leaves the carries and errors as they were, and the
+step is skipped as any overflowing step.
 """
 from __future__ import annotations
 
@@ -118,6 +129,8 @@ class CompressGrads(Transform):
         self.handlers = {"reduce_grads": self._reduce_grads}
         self._rows: dict[Any, _Rows] = {}
         self._warmup = warmup_steps
+        self._scalers: list[Transform] = []
+        self._b1 = 0.9  # the optimizer's, once `init` has read it
 
     def describe(self) -> str:
         return f"compress_grads({self.method!r}, after {self._warmup} warmup steps)"
@@ -136,32 +149,34 @@ class CompressGrads(Transform):
                 "compress_grads compresses the grads' reduction over dp, and nothing in this step reduces them; "
                 "write compress_grads(method='onebit')(shard_zero(stage=2)(train_step)) or with data_parallel"
             )
+        if any(Capability.REDUCES_EACH_MICROBATCH in t.capabilities for t in stack):
+            raise ValueError(
+                "compress_grads exchanges 1-bit Adam's momentum once per update, but this step reduces the grads after every micro-batch: "
+                "leave shard_zero's reduce_every_microbatch off with compress_grads"
+            )
         self.axis = reducers[0].axis
+        self._scalers = [t for t in stack if Capability.SCALES_LOSS in t.capabilities]
 
     def init(self, state: Any) -> Any:
-        adam = [x for x in optree.tree_leaves(state.opt_state, is_leaf=lambda x: isinstance(x, ScaleByFrozenAdamState), namespace="sharded") if isinstance(x, ScaleByFrozenAdamState)]
-        if not adam:
-            raise ValueError(
-                "compress_grads(method='onebit') needs Adam whose variance freezes after a warmup (1-bit Adam): "
-                "create the state with sharded.optim.onebit_adam(lr, warmup_steps=k)"
-            )
-        freeze = int(adam[0].freeze_after)
+        adam = _frozen_adam(state.opt_state)
+        freeze = int(adam.freeze_after)
         if self.warmup_steps is not None and self.warmup_steps != freeze:
             raise ValueError(f"compress_grads(warmup_steps={self.warmup_steps}) but the optimizer freezes its variance after {freeze}; give both the same, or leave compress_grads's out")
-        self._warmup = freeze
+        self._warmup, self._b1 = freeze, float(adam.b1)
         size = Mesh.current().size(self.axis)
         if size == 1:
             warnings.warn(f"compress_grads: the {self.axis!r} axis has one rank, so there is nothing to compress; the step runs uncompressed", stacklevel=3)
-        worker, server, placements = [], [], {}
+        carry, server, started, placements = [], [], [], {}
         for k, (path, x) in enumerate(T.leaves_with_paths(state.params)):
             placed = state.placements.get("params" + path)
             numel = (placed.shape if placed is not None else x.shape).numel() if x.is_floating_point() else 0
             dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
-            worker.append(torch.zeros(numel, dtype=dtype, device=x.device))
+            carry.append(torch.zeros(numel, dtype=dtype, device=x.device))
+            started.append(torch.zeros((), dtype=torch.bool, device=x.device))  # has an exchange carried its momentum yet
             server.append(torch.zeros(chunk_size(numel, size), dtype=dtype, device=x.device))
-            for name, buffers in (("worker", worker), ("server", server)):
+            for name, buffers in (("carry", carry), ("server", server)):
                 placements[f"extra['compress_grads']['{name}'][{k}]"] = Placement(buffers[-1].shape, per_rank=True)
-        extra = {**state.extra, "compress_grads": {"worker": worker, "server": server}}
+        extra = {**state.extra, "compress_grads": {"carry": carry, "server": server, "started": started}}
         return state.replace(extra=extra, placements=state.placements.update(placements))
 
     # -- the exchange ------------------------------------------------------------------
@@ -170,58 +185,87 @@ class CompressGrads(Transform):
         state = primitives.step_state()
         if bucket.layout is None or state is None or int(state.step) < self._warmup or torch.distributed.get_world_size(bucket.group) == 1:
             return next_(bucket)
-        errors = state.extra["compress_grads"]
+        if torch.distributed.get_world_size(bucket.group) != Mesh.current().size(self.axis):
+            raise ValueError(
+                f"compress_grads exchanges 1-bit Adam's momentum over all of {self.axis!r}, but this reduction spans part of it "
+                "(hybrid sharding: shard_zero(hybrid=...)); drop hybrid, or compress_grads"
+            )
+        mine = state.extra["compress_grads"]
+        scale = 1.0
+        for t in self._scalers:
+            scale = scale * t.grad_scale(state)
         with comm.tagged("compress_grads"):
-            self._exchange(bucket, errors["worker"], errors["server"])
+            self._exchange(bucket, _frozen_adam(state.opt_state), mine, scale)
         return comm.done()
 
-    def _exchange(self, bucket: GradBucket, worker: list[torch.Tensor], server: list[torch.Tensor]) -> None:
+    def _exchange(self, bucket: GradBucket, adam: ScaleByFrozenAdamState, mine: dict, scale: Any) -> None:
         fg, group = bucket.layout, bucket.group
         ranks, me = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        carry, server = [mine["carry"][i] for i in fg.leaves], [mine["server"][i] for i in fg.leaves]
         key = (fg.name, fg.numels, ranks)
         if key not in self._rows:
-            self._rows[key] = _Rows.plan(fg.numels, ranks, self.block, worker[fg.leaves[0]].dtype, bucket.grads.device)
+            self._rows[key] = _Rows.plan(fg.numels, ranks, self.block, carry[0].dtype, bucket.grads.device)
         rows = self._rows[key]
-        dtype = rows.layout.dtype
-        mine = [worker[i] for i in fg.leaves]
-        x = self._bucket_rows(bucket, rows) + rows.gather(mine)
-        scale = rows.scales(x, rows.lengths)
+        dtype, b1 = rows.layout.dtype, self._b1
+        scale = torch.as_tensor(scale, dtype=dtype, device=bucket.grads.device)  # the loss scale, in the exchange's precision
+        held = rows.gather(carry)
+        x = self._bucket_rows(bucket, rows).mul_((1 - b1) / scale).add_(held)
+        block_scale = rows.scales(x, rows.lengths)
         error = torch.empty_like(x)
-        words = kernels.pack_signs_(x.view(-1), scale[:, rows.block_of_column].reshape(-1).contiguous(), error.view(-1))
-        rows.scatter(error, mine)
+        words = kernels.pack_signs_(x.view(-1), block_scale[:, rows.block_of_column].reshape(-1).contiguous(), error.view(-1))
         # phase 1: chunk r of every worker to rank r, which sums them (the server)
-        got_words, got_scale = torch.empty_like(words), torch.empty_like(scale)
+        got_words, got_scale = torch.empty_like(words), torch.empty_like(block_scale)
         comm.all_to_all_single(got_words, words, group=group)
-        comm.all_to_all_single(got_scale, scale, group=group)
+        comm.all_to_all_single(got_scale, block_scale, group=group)
         y = torch.zeros(rows.layout.size, dtype=dtype, device=x.device)
-        for i, (w, s) in enumerate(zip(got_words.view(ranks, -1), got_scale)):
+        for w, s in zip(got_words.view(ranks, -1), got_scale):
             kernels.unpack_signs_(w, s[rows.block_of_column].contiguous(), y, accumulate=True)
-        y *= rows.valid[me]
-        if bucket.reduction is Reduction.REDUCE_SCATTER:
-            bucket.out.copy_(y[: rows.size])
-            return
-        # phase 2: the server's sum, compressed again with its own error, to every rank
-        own = [server[i] for i in fg.leaves]
-        if any(x.numel() != c for x, c in zip(own, rows.layout.chunks)):  # an all-reduce over part of dp: ZeRO-1's hybrid groups
-            raise ValueError("compress_grads: an all-reduce over a part of the dp ranks (shard_zero(stage=1, hybrid=k)) is not supported; use stage 2 or 3, or drop hybrid")
+        momentum = self._momentum_rows(bucket, rows, T.leaves(adam.mu), me)
+        started = mine["started"][fg.leaves[0]]  # the same for all the bucket's leaves
+        y.add_(momentum[me] * b1 * ~started)  # the first exchange: the momentum warmup built
         offsets = [slice(o, o + c) for o, c in zip(rows.layout.offsets, rows.layout.chunks)]
-        for s, sl in zip(own, offsets):
-            y[sl] += s
+        for f, sl in zip(server, offsets):
+            y[sl] += f
+        y *= rows.valid[me]
+        # phase 2: the server's sum, compressed again with its own error, to every rank
         server_scale = rows.scales(y[None], rows.lengths[me][None])[0]
         server_error = torch.empty_like(y)
         server_words = kernels.pack_signs_(y, server_scale[rows.block_of_column].contiguous(), server_error)
-        server_error *= rows.valid[me]
-        for s, sl in zip(own, offsets):
-            s.copy_(server_error[sl])
         all_words = torch.empty(ranks * server_words.numel(), dtype=server_words.dtype, device=y.device)
         all_scales = torch.empty(ranks * server_scale.numel(), dtype=dtype, device=y.device)
         comm.all_gather_into_tensor(all_words, server_words, group=group)
         comm.all_gather_into_tensor(all_scales, server_scale, group=group)
         all_words, all_scales = all_words.view(ranks, -1), all_scales.view(ranks, -1)
-        z = torch.empty(ranks, rows.layout.size, dtype=dtype, device=y.device)
+        new = torch.empty(ranks, rows.layout.size, dtype=dtype, device=y.device)
         for r in range(ranks):
-            kernels.unpack_signs_(all_words[r], all_scales[r][rows.block_of_column].contiguous(), z[r])
-        self._write_rows(bucket, rows, z)
+            kernels.unpack_signs_(all_words[r], all_scales[r][rows.block_of_column].contiguous(), new[r])
+        # the state moves only if the momentum is finite on every rank (it is the same everywhere)
+        finite = torch.isfinite(new).all()
+        rows.scatter(torch.where(finite, error.add_(new, alpha=b1 / ranks), held), carry)
+        server_error *= rows.valid[me]
+        for f, sl in zip(server, offsets):
+            f.copy_(torch.where(finite, server_error[sl], f))
+        for i in fg.leaves:
+            mine["started"][i].logical_or_(finite)
+        grads = new.sub_(momentum, alpha=b1).mul_(scale / (1 - b1))  # [Note: momentum through the grads]
+        if bucket.reduction is Reduction.REDUCE_SCATTER:
+            bucket.out.copy_(grads[me, : rows.size])
+        else:
+            self._write_rows(bucket, rows, grads)
+
+    @staticmethod
+    def _momentum_rows(bucket: GradBucket, rows: _Rows, mu: list[torch.Tensor], me: int) -> torch.Tensor:
+        """The optimizer's momentum laid out as the bucket's (N, S32) rows, where this rank
+        holds it: every row under data_parallel (whole leaves), row `me` under ZeRO (its
+        chunks; the other rows zero, as their grads are not this rank's to update)."""
+        fg = bucket.layout
+        if fg.ranks == 1:
+            return rows.gather([mu[i].reshape(-1).to(rows.layout.dtype) for i in fg.leaves])
+        out = torch.zeros(rows.layout.ranks, rows.layout.size, dtype=rows.layout.dtype, device=bucket.grads.device)
+        for i, o in zip(fg.leaves, rows.layout.offsets):
+            chunk = mu[i].reshape(-1)
+            out[me, o : o + chunk.numel()] = chunk
+        return out
 
     @staticmethod
     def _bucket_rows(bucket: GradBucket, rows: _Rows) -> torch.Tensor:
@@ -253,6 +297,17 @@ class CompressGrads(Transform):
             nbytes=int(signs * (1 + 1 / size)),
         )
         return program + [note]
+
+
+def _frozen_adam(opt_state: Any) -> ScaleByFrozenAdamState:
+    """The optimizer's 1-bit Adam state (its momentum, b1 and warmup)."""
+    found = [x for x in optree.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByFrozenAdamState), namespace="sharded") if isinstance(x, ScaleByFrozenAdamState)]
+    if len(found) != 1:
+        raise ValueError(
+            "compress_grads(method='onebit') needs one Adam whose variance freezes after a warmup (1-bit Adam): "
+            f"create the state with sharded.optim.onebit_adam(lr, warmup_steps=k) (found {len(found)} such states)"
+        )
+    return found[0]
 
 
 compress_grads = transform(CompressGrads)

@@ -118,6 +118,9 @@ class MixedPrecision(Transform):
         }
         return state.replace(extra={**state.extra, "loss_scale": scale})
 
+    def grad_scale(self, state: Any) -> float | torch.Tensor:
+        return state.extra["loss_scale"]["scale"] if self.scaling else 1.0
+
     def metrics(self, state: Any) -> dict:
         if not self.scaling:
             return {}

@@ -83,6 +83,8 @@ class ShardZero(Transform):
         self._topology: _Topology | None = None
         self.capabilities = Capability.SPLITS_ROWS | Capability.REDUCES_GRADS | Capability.OWNS_UPDATE
         self.handlers = {"value_and_grad": self._value_and_grad, "update": self._update}
+        if reduce_every_microbatch:
+            self.capabilities |= Capability.REDUCES_EACH_MICROBATCH
         if stage == 3:
             self.capabilities |= Capability.SHARDS_PARAMS
             self.handlers.update(apply=self._apply, block=self._block)

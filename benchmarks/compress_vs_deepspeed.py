@@ -1,0 +1,179 @@
+"""1-bit Adam where communication dominates: sharded's compress_grads("onebit") against
+its own uncompressed AdamW (data_parallel and shard_zero(2)) and DeepSpeed 0.19.6's
+OneBitAdam, on the same GPT, data, link and precision, in one run.
+
+    NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_SOCKET_IFNAME=lo \\
+        python benchmarks/compress_vs_deepspeed.py --preset 350m --out benchmarks/results/compress_vs_deepspeed.json
+
+The NCCL variables force its socket transport between the GPUs (a slow link, about a
+40 Gb/s network); the run measures that link's all-reduce bus bandwidth first. fp16
+with dynamic loss scaling everywhere (DeepSpeed's 1-bit optimizers require it):
+sharded's mixed_precision("fp16") (fp32 masters, fp32 grad reduction), DeepSpeed's
+"fp16" engine. Every system is built once in the same ranks, run past its warmup (1-bit
+Adam compresses from step `--freeze` on), then timed in rounds that alternate systems.
+Acceptance (issue 15): onebit >= 2x its uncompressed AdamW under data_parallel and
+under shard_zero(2), and >= 1.0x DeepSpeed's OneBitAdam.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+from _harness import common_args, gc_paused, provenance, report
+
+import sharded
+from sharded.models import GPT, GPTConfig, loss_fn
+
+SYSTEMS = ["sharded_dp_adamw", "sharded_dp_onebit", "sharded_zero2_adamw", "sharded_zero2_onebit", "deepspeed_onebit"]
+PAIRS = [
+    ("sharded_dp_onebit", "sharded_dp_adamw"),
+    ("sharded_zero2_onebit", "sharded_zero2_adamw"),
+    ("sharded_dp_onebit", "deepspeed_onebit"),
+    ("sharded_zero2_onebit", "deepspeed_onebit"),
+]
+LR, WD = 1e-4, 0.1
+
+
+def _sharded(cfg: GPTConfig, name: str, freeze: int):
+    model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    step = sharded.mixed_precision("fp16")(train_step)
+    step = sharded.shard_zero(stage=2)(step) if "zero2" in name else sharded.data_parallel(step)
+    if name.endswith("onebit"):
+        step, tx = sharded.compress_grads(method="onebit")(step), sharded.optim.onebit_adam(LR, warmup_steps=freeze, weight_decay=WD)
+    else:
+        tx = sharded.optim.adamw(LR, weight_decay=WD)
+    box = [step.init(sharded.TrainState.create(model.params, tx))]
+
+    def run(x, y):
+        box[0], metrics = step(box[0], (x, y))
+        return metrics["loss"]
+
+    return run
+
+
+def _deepspeed(cfg: GPTConfig, batch: int, freeze: int):
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": 1,
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16},
+        "optimizer": {"type": "OneBitAdam", "params": {"lr": LR, "weight_decay": WD, "freeze_step": freeze, "cuda_aware": False, "comm_backend_name": "nccl"}},
+    }
+    module = GPT(cfg)
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
+    rank, world = sharded.distributed.rank(), sharded.distributed.world_size()
+
+    def run(x, y):
+        rows = x.shape[0] // world
+        loss = loss_fn(engine(x[rank * rows : (rank + 1) * rows]), y[rank * rows : (rank + 1) * rows])
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return run
+
+
+def _bus_bandwidth(megabytes: int = 256, iters: int = 5) -> float:
+    """All-reduce bus bandwidth (GB/s) on this link: nccl-tests' 2(n-1)/n · bytes / time."""
+    x = torch.ones(megabytes * 2**20 // 4, device=sharded.distributed.device())
+    n = sharded.distributed.world_size()
+    for _ in range(2):
+        torch.distributed.all_reduce(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        torch.distributed.all_reduce(x)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / iters
+    return 2 * (n - 1) / n * x.numel() * 4 / seconds / 1e9
+
+
+def measure(args) -> dict:
+    dev = sharded.distributed.device()
+    cfg = GPTConfig.preset(args.preset, seq_len=args.seq, tied=False)
+    world = sharded.distributed.world_size()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
+    y = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
+    busbw = _bus_bandwidth()
+    steps, losses, errors = {}, {}, {}
+    for name in SYSTEMS:  # built once, each past its warmup (1-bit Adam compressing)
+        torch.manual_seed(0)
+        try:
+            steps[name] = _deepspeed(cfg, args.batch, args.freeze) if name == "deepspeed_onebit" else _sharded(cfg, name, args.freeze)
+            for _ in range(args.freeze + args.warmup):
+                steps[name](x, y)
+            torch.cuda.synchronize()
+        except Exception as e:  # a system that cannot run is a result too
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            steps.pop(name, None)
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    with gc_paused():
+        for _ in range(args.rounds):  # alternate the systems, round after round
+            for name, run in steps.items():
+                for _ in range(args.steps):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    loss = run(x, y)
+                    end.record()
+                    torch.cuda.synchronize()
+                    times[name].append(start.elapsed_time(end) / 1e3)
+                losses[name] = float(loss)
+    tokens = args.batch * world * args.seq
+    systems = {
+        n: {
+            "step_s": {"min": min(t), "median": statistics.median(t), "max": max(t)},
+            "tokens_per_s": tokens / statistics.median(t),
+            "tokens_per_s_range": [tokens / max(t), tokens / min(t)],
+            "last_loss": losses[n],
+            "all_step_s": t,
+        }
+        for n, t in times.items()
+    }
+    systems.update({n: {"error": e} for n, e in errors.items()})
+    return {"allreduce_busbw_GBps": busbw, "systems": systems}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(ap, nproc=2, batch=8, batch_help="sequences per rank")
+    ap.set_defaults(preset="350m", seq=1024)
+    ap.add_argument("--freeze", type=int, default=3, help="1-bit Adam's warmup steps (uncompressed)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per system per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    out = sharded.launch(measure, args, nprocs=args.nproc, device="cuda", timeout=900)
+    systems = out["systems"]
+    link = {k: os.environ.get(k) for k in ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_SOCKET_IFNAME")}
+    result = {
+        **provenance("compress_vs_deepspeed", f"{args.nproc}x {torch.cuda.get_device_name(0)}", args.commit),
+        "model": f"GPT-{args.preset}, untied head, seq {args.seq}, {args.batch} sequences per rank",
+        "precision": "fp16 compute, dynamic loss scaling; sharded: fp32 masters and fp32 grad reduction",
+        "link": link,
+        "allreduce_busbw_GBps": out["allreduce_busbw_GBps"],
+        "onebit_warmup_steps": args.freeze,
+        "systems": systems,
+        "ratios": {
+            f"{a}/{b}": {
+                "tokens_per_s": systems[a]["tokens_per_s"] / systems[b]["tokens_per_s"],
+                "worst_case": systems[a]["tokens_per_s_range"][0] / systems[b]["tokens_per_s_range"][1],
+            }
+            for a, b in PAIRS
+            if "error" not in systems[a] and "error" not in systems[b]
+        },
+    }
+    report(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
