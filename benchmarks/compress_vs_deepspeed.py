@@ -22,6 +22,7 @@ import statistics
 
 import torch
 from _harness import common_args, gc_paused, provenance, report
+from _profile import profile_steps
 
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
@@ -129,6 +130,7 @@ def measure(args) -> dict:
                     torch.cuda.synchronize()
                     times[name].append(start.elapsed_time(end) / 1e3)
                 losses[name] = float(loss)
+    profiles = {name: profile_steps(lambda: run(x, y), steps=2) for name, run in steps.items()} if args.profile else {}
     tokens = args.batch * world * args.seq
     systems = {
         n: {
@@ -137,6 +139,7 @@ def measure(args) -> dict:
             "tokens_per_s_range": [tokens / max(t), tokens / min(t)],
             "last_loss": losses[n],
             "all_step_s": t,
+            **({"gpu_time": profiles[n]} if n in profiles else {}),
         }
         for n, t in times.items()
     }
@@ -151,6 +154,7 @@ def main() -> None:
     ap.add_argument("--freeze", type=int, default=3, help="1-bit Adam's warmup steps (uncompressed)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per system per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="also profile 2 steps of each: communication, compute, idle time, top kernels")
     args = ap.parse_args()
     out = sharded.launch(measure, args, nprocs=args.nproc, device="cuda", timeout=900)
     systems = out["systems"]

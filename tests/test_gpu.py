@@ -209,14 +209,15 @@ def test_sign_packing_kernels_on_cuda_match_references():
     from sharded.kernels import onebit
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    for n in (1, 31, 33, 1000, 100_003):
+    for n, per in ((1, 1), (31, 3), (33, 32), (1000, 256), (100_003, 256)):
         x = torch.randn(n, device="cuda", generator=g)
         x[::7] = 0.0
-        scale = torch.rand(n, device="cuda", generator=g)
+        scales = torch.rand(-(-n // per), device="cuda", generator=g)
+        scale = scales.repeat_interleave(per)[:n]
         error, want_error = torch.empty_like(x), torch.empty_like(x)
-        words = kernels.pack_signs_(x, scale, error)
-        assert torch.equal(words, onebit.reference_pack_signs_(x, scale, want_error))
+        words = kernels.pack_signs_(x, scales, error, per)
+        assert torch.equal(words, onebit.reference_pack_signs_(x, scales, want_error, per))
         torch.testing.assert_close(error, want_error)
         out = torch.empty_like(x)
-        kernels.unpack_signs_(words, scale, out)
+        kernels.unpack_signs_(words, scales, out, per)
         assert torch.equal(out, torch.where(x >= 0, scale, -scale))

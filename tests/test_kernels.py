@@ -567,23 +567,24 @@ def test_unscale_and_copies_on_cuda_are_exact_and_never_sync():
 
 @needs_triton
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 300), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
-def test_sign_packing_kernels_match_references(interpreted, n, dtype, seed):
-    """Signs 32 to an int32 with the scale and the error update fused, on odd sizes (and
-    exact zeros, whose sign is +)."""
+@given(n=st.integers(1, 300), per=st.sampled_from([1, 3, 32, 256]), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+def test_sign_packing_kernels_match_references(interpreted, n, per, dtype, seed):
+    """Signs 32 to an int32 with the block's scale and the error update fused, on odd
+    sizes and blocks (and exact zeros, whose sign is +)."""
     from sharded.kernels import onebit
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g, dtype=dtype)
     x[:: 5] = 0.0
-    scale = torch.rand(n, generator=g, dtype=dtype)
+    scales = torch.rand(-(-n // per), generator=g, dtype=dtype)
+    scale = scales.repeat_interleave(per)[:n]
     want_error = torch.empty_like(x)
-    want_words = onebit.reference_pack_signs_(x, scale, want_error)
-    got, words = interpreted("pack_signs_", x=x, scale=scale, error=torch.empty_like(x))
+    want_words = onebit.reference_pack_signs_(x, scales, want_error, per)
+    got, words = interpreted("pack_signs_", x=x, scales=scales, error=torch.empty_like(x), per=per)
     assert torch.equal(words, want_words) and words.dtype == torch.int32 and words.numel() == -(-n // 32)
     assert_kernel_result(got["error"], want_error)
     out = torch.randn(n, generator=g, dtype=dtype)
-    want_out = onebit.reference_unpack_signs_(want_words, scale, out.clone(), True)
-    got, _ = interpreted("unpack_signs_", words=words, scale=scale, out=out, accumulate=True)
+    want_out = onebit.reference_unpack_signs_(want_words, scales, out.clone(), per, True)
+    got, _ = interpreted("unpack_signs_", words=words, scales=scales, out=out, per=per, accumulate=True)
     assert_kernel_result(got["out"], want_out)
     torch.testing.assert_close(want_out - out, torch.where(x >= 0, scale, -scale))  # the unpacked signs are x's

@@ -263,23 +263,30 @@ def copy_out(flat: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence
     _dispatch(flat_copy.copy_out, flat_copy.reference_copy_out, flat, flat, dsts, offsets, operands=[flat, *dsts])
 
 
-def pack_signs_(x: torch.Tensor, scale: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+def _check_scales(name: str, scales: torch.Tensor, like: torch.Tensor, per: int) -> None:
+    if not isinstance(per, int) or isinstance(per, bool) or per < 1:
+        raise ValueError(f"{name}: per (elements per scale) must be an int >= 1; got {per!r}")
+    blocks = -(-like.numel() // per)
+    if scales.dim() != 1 or scales.numel() < blocks or scales.dtype != like.dtype or scales.device != like.device:
+        raise ValueError(f"{name}: scales must be 1-D with >= {blocks} elements of {like.dtype} on {like.device}; got {tuple(scales.shape)}, {scales.dtype}, {scales.device}")
+
+
+def pack_signs_(x: torch.Tensor, scales: torch.Tensor, error: torch.Tensor, per: int = 1) -> torch.Tensor:
     """The signs of x (1-D) as int32 words, 32 each (bit j of word w: x[32w + j] >= 0;
-    padding bits 1), and error = x - scale * sign(x) written in place (math in
-    kernels/onebit.py). scale, error: x's shape, dtype and device."""
-    for name, t in (("scale", scale), ("error", error)):
-        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"pack_signs_: {name} must have x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}); got {tuple(t.shape)}, {t.dtype}, {t.device}")
+    padding bits 1), and error = x - s * sign(x) written in place, s = scales[i // per]
+    for x[i] (math in kernels/onebit.py). error: x's shape, dtype and device."""
+    if error.shape != x.shape or error.dtype != x.dtype or error.device != x.device:
+        raise ValueError(f"pack_signs_: error must have x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}); got {tuple(error.shape)}, {error.dtype}, {error.device}")
     check_flat("pack_signs_", "x", x, _ANY_FLOAT)
-    return _dispatch(onebit.pack_signs_, onebit.reference_pack_signs_, x, x, scale, error, operands=[x])
+    _check_scales("pack_signs_", scales, x, per)
+    return _dispatch(onebit.pack_signs_, onebit.reference_pack_signs_, x, x, scales, error, per, operands=[x])
 
 
-def unpack_signs_(words: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
-    """out = scale * (±1 by each bit of words), or out += it with accumulate (math in
-    kernels/onebit.py). words: int32, at least ceil(out.numel() / 32); scale: out's shape."""
+def unpack_signs_(words: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, per: int = 1, accumulate: bool = False) -> torch.Tensor:
+    """out = s * (±1 by each bit of words), or out += it with accumulate, s = scales[i // per]
+    for out[i] (math in kernels/onebit.py). words: int32, at least ceil(out.numel() / 32)."""
     if words.dtype != torch.int32 or words.numel() < onebit.words_for(out.numel()):
         raise ValueError(f"unpack_signs_: words must be int32 with >= {onebit.words_for(out.numel())} elements; got {words.dtype}, {words.numel()}")
-    if scale.shape != out.shape or scale.dtype != out.dtype:
-        raise ValueError(f"unpack_signs_: scale must have out's shape and dtype ({tuple(out.shape)}, {out.dtype})")
     check_flat("unpack_signs_", "out", out, _ANY_FLOAT)
-    return _dispatch(onebit.unpack_signs_, onebit.reference_unpack_signs_, out, words, scale, out, accumulate, operands=[out])
+    _check_scales("unpack_signs_", scales, out, per)
+    return _dispatch(onebit.unpack_signs_, onebit.reference_unpack_signs_, out, words, scales, out, per, accumulate, operands=[out])

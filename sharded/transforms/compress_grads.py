@@ -42,6 +42,7 @@ step is skipped as any overflowing step.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any, Callable
 
@@ -50,7 +51,6 @@ import torch
 
 from sharded import comm, kernels, primitives
 from sharded import tree as T
-from sharded.kernels.onebit import words_for
 from sharded.mesh import Mesh
 from sharded.optim import ScaleByFrozenAdamState
 from sharded.placement import Placement
@@ -64,52 +64,55 @@ __all__ = ["compress_grads"]
 
 @dataclasses.dataclass(frozen=True)
 class _Rows:
-    """A bucket's leaves laid out as N rows of S32 columns, ZeRO's flat layout (`layout`,
-    a FlatGroup whose rows are padded to a multiple of 32): row r holds chunk r of each
-    leaf. Each leaf's chunk columns are cut into blocks of at most `block`, one scale each."""
+    """A bucket's leaves laid out as N rows of blocks: row r holds chunk r of each leaf,
+    each chunk starting on a block boundary and padded to whole blocks (`layout`, a
+    FlatGroup), the row padded to whole int32 words. One scale per block, so a row's
+    scales are a reduction over a (blocks, block) view."""
 
     layout: FlatGroup
-    size: int  # S: the columns of the leaves' chunks (layout.size is S32)
-    block_of_column: torch.Tensor  # (S32,) the scale block of each column; the last id for the padding
-    valid: torch.Tensor  # (N, S32) bool: a real element of its leaf
-    lengths: torch.Tensor  # (N, blocks) real elements of each block in each row
+    block: int
+    valid: torch.Tensor  # (N, S) bool: a real element of its leaf
+    lengths: torch.Tensor  # (N, S / block) real elements of each block in each row
 
     @staticmethod
     def plan(numels: tuple[int, ...], ranks: int, block: int, dtype: torch.dtype, device: torch.device) -> _Rows:
         chunks = tuple(chunk_size(n, ranks) for n in numels)
-        offsets = tuple(sum(chunks[:k]) for k in range(len(chunks)))
-        size = sum(chunks)
-        columns = words_for(size) * 32
+        widths = tuple(-(-c // block) * block for c in chunks)
+        offsets = tuple(sum(widths[:k]) for k in range(len(widths)))
+        unit = math.lcm(32, block)
+        columns = -(-sum(widths) // unit) * unit
         layout = FlatGroup("compressed", tuple(range(len(numels))), numels, chunks, offsets, columns, ranks, dtype, device)
-        starts = [(o + j, min(j + block, c) - j) for o, c in zip(offsets, chunks) for j in range(0, c, block)]  # (first column, width)
-        ids = torch.full((columns,), len(starts), dtype=torch.long)
-        for b, (first, width) in enumerate(starts):
-            ids[first : first + width] = b
         valid = torch.zeros(ranks, columns, dtype=torch.bool)
         for n, c, o in zip(numels, chunks, offsets):
             for r in range(ranks):
                 valid[r, o : o + max(0, min(c, n - r * c))] = True
-        lengths = torch.zeros(ranks, len(starts))
-        lengths.index_add_(1, ids[ids < len(starts)], valid[:, ids < len(starts)].to(lengths.dtype))
-        return _Rows(layout, size, ids.to(device), valid.to(device), lengths.to(device))
+        lengths = valid.view(ranks, -1, block).sum(-1).to(dtype)
+        return _Rows(layout, block, valid.to(device), lengths.to(device))
+
+    @property
+    def words(self) -> int:
+        return self.layout.size // 32
 
     def gather(self, flats: list[torch.Tensor]) -> torch.Tensor:
-        """(N, S32) from each leaf's whole flat tensor, zero padded."""
+        """(N, S) from each leaf's whole flat tensor, zero padded."""
         rows = torch.zeros(self.layout.ranks * self.layout.size, dtype=self.layout.dtype, device=self.valid.device)
         self.layout.write_all(rows, flats)
         return rows.view(self.layout.ranks, -1)
 
     def scatter(self, rows: torch.Tensor, flats: list[torch.Tensor]) -> None:
-        """Each leaf's whole flat tensor from (N, S32), the padding dropped."""
+        """Each leaf's whole flat tensor from (N, S), the padding dropped."""
         self.layout.read_all(rows.view(-1), flats)
+
+    def regroup(self, src: torch.Tensor, src_offsets: tuple[int, ...], dst: torch.Tensor, dst_offsets: tuple[int, ...]) -> None:
+        """Each leaf's chunk columns from `src` (rows, its offsets) into `dst` (rows, its)."""
+        for a, b, c in zip(src_offsets, dst_offsets, self.layout.chunks):
+            dst[..., b : b + c] = src[..., a : a + c]
 
     def scales(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """||block|| / sqrt(its real elements) (the RMS) of each block in each row: (rows,
-        blocks + 1), the padding's scale 0. s·sign(x) then keeps x's norm."""
-        sums = torch.zeros(rows.shape[0], lengths.shape[1] + 1, dtype=rows.dtype, device=rows.device)
-        sums.index_add_(1, self.block_of_column, rows.square())
-        lengths = torch.cat([lengths, torch.zeros(lengths.shape[0], 1, device=lengths.device)], 1).to(rows.dtype)
-        return sums.sqrt() / lengths.clamp(min=1).sqrt()
+        blocks), padding blocks 0. s·sign(x) then keeps x's norm."""
+        norms = torch.linalg.vector_norm(rows.view(rows.shape[0], -1, self.block), dim=-1)
+        return norms / lengths.clamp(min=1).sqrt()
 
 
 class CompressGrads(Transform):
@@ -206,20 +209,21 @@ class CompressGrads(Transform):
         if key not in self._rows:
             self._rows[key] = _Rows.plan(fg.numels, ranks, self.block, carry[0].dtype, bucket.grads.device)
         rows = self._rows[key]
-        dtype, b1 = rows.layout.dtype, self._b1
+        dtype, b1, block, words = rows.layout.dtype, self._b1, self.block, rows.words
         scale = torch.as_tensor(scale, dtype=dtype, device=bucket.grads.device)  # the loss scale, in the exchange's precision
         held = rows.gather(carry)
         x = self._bucket_rows(bucket, rows).mul_((1 - b1) / scale).add_(held)
-        block_scale = rows.scales(x, rows.lengths)
+        block_scales = rows.scales(x, rows.lengths)
         error = torch.empty_like(x)
-        words = kernels.pack_signs_(x.view(-1), block_scale[:, rows.block_of_column].reshape(-1).contiguous(), error.view(-1))
-        # phase 1: chunk r of every worker to rank r, which sums them (the server)
-        got_words, got_scale = torch.empty_like(words), torch.empty_like(block_scale)
-        comm.all_to_all_single(got_words, words, group=group)
-        comm.all_to_all_single(got_scale, block_scale, group=group)
+        packed = kernels.pack_signs_(x.view(-1), block_scales.view(-1), error.view(-1), block)
+        # phase 1: chunk r of every worker to rank r, which sums them (the server); scales
+        # then signs, in one message of int32s
+        head = block_scales.shape[1] * dtype.itemsize // 4
+        got = torch.empty(ranks, _width(head + words, dtype), dtype=torch.int32, device=x.device)
+        comm.all_to_all_single(got, _message(block_scales, packed.view(ranks, words), got.shape[1]), group=group)
         y = torch.zeros(rows.layout.size, dtype=dtype, device=x.device)
-        for w, s in zip(got_words.view(ranks, -1), got_scale):
-            kernels.unpack_signs_(w, s[rows.block_of_column].contiguous(), y, accumulate=True)
+        for row in got:
+            kernels.unpack_signs_(row[head:], row[:head].view(dtype), y, block, accumulate=True)
         momentum = self._momentum_rows(bucket, rows, T.leaves(adam.mu), me)
         started = mine["started"][fg.leaves[0]]  # the same for all the bucket's leaves
         y.add_(momentum[me] * b1 * ~started)  # the first exchange: the momentum warmup built
@@ -228,17 +232,17 @@ class CompressGrads(Transform):
             y[sl] += f
         y *= rows.valid[me]
         # phase 2: the server's sum, compressed again with its own error, to every rank
-        server_scale = rows.scales(y[None], rows.lengths[me][None])[0]
+        server_scales = rows.scales(y[None], rows.lengths[me][None])[0]
         server_error = torch.empty_like(y)
-        server_words = kernels.pack_signs_(y, server_scale[rows.block_of_column].contiguous(), server_error)
-        all_words = torch.empty(ranks * server_words.numel(), dtype=server_words.dtype, device=y.device)
-        all_scales = torch.empty(ranks * server_scale.numel(), dtype=dtype, device=y.device)
-        comm.all_gather_into_tensor(all_words, server_words, group=group)
-        comm.all_gather_into_tensor(all_scales, server_scale, group=group)
-        all_words, all_scales = all_words.view(ranks, -1), all_scales.view(ranks, -1)
+        server_packed = kernels.pack_signs_(y, server_scales, server_error, block)
+        sent = _message(server_scales[None], server_packed[None], got.shape[1])[0]
+        everyone = torch.empty(ranks * sent.numel(), dtype=torch.int32, device=y.device)
+        comm.all_gather_into_tensor(everyone, sent, group=group)
+        everyone = everyone.view(ranks, -1)
         new = torch.empty(ranks, rows.layout.size, dtype=dtype, device=y.device)
-        for r in range(ranks):
-            kernels.unpack_signs_(all_words[r], all_scales[r][rows.block_of_column].contiguous(), new[r])
+        for r, row in enumerate(everyone):
+            kernels.unpack_signs_(row[head:], row[:head].view(dtype), new[r], block)
+        new *= rows.valid
         # the state moves only if the momentum is finite on every rank (it is the same everywhere)
         finite = torch.isfinite(new).all()
         rows.scatter(torch.where(finite, error.add_(new, alpha=b1 / ranks), held), carry)
@@ -249,42 +253,35 @@ class CompressGrads(Transform):
             mine["started"][i].logical_or_(finite)
         grads = new.sub_(momentum, alpha=b1).mul_(scale / (1 - b1))  # [Note: momentum through the grads]
         if bucket.reduction is Reduction.REDUCE_SCATTER:
-            bucket.out.copy_(grads[me, : rows.size])
+            rows.regroup(grads[me], rows.layout.offsets, bucket.out, fg.offsets)
+        elif fg.ranks == ranks:  # ZeRO-1's all-reduce: every row, this rank's is what it keeps
+            rows.regroup(grads, rows.layout.offsets, bucket.grads.view(ranks, fg.size), fg.offsets)
         else:
-            self._write_rows(bucket, rows, grads)
+            rows.scatter(grads, [bucket.grads[o : o + k] for o, k in zip(fg.offsets, fg.numels)])
 
     @staticmethod
     def _momentum_rows(bucket: GradBucket, rows: _Rows, mu: list[torch.Tensor], me: int) -> torch.Tensor:
-        """The optimizer's momentum laid out as the bucket's (N, S32) rows, where this rank
+        """The optimizer's momentum laid out as the bucket's (N, S) rows, where this rank
         holds it: every row under data_parallel (whole leaves), row `me` under ZeRO (its
         chunks; the other rows zero, as their grads are not this rank's to update)."""
         fg = bucket.layout
         if fg.ranks == 1:
-            return rows.gather([mu[i].reshape(-1).to(rows.layout.dtype) for i in fg.leaves])
+            return rows.gather([mu[i].reshape(-1) for i in fg.leaves])
         out = torch.zeros(rows.layout.ranks, rows.layout.size, dtype=rows.layout.dtype, device=bucket.grads.device)
-        for i, o in zip(fg.leaves, rows.layout.offsets):
-            chunk = mu[i].reshape(-1)
-            out[me, o : o + chunk.numel()] = chunk
+        rows.layout.write_chunks(out[me], [mu[i] for i in fg.leaves])
         return out
 
     @staticmethod
     def _bucket_rows(bucket: GradBucket, rows: _Rows) -> torch.Tensor:
-        """The bucket's grads as (N, S32) rows: already so laid out in ZeRO's groups of N
-        ranks; data_parallel's groups of one rank hold whole leaves, cut here."""
+        """The bucket's grads as (N, S) rows: ZeRO's groups of N ranks hold them as rows
+        already (at their own offsets); data_parallel's groups of one rank hold whole
+        leaves, cut here."""
         fg, n = bucket.layout, rows.layout.ranks
         if fg.ranks == n:
             x = torch.zeros(n, rows.layout.size, dtype=rows.layout.dtype, device=bucket.grads.device)
-            x[:, : rows.size] = bucket.grads.view(n, rows.size)
+            rows.regroup(bucket.grads.view(n, fg.size), fg.offsets, x, rows.layout.offsets)
             return x
         return rows.gather([bucket.grads[o : o + k] for o, k in zip(fg.offsets, fg.numels)])
-
-    @staticmethod
-    def _write_rows(bucket: GradBucket, rows: _Rows, z: torch.Tensor) -> None:
-        fg, n = bucket.layout, rows.layout.ranks
-        if fg.ranks == n:
-            bucket.grads.view(n, rows.size).copy_(z[:, : rows.size])
-        else:
-            rows.scatter(z, [bucket.grads[o : o + k] for o, k in zip(fg.offsets, fg.numels)])
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
         numel = sum(x.numel() for x in T.leaves(info.params) if x.is_floating_point())
@@ -297,6 +294,21 @@ class CompressGrads(Transform):
             nbytes=int(signs * (1 + 1 / size)),
         )
         return program + [note]
+
+
+def _width(n: int, dtype: torch.dtype) -> int:
+    """int32s per message row: n, rounded up so every row's scales view as `dtype`."""
+    k = max(1, dtype.itemsize // 4)
+    return -(-n // k) * k
+
+
+def _message(scales: torch.Tensor, signs: torch.Tensor, width: int) -> torch.Tensor:
+    """(rows, width) int32: each row's scales (their bits), then its packed signs."""
+    head = scales.shape[1] * scales.dtype.itemsize // 4
+    out = torch.zeros(scales.shape[0], width, dtype=torch.int32, device=scales.device)
+    out[:, :head] = scales.view(torch.int32)
+    out[:, head : head + signs.shape[1]] = signs
+    return out
 
 
 def _frozen_adam(opt_state: Any) -> ScaleByFrozenAdamState:
