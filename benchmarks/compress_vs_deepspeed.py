@@ -12,7 +12,9 @@ sharded's mixed_precision("fp16") (fp32 masters, fp32 grad reduction), DeepSpeed
 "fp16" engine. Every system is built once in the same ranks, run past its warmup (1-bit
 Adam compresses from step `--freeze` on), then timed in rounds that alternate systems.
 Acceptance (issue 15): onebit >= 2x its uncompressed AdamW under data_parallel and
-under shard_zero(2), and >= 1.0x DeepSpeed's OneBitAdam.
+under shard_zero(2), and >= 1.0x DeepSpeed's OneBitAdam. Every sharded system uses
+--bucket-mb (400: a compressed bucket costs two dependent round trips on the link);
+sharded_dp_adamw_25mb is data_parallel's default bucket, for reference.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from _profile import profile_steps
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
 
-SYSTEMS = ["sharded_dp_adamw", "sharded_dp_onebit", "sharded_zero2_adamw", "sharded_zero2_onebit", "deepspeed_onebit"]
+SYSTEMS = ["sharded_dp_adamw_25mb", "sharded_dp_adamw", "sharded_dp_onebit", "sharded_zero2_adamw", "sharded_zero2_onebit", "deepspeed_onebit"]
 PAIRS = [
     ("sharded_dp_onebit", "sharded_dp_adamw"),
     ("sharded_zero2_onebit", "sharded_zero2_adamw"),
@@ -37,7 +39,7 @@ PAIRS = [
 LR, WD = 1e-4, 0.1
 
 
-def _sharded(cfg: GPTConfig, name: str, freeze: int):
+def _sharded(cfg: GPTConfig, name: str, freeze: int, bucket_mb: float):
     model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
 
     def train_step(state, batch):
@@ -45,7 +47,8 @@ def _sharded(cfg: GPTConfig, name: str, freeze: int):
         return state.apply_gradients(grads), {"loss": value}
 
     step = sharded.mixed_precision("fp16")(train_step)
-    step = sharded.shard_zero(stage=2)(step) if "zero2" in name else sharded.data_parallel(step)
+    bucket_mb = 25.0 if name.endswith("25mb") else bucket_mb  # data_parallel's default, for reference
+    step = sharded.shard_zero(stage=2, bucket_mb=bucket_mb)(step) if "zero2" in name else sharded.data_parallel(bucket_mb=bucket_mb)(step)
     if name.endswith("onebit"):
         step, tx = sharded.compress_grads(method="onebit")(step), sharded.optim.onebit_adam(LR, warmup_steps=freeze, weight_decay=WD)
     else:
@@ -111,7 +114,7 @@ def measure(args) -> dict:
     for name in SYSTEMS:  # built once, each past its warmup (1-bit Adam compressing)
         torch.manual_seed(0)
         try:
-            steps[name] = _deepspeed(cfg, args.batch, args.freeze) if name == "deepspeed_onebit" else _sharded(cfg, name, args.freeze)
+            steps[name] = _deepspeed(cfg, args.batch, args.freeze) if name == "deepspeed_onebit" else _sharded(cfg, name, args.freeze, args.bucket_mb)
             for _ in range(args.freeze + args.warmup):
                 steps[name](x, y)
             torch.cuda.synchronize()
@@ -154,6 +157,7 @@ def main() -> None:
     ap.add_argument("--freeze", type=int, default=3, help="1-bit Adam's warmup steps (uncompressed)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per system per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bucket-mb", type=float, default=400.0, help="sharded's grad buckets, every system (a compressed exchange is two dependent round trips per bucket)")
     ap.add_argument("--profile", action="store_true", help="also profile 2 steps of each: communication, compute, idle time, top kernels")
     args = ap.parse_args()
     out = sharded.launch(measure, args, nprocs=args.nproc, device="cuda", timeout=900)
@@ -166,6 +170,7 @@ def main() -> None:
         "link": link,
         "allreduce_busbw_GBps": out["allreduce_busbw_GBps"],
         "onebit_warmup_steps": args.freeze,
+        "sharded_bucket_mb": args.bucket_mb,
         "systems": systems,
         "ratios": {
             f"{a}/{b}": {

@@ -260,6 +260,40 @@ def done() -> Pending:
     return _DONE
 
 
+class _StreamWork:
+    """What `Pending` waits on for work issued on a side stream: an event on it."""
+
+    def __init__(self, event: Any, device: torch.device):
+        self._event, self._device = event, device
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self._device).wait_event(self._event)
+
+
+_side_streams: dict[torch.device, Any] = {}
+
+
+def on_side_stream(work: Callable[[], None], device: torch.device, what: str = "side stream") -> Pending:
+    """Run `work` (kernels and collectives that depend on each other, such as a compressed
+    exchange) on a side CUDA stream that first waits for the current one, so it
+    overlaps what the current stream does next; the Pending's `wait()` makes the
+    current stream wait for it. Tensors `work` allocates belong to the side stream;
+    those it reads from the current stream stay alive until the wait (the caller holds
+    them). Off CUDA, `work` runs here and the Pending is done."""
+    if device.type != "cuda":
+        work()
+        return _DONE
+    side = _side_streams.get(device)
+    if side is None:
+        side = _side_streams[device] = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        work()
+        event = torch.cuda.Event()
+        event.record(side)
+    return Pending(_StreamWork(event, device), (what, None, 1))
+
+
 def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, group: Any = None, async_op: bool = False) -> Pending:
     """Row r of `inp` (its first dimension cut in `size` equal parts) goes to rank r; row
     i of `out` comes from rank i."""

@@ -197,9 +197,9 @@ class CompressGrads(Transform):
         scale = 1.0
         for t in self._scalers:
             scale = scale * t.grad_scale(state)
-        with comm.tagged("compress_grads"):
-            self._exchange(bucket, _frozen_adam(state.opt_state), mine, scale)
-        return comm.done()
+        adam = _frozen_adam(state.opt_state)
+        with comm.tagged("compress_grads"):  # its two dependent phases overlap the rest of backward
+            return comm.on_side_stream(lambda: self._exchange(bucket, adam, mine, scale), bucket.grads.device, "compress_grads")
 
     def _exchange(self, bucket: GradBucket, adam: ScaleByFrozenAdamState, mine: dict, scale: Any) -> None:
         fg, group = bucket.layout, bucket.group
