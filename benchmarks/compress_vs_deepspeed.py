@@ -111,7 +111,7 @@ def measure(args) -> dict:
     y = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
     busbw = _bus_bandwidth()
     steps, losses, errors = {}, {}, {}
-    for name in SYSTEMS:  # built once, each past its warmup (1-bit Adam compressing)
+    for name in args.systems:  # built once, each past its warmup (1-bit Adam compressing)
         torch.manual_seed(0)
         try:
             steps[name] = _deepspeed(cfg, args.batch, args.freeze) if name == "deepspeed_onebit" else _sharded(cfg, name, args.freeze, args.bucket_mb)
@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per system per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--bucket-mb", type=float, default=400.0, help="sharded's grad buckets, every system (a compressed exchange is two dependent round trips per bucket)")
+    ap.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS, help="a subset to run (in these ranks)")
     ap.add_argument("--profile", action="store_true", help="also profile 2 steps of each: communication, compute, idle time, top kernels")
     args = ap.parse_args()
     out = sharded.launch(measure, args, nprocs=args.nproc, device="cuda", timeout=900)
