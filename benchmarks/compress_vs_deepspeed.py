@@ -179,7 +179,7 @@ def main() -> None:
                 "worst_case": systems[a]["tokens_per_s_range"][0] / systems[b]["tokens_per_s_range"][1],
             }
             for a, b in PAIRS
-            if "error" not in systems[a] and "error" not in systems[b]
+            if a in systems and b in systems and "error" not in systems[a] and "error" not in systems[b]
         },
     }
     report(result, args.out)
