@@ -68,6 +68,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"], help="mixed_precision compute dtype")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
     p.add_argument("--data", default=d.data, help="your data: a text file, or a token file (.bin uint16 as nanoGPT writes it, .npy), memory-mapped; the last 10%% is validation")
+    p.add_argument("--data-dtype", default=d.data_dtype, choices=["uint16", "uint32"], help="the token ids of a .bin --data file (nanoGPT writes uint16)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="a local Hugging Face tokenizer directory for a text --data (default: bytes)")
     p.add_argument("--model", default=d.model, help="a Hugging Face causal LM's directory (config.json, and safetensors weights or a fresh init) instead of --preset; exported to OUT/hf")
     p.add_argument("--config", default=d.config, help="a DeepSpeed config (JSON): its batch sizes, fp16/bf16, ZeRO stage, optimizer and scheduler replace the flags for them")
@@ -133,11 +134,16 @@ def _run_estimate(args: argparse.Namespace) -> None:
     print(est)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """`sharded`'s parser: its subcommands, each with its flags and what it runs."""
     parser = argparse.ArgumentParser(prog="sharded", description="Composable large-model training for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
     _estimate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv or ["train"])  # no arguments: the main job's defaults
+    args = build_parser().parse_args(argv or ["train"])  # no arguments: the main job's defaults
     args.run(args)

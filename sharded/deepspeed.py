@@ -74,6 +74,7 @@ class DeepSpeedPlan:
     accumulate: int
     global_batch: int
     notes: tuple[str, ...] = ()
+    schedule: Any = None  # the learning rate: a float or a schedule of the update count (what the optimizer applies)
 
     def __call__(self, train_step: Callable) -> Step:
         step = train_step
@@ -168,7 +169,7 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"DeepSpeed config: zero_optimization.stage must be 0-3; got {stage!r}")
 
-    optimizer, compressed = _optimizer(top, auto, notes)
+    optimizer, compressed, schedule = _optimizer(top, auto, notes)
     if compressed:
         transforms.insert(0, compress_grads(method="onebit"))
     transforms.insert(1 if compressed else 0, shard_zero(stage=stage, **bucket_mb) if stage else data_parallel(**bucket_mb))
@@ -187,7 +188,7 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
     if top.rest():
         key = top.rest()[0]
         raise ValueError(f"DeepSpeed config: {key!r} is not supported by sharded (README's DeepSpeed table lists what is); remove it")
-    return DeepSpeedPlan(tuple(transforms), optimizer, micro, accum, batch, tuple(notes))
+    return DeepSpeedPlan(tuple(transforms), optimizer, micro, accum, batch, tuple(notes), schedule)
 
 
 def _batch_sizes(top: _Reader, world: int) -> tuple[int, int, int]:
@@ -219,8 +220,8 @@ def _batch_sizes(top: _Reader, world: int) -> tuple[int, int, int]:
     return int(micro), int(accum), int(batch)
 
 
-def _optimizer(top: _Reader, auto: Mapping, notes: list[str]) -> tuple[optim.GradientTransformation, bool]:
-    """The optimizer (schedule and clipping in it), and whether it is 1-bit Adam."""
+def _optimizer(top: _Reader, auto: Mapping, notes: list[str]) -> tuple[optim.GradientTransformation, bool, Any]:
+    """The optimizer (schedule and clipping in it), whether it is 1-bit Adam, and its schedule."""
     spec = top.get("optimizer", {"type": "AdamW", "params": {}})
     kind = str(spec.get("type", "")).lower()
     p = _Reader(spec.get("params", {}) or {}, "optimizer.params.", auto, notes)
@@ -255,7 +256,7 @@ def _optimizer(top: _Reader, auto: Mapping, notes: list[str]) -> tuple[optim.Gra
     clip = top.get("gradient_clipping", 0.0, "max_grad_norm")
     if clip and not compressed:
         tx = optim.chain(optim.clip_by_global_norm(float(clip)), tx)
-    return tx, compressed
+    return tx, compressed, schedule
 
 
 def _schedule(top: _Reader, lr: float, auto: Mapping, notes: list[str]) -> Any:

@@ -15,6 +15,8 @@ import os
 import resource
 import sys
 import time
+import warnings
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -46,6 +48,7 @@ class TrainConfig:
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
     data: str | None = None  # a text file, or a token file (.bin uint16 / .npy), instead of the embedded corpus
+    data_dtype: str = "uint16"  # a .bin token file's ids: "uint16" (nanoGPT's) or "uint32" (vocabularies past 65,536)
     tokenizer: str | None = None  # a local Hugging Face tokenizer for a text --data (default: bytes)
     model: str | None = None  # a Hugging Face causal LM's directory (config.json, + safetensors weights) instead of --preset
     config: str | None = None  # a DeepSpeed config (JSON): its batch sizes, precision, ZeRO, optimizer decide
@@ -122,12 +125,44 @@ def _memory_mb(state, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(model: sharded.Model, params, corpus: Corpus, cfg: TrainConfig, seq_len: int, device) -> float:
-    losses = []
-    for i, (x, y) in enumerate(corpus.batches("val", cfg.batch_size, seq_len, seed=cfg.seed)):
-        if i == cfg.eval_batches:
-            break
-        losses.append(loss_fn(hf.logits_of(model.apply(params, x.to(device))), y.to(device)).item())
+    """The mean loss over `eval_batches` val batches, in eval mode (no dropout, no RNG drawn)."""
+    losses, training = [], model.module.training
+    model.module.eval()
+    with torch.no_grad():
+        for i, (x, y) in enumerate(corpus.batches("val", cfg.batch_size, seq_len, seed=cfg.seed)):
+            if i == cfg.eval_batches:
+                break
+            losses.append(loss_fn(hf.logits_of(model.apply(params, x.to(device))), y.to(device)).item())
+    model.module.train(training)
     return sum(losses) / len(losses)
+
+
+def _save_rng(checkpoint: Path) -> None:
+    """This rank's RNG states (dropout draws from them) beside the state, written
+    atomically: `checkpoint/rng/rank<r>.pt`, one per rank."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    folder = checkpoint / "rng"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank{distributed.rank()}.pt.tmp"
+    torch.save(states, tmp)
+    os.replace(tmp, folder / f"rank{distributed.rank()}.pt")
+
+
+def _restore_rng(checkpoint: Path) -> None:
+    """This rank's RNG states from `_save_rng`, when the checkpoint has one per rank of
+    this job; otherwise (another world size, or an older checkpoint) a warning: dropout's
+    draws then differ from the uninterrupted run's."""
+    files = sorted((checkpoint / "rng").glob("rank*.pt"))
+    if len(files) != distributed.world_size():
+        if distributed.rank() == 0:
+            warnings.warn(f"--resume {checkpoint}: RNG states of {len(files)} rank(s) for {distributed.world_size()}; not restored, so dropout draws differ from the uninterrupted run", stacklevel=2)
+        return
+    states = torch.load(checkpoint / "rng" / f"rank{distributed.rank()}.pt", weights_only=True)
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def run_rank(cfg: TrainConfig) -> dict:
@@ -151,7 +186,7 @@ def run_rank(cfg: TrainConfig) -> dict:
     schedule = sharded.optim.schedules.warmup_cosine(cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps, end=cfg.lr / 10)
     if cfg.config is not None:
         plan = _deepspeed_plan(cfg)
-        cfg, tx = dataclasses.replace(cfg, batch_size=plan.global_batch), plan.optimizer
+        cfg, tx, schedule = dataclasses.replace(cfg, batch_size=plan.global_batch), plan.optimizer, plan.schedule
         if rank == 0:
             print("\n".join([f"{cfg.config}: {', '.join(map(repr, plan.transforms))}; {plan.micro_batch} sequences per rank per micro-batch"] + [f"  note: {n}" for n in plan.notes]))
     elif cfg.compress == "onebit":
@@ -172,11 +207,13 @@ def run_rank(cfg: TrainConfig) -> dict:
     start = 0
     if cfg.resume is not None:  # the state, and the data's position (its step count: batches are a seeded sequence)
         state = sharded.checkpoint.load(cfg.resume, like=state)
+        _restore_rng(Path(cfg.resume))
         start = int(state.step)
         for _ in range(start):
             next(batches)
     end = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
     live = rank == 0 and cfg.progress == "bar"
+    board = _tensorboard(out / "tensorboard") if rank == 0 else None
     bar = tqdm(range(start, end), disable=not live, desc="train", unit="step", mininterval=1.0)
     t0 = time.perf_counter()
     for i in bar:
@@ -195,12 +232,17 @@ def run_rank(cfg: TrainConfig) -> dict:
                 "loss": loss,
                 "tokens_per_s": tps,
                 "mfu": tps * flops / _peak_flops(device) if device.type == "cuda" else None,
+                "lr": float(sharded.optim.transforms.learning_rate_at(schedule, torch.tensor(i))),
                 "memory_mb_per_rank": [m.tolist() for m in per_rank],
                 "memory_fields": list(_memory_mb(state, device)),
             }
+            if "loss_scale" in metrics:  # fp16's dynamic loss scale
+                row["loss_scale"] = float(metrics["loss_scale"])
             if cfg.eval_every is not None and (i + 1) % cfg.eval_every == 0:
                 row["val_loss"] = evaluate(model, step.gather_params(state), corpus, cfg, seq_len, device)
             log.append(row)
+            if board is not None:
+                _write_scalars(board, row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             if rank == 0 and not live:
                 val_text = f", val {row['val_loss']:.3f}" if "val_loss" in row else ""
@@ -208,6 +250,7 @@ def run_rank(cfg: TrainConfig) -> dict:
     params = step.gather_params(state)  # the params only: the optimizer state stays sharded (decision 30)
     val = evaluate(model, params, corpus, cfg, seq_len, device)
     sharded.checkpoint.save(state, out / "checkpoint")  # resumable under any transforms
+    _save_rng(out / "checkpoint")
     sharded.checkpoint.export_safetensors(params, out / "model.safetensors")
     if cfg.model is not None and rank == 0:  # a directory from_pretrained loads
         hf.export(model.module, params, out / "hf")
@@ -224,7 +267,32 @@ def run_rank(cfg: TrainConfig) -> dict:
     }
     if rank == 0:
         _write_outputs(out, log, summary)
+    if board is not None:
+        board.close()
     return summary
+
+
+def _tensorboard(folder: Path) -> Any:
+    """A TensorBoard writer into `folder` (OUT/tensorboard), or None with a note when the
+    tensorboard package is not installed (`pip install sharded[tensorboard]`)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("note: no TensorBoard events (the tensorboard package is not installed: pip install 'sharded[tensorboard]'); metrics.jsonl has them all", flush=True)
+        return None
+    return SummaryWriter(str(folder))
+
+
+def _write_scalars(board: Any, row: dict) -> None:
+    """One log row as TensorBoard scalars at its step: loss, tokens/s, MFU, lr, loss
+    scale, val loss, and each rank's memory (MB) per field."""
+    for key in ("loss", "val_loss", "tokens_per_s", "mfu", "lr", "loss_scale"):
+        if row.get(key) is not None:
+            board.add_scalar(f"train/{key}", row[key], row["step"])
+    for r, values in enumerate(row["memory_mb_per_rank"]):
+        for field, value in zip(row["memory_fields"], values):
+            board.add_scalar(f"memory_mb/{field}/rank{r}", value, row["step"])
+    board.flush()
 
 
 def _peak_flops(device: torch.device) -> float:
@@ -261,7 +329,7 @@ def _data(cfg: TrainConfig) -> Corpus | TokenData:
     if cfg.data is None:
         return Corpus(seed=cfg.seed)
     vocab = hf.vocab_size(cfg.model) if cfg.model is not None else None
-    return TokenData.from_path(cfg.data, tokenizer=cfg.tokenizer, vocab_size=vocab)
+    return TokenData.from_path(cfg.data, tokenizer=cfg.tokenizer, vocab_size=vocab, dtype=cfg.data_dtype)
 
 
 def check(cfg: TrainConfig) -> None:

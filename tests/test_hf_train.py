@@ -42,3 +42,26 @@ def test_a_hugging_face_directory_trains_and_exports_back(tmp_path, name):
 def test_a_directory_without_a_config_is_named(tmp_path):
     with pytest.raises(ValueError, match="no config.json there"):
         main(TrainConfig(model=str(tmp_path), nproc=1, steps=1, out=str(tmp_path / "run")))
+
+
+def test_resume_restores_the_rng_that_dropout_draws_from(tmp_path):
+    """With dropout on, 8 steps straight == 4, then --resume and 4 more, bitwise: each
+    rank's RNG states are saved beside the checkpoint and restored. Without them (the
+    rng folder removed) the resumed run draws other masks and ends elsewhere."""
+    import shutil
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    common = dict(model=str(tmp_path / "model"), steps=8, batch_size=4, accumulate=1, seq_len=16, log_every=4, nproc=1)
+    main(TrainConfig(**common, out=str(tmp_path / "straight")))
+    main(TrainConfig(**common, stop_at=4, out=str(tmp_path / "first")))
+    main(TrainConfig(**common, resume=str(tmp_path / "first" / "checkpoint"), out=str(tmp_path / "resumed")))
+    shutil.rmtree(tmp_path / "first" / "checkpoint" / "rng")
+    with pytest.warns(UserWarning, match="RNG states of 0 rank"):
+        main(TrainConfig(**common, resume=str(tmp_path / "first" / "checkpoint"), out=str(tmp_path / "without_rng")))
+    from safetensors.torch import load_file
+
+    straight, resumed, without = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("straight", "resumed", "without_rng"))
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+    assert not all(torch.equal(without[k], v) for k, v in straight.items())

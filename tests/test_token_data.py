@@ -54,3 +54,17 @@ def test_bad_data_is_named(tmp_path, content, words):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=words):
         TokenData.from_path(path, vocab_size=40)
+
+
+def test_a_uint32_bin_file_reads_with_its_dtype(tmp_path):
+    """`--data-dtype uint32` reads a .bin of 32-bit ids (read as nanoGPT's uint16 they
+    would be other ids); the flag reaches the data through the CLI's config."""
+    from sharded.cli import build_parser
+    from sharded.train import _data
+
+    ids = np.arange(70_000, 70_300, dtype=np.uint32)
+    ids.tofile(tmp_path / "tokens.bin")
+    args = build_parser().parse_args(["train", "--data", str(tmp_path / "tokens.bin"), "--data-dtype", "uint32"])
+    data = _data(TrainConfig(data=args.data, data_dtype=args.data_dtype))
+    assert data.vocab_size == 70_300
+    assert torch.equal(torch.cat([data.tokens("train"), data.tokens("val")]), torch.from_numpy(ids.astype(np.int64)))

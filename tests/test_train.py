@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import sharded
 from sharded.train import TrainConfig, main
 
 
@@ -77,3 +78,23 @@ def test_a_redirected_run_logs_a_line_per_log_step_with_its_evals(tmp_path):
     assert len(lines) == 4 and "val " in lines[1] and "val " in lines[3] and "val " not in lines[0], lines
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [("val_loss" in r) for r in rows] == [False, True, False, True]
+
+
+def test_metrics_go_to_tensorboard_with_the_learning_rate(tmp_path):
+    """OUT/tensorboard holds the logged rows as scalars (loss, tokens/s, lr, each rank's
+    memory), the same values as metrics.jsonl; the lr follows the warmup schedule."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    main(TrainConfig(steps=6, batch_size=8, accumulate=1, seq_len=16, log_every=2, warmup=4, lr=1e-3, nproc=1, out=str(out)))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/tokens_per_s", "train/lr"} <= set(tags) and any(t.startswith("memory_mb/") and t.endswith("/rank0") for t in tags)
+    for key in ("loss", "lr"):
+        logged = events.Scalars(f"train/{key}")
+        assert [e.step for e in logged] == [r["step"] for r in rows] == [2, 4, 6]
+        assert [e.value for e in logged] == pytest.approx([r[key] for r in rows], rel=1e-6)
+    schedule = sharded.optim.schedules.warmup_cosine(1e-3, 4, 6, end=1e-4)
+    assert [r["lr"] for r in rows] == pytest.approx([float(schedule(torch.tensor(s - 1))) for s in (2, 4, 6)], rel=1e-6)  # the update's own

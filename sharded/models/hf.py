@@ -38,12 +38,13 @@ def vocab_size(path: str | Path) -> int:
 
 def load_causal_lm(path: str | Path) -> nn.Module:
     """The causal LM in `path`: its weights if the directory has safetensors files, else
-    a fresh init from its config (dropout as the config says)."""
+    a fresh init from its config; in training mode (dropout as the config says), which
+    `from_pretrained` alone would leave off."""
     transformers, path = _transformers(), Path(path)
     config = _config(path)
     if any(path.glob("*.safetensors")):
-        return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    return transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).train()
+    return transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).train()
 
 
 def logits_of(output: Any) -> torch.Tensor:
