@@ -1,4 +1,4 @@
-"""The `sharded` command line: `sharded train ...` (also `python -m sharded train`)."""
+"""The `sharded` command line: `sharded train|estimate|plan ...` (also `python -m sharded ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", default=d.preset, choices=list(PRESETS), help="GPT preset")
+    p.add_argument("--untied", action="store_true", help="the preset with a head of its own (not tied to the embedding)")
     p.add_argument("--nproc", type=_positive, default=d.nproc, help="local ranks to spawn (ignored under torchrun)")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", type=_positive, default=d.steps)
@@ -134,12 +135,80 @@ def _run_estimate(args: argparse.Namespace) -> None:
     print(est)
 
 
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    from sharded.models import PRESETS
+
+    p = sub.add_parser(
+        "plan",
+        help="rank the configurations that fit your GPUs by predicted tokens/s",
+        description="The configurations of `sharded train` for a GPT preset on your GPUs (dp x pp, ZeRO stage, "
+        "micro-batch, remat; bf16 mixed precision, AdamW), ranked by predicted tokens/s with the predicted memory "
+        "per rank, and the command line of the best. Predictions stand on one measurement of the model's width on "
+        "the machine: run once with --calibrate there (docs: sharded/plan.py).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default="1.3b", choices=list(PRESETS))
+    p.add_argument("--untied", action="store_true", help="the preset with a head of its own")
+    p.add_argument("--data", default=None, help="your token or text file (its vocab sizes the model, as in sharded train); default: the embedded corpus")
+    p.add_argument("--data-dtype", default="uint16", choices=["uint16", "uint32"])
+    p.add_argument("--seq-len", type=_positive, default=None, help="default: the preset's")
+    p.add_argument("--gpus", type=_positive, default=None, help="GPUs on this machine (default: all that torch sees)")
+    p.add_argument("--gpu-memory", type=_positive_float, default=None, help="GiB per GPU (default: the first GPU's)")
+    p.add_argument("--global-batch", type=_positive, default=16, help="sequences per update")
+    p.add_argument("--calibration", default="sharded-plan-calibration.json", help="where --calibrate writes what it measures, and plan reads it")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine for the model's width first (one GPU, then the bus between them)")
+    p.add_argument("--top", type=_positive, default=10, help="configurations to list")
+    p.set_defaults(run=_run_plan, parser=p)
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import torch
+
+    from pathlib import Path
+
+    from sharded import plan
+    from sharded.models import GPTConfig
+    from sharded.train import TrainConfig, _data
+
+    data = _data(TrainConfig(data=args.data, data_dtype=args.data_dtype))
+    cfg = GPTConfig.preset(args.preset, vocab_size=data.vocab_size, tied=not args.untied)
+    cfg = dataclasses.replace(cfg, seq_len=args.seq_len or cfg.seq_len)
+    gpus = args.gpus or torch.cuda.device_count()
+    if gpus < 1:
+        args.parser.error("no GPU here: give --gpus and --gpu-memory for the machine you plan for (and a --calibration made there)")
+    if args.calibrate:
+        if not torch.cuda.is_available():
+            args.parser.error("--calibrate measures GPUs, and torch sees none here: run it on the GPU machine")
+        cal = plan.calibrate(cfg, gpus=gpus)
+        cal.save(args.calibration)
+        print(f"calibrated on {cal.device} (bus {cal.busbw / 1e9:.0f} GB/s): {args.calibration}")
+    path = Path(args.calibration)
+    if not path.exists():
+        args.parser.error(f"no calibration at {path}: run `sharded plan --calibrate` on the GPU machine first")
+    cal = plan.Calibration.load(path)
+    if {k: v for k, v in cal.model.items() if k != "n_layers"} != {k: v for k, v in dataclasses.asdict(cfg).items() if k != "n_layers"}:
+        args.parser.error(f"{path} measured another model width ({cal.model}); run --calibrate for this one")
+    gpu_bytes = (args.gpu_memory * 2**30) if args.gpu_memory else torch.cuda.get_device_properties(0).total_memory
+    ranked = plan.rank_configurations(cfg, cal, gpus, gpu_bytes, args.global_batch)
+    if not ranked:
+        args.parser.error(f"nothing fits {gpu_bytes / 2**30:.0f} GiB per GPU with a global batch of {args.global_batch}; use more GPUs or a smaller preset")
+    print(f"GPT-{args.preset} on {gpus} x {cal.device}, {gpu_bytes / 2**30:.0f} GiB each, global batch {args.global_batch} x {cfg.seq_len} tokens:")
+    print(f"{'dp':>3} {'pp':>3} {'zero':>4} {'micro':>5} {'accum':>5} {'remat':>9} {'tokens/s':>10} {'GiB/rank':>9}")
+    for c in ranked[: args.top]:
+        print(f"{c.dp:>3} {c.pp:>3} {c.zero:>4} {c.micro_batch:>5} {c.accumulate:>5} {c.remat:>9} {c.tokens_per_s:>10,.0f} {c.memory_bytes / 2**30:>9.1f}")
+    best = ranked[0].command(args.preset, args.global_batch, cfg.seq_len, cfg.tied)
+    print("best:", best + (f" --data {args.data} --data-dtype {args.data_dtype}" if args.data else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """`sharded`'s parser: its subcommands, each with its flags and what it runs."""
     parser = argparse.ArgumentParser(prog="sharded", description="Composable large-model training for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
     _estimate_parser(sub)
+    _plan_parser(sub)
     return parser
 
 

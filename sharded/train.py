@@ -34,6 +34,7 @@ __all__ = ["TrainConfig", "main", "run_rank"]
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     preset: str = "tiny"
+    untied: bool = False  # the preset with its own head (not tied to the embedding), as the standard benchmarks run it
     nproc: int = 2
     device: str = "auto"
     steps: int = 300
@@ -178,7 +179,7 @@ def run_rank(cfg: TrainConfig) -> dict:
         seq_len = cfg.seq_len or min(128, hf.max_positions(module) or 128)
         flops = 6 * sum(p.numel() for p in module.parameters())
     else:
-        gcfg = GPTConfig.preset(cfg.preset, vocab_size=corpus.vocab_size)
+        gcfg = GPTConfig.preset(cfg.preset, vocab_size=corpus.vocab_size, tied=not cfg.untied)
         seq_len = cfg.seq_len or gcfg.seq_len
         gcfg = dataclasses.replace(gcfg, seq_len=seq_len)
         module, flops = GPT(gcfg).to(device), flops_per_token(gcfg)

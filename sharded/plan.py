@@ -1,0 +1,243 @@
+"""`sharded plan`: the configurations of a job that fit a machine, ranked by predicted
+tokens/s, each with its predicted memory per rank and the `sharded train` line to run.
+
+    cal = calibrate(GPTConfig.preset("1.3b", tied=False), gpus=2, device="cuda")   # once, on the machine
+    for c in rank_configurations(cfg, cal, gpus=2, gpu_bytes=141e9, global_batch=16):
+        print(c.command, c.tokens_per_s, c.memory_bytes)
+
+The search space is what sharded runs today: dp × pp = the GPUs, ZeRO stage 0-3 over dp,
+the micro-batch size (the rest of the global batch is accumulation, or the pipeline's
+micro-batches), remat none/selective/full, bf16 mixed precision with fp32 masters and
+AdamW. Tensor parallelism and offload are not built yet, so they are not searched.
+
+[Note: what the predictions stand on] Measured once on the machine (`calibrate`): the
+time and peak memory of one training step of the same model with 1 and 2 blocks, at
+micro-batches of 1 and 2 sequences, under each remat policy, on one GPU; the
+difference is one block's cost, the rest the embedding, head and loss; both are taken
+as linear in the micro-batch. And the all-reduce bus bandwidth between the GPUs. From
+them, with the ZeRO formulas for the model state (sharded.memory) and the bytes each
+stage moves:
+
+    memory  = model state (ZeRO formulas, this stage's params) + peak of the small
+              runs beyond their own model state, with one block's activations times
+              the blocks of the stage (times the micro-batches in flight under 1F1B)
+    compute = (base + blocks · block) per micro-batch, times the micro-batches
+              (a pipeline: (m + pp - 1) of them, its bubble)
+    comm    = the bytes of the stage's collectives over the bus bandwidth; grads'
+              reductions hide under backward (2/3 of compute), ZeRO-1/2's param
+              all-gather after the update does not
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Calibration", "Configuration", "calibrate", "rank_configurations"]
+
+REMATS = ("none", "selective", "full")
+MICRO_BATCHES = (1, 2, 4, 8, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What one GPU measured for a model's width (and the bus between the GPUs).
+
+    `seconds[remat]` and `bytes[remat]` are (base, per block) pairs of linear fits
+    a + b·micro_batch: seconds of a training step, and peak bytes beyond the model
+    state."""
+
+    model: dict  # the GPTConfig measured (its layers are irrelevant: the fits are per block)
+    device: str
+    seconds: dict[str, tuple[tuple[float, float], tuple[float, float]]]
+    bytes: dict[str, tuple[tuple[float, float], tuple[float, float]]]
+    busbw: float  # all-reduce bus bandwidth, bytes/s (inf on one GPU)
+
+    def step_seconds(self, remat: str, blocks: int, micro_batch: int) -> float:
+        (a0, a1), (b0, b1) = self.seconds[remat]
+        return (a0 + a1 * micro_batch) + blocks * (b0 + b1 * micro_batch)
+
+    def activation_bytes(self, remat: str, blocks: int, micro_batch: int, in_flight: int = 1) -> float:
+        """Peak bytes beyond the model state: the base's once, the blocks' per micro-batch in flight."""
+        (a0, a1), (b0, b1) = self.bytes[remat]
+        return (a0 + a1 * micro_batch) + in_flight * blocks * (b0 + b1 * micro_batch)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @staticmethod
+    def load(path: str | Path) -> Calibration:
+        data = json.loads(Path(path).read_text())
+        fits = lambda d: {k: tuple(tuple(p) for p in v) for k, v in d.items()}  # noqa: E731
+        return Calibration(data["model"], data["device"], fits(data["seconds"]), fits(data["bytes"]), data["busbw"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    dp: int
+    pp: int
+    zero: int  # 0: data_parallel
+    micro_batch: int  # sequences per rank per micro-batch
+    accumulate: int  # micro-batches per update (a pipeline's micro-batches when pp > 1)
+    remat: str
+    tokens_per_s: float  # predicted
+    memory_bytes: float  # predicted peak per rank
+    step_seconds: float  # predicted
+
+    def command(self, preset: str, global_batch: int, seq_len: int, tied: bool) -> str:
+        parts = [f"sharded train --device cuda --nproc {self.dp * self.pp} --preset {preset}", f"--batch-size {global_batch}", f"--seq-len {seq_len}"]
+        parts += [f"--accumulate {self.accumulate}", "--precision bf16"]
+        if self.pp > 1:
+            parts.append(f"--pp {self.pp}")
+        if self.zero:
+            parts.append(f"--zero {self.zero}")
+        if self.remat != "none":
+            parts.append(f"--remat {self.remat}")
+        if not tied:
+            parts.append("--untied")
+        return " ".join(parts)
+
+
+def _params(cfg: Any) -> tuple[int, int, int]:
+    """(per-block params, embedding params, head params) of a GPTConfig: what a stage holds."""
+    d, f = cfg.d_model, 4 * cfg.d_model
+    bias = 1 if cfg.bias else 0
+    block = 4 * d * d + 2 * d * f + bias * (4 * d + f + d) + 4 * d  # attention, MLP, their biases, two LayerNorms
+    embed = cfg.vocab_size * d + cfg.seq_len * d
+    head = 2 * d + (0 if cfg.tied else cfg.vocab_size * d)  # final LayerNorm, an untied head
+    return block, embed, head
+
+
+def _model_state_bytes(params: int, zero: int, dp: int) -> float:
+    """Per-rank bytes of fp32 params, grads and AdamW state (two fp32 moments) under
+    ZeRO's formulas: stage 1 shards the optimizer state, 2 the grads too, 3 the params too."""
+    shard = lambda n, on: n / dp if on else n  # noqa: E731
+    return 4 * shard(params, zero >= 3) + 4 * shard(params, zero >= 2) + 8 * shard(params, zero >= 1)
+
+
+def _comm_seconds(params: int, zero: int, dp: int, busbw: float) -> tuple[float, float]:
+    """(seconds that can hide under backward, seconds that cannot) of one update's
+    collectives over dp: fp32 grads reduced, params gathered as each stage does."""
+    if dp == 1:
+        return 0.0, 0.0
+    part = (dp - 1) / dp * params / busbw
+    if zero == 0:
+        return 2 * 4 * part, 0.0  # an all-reduce of fp32 grads
+    if zero == 1:
+        return 2 * 4 * part, 4 * part  # all-reduce, then the updated fp32 chunks all-gathered
+    if zero == 2:
+        return 4 * part, 4 * part  # reduce-scatter, then the all-gather
+    return 4 * part + 2 * 2 * part, 0.0  # reduce-scatter, and bf16 gathers in forward and backward (prefetched)
+
+
+def rank_configurations(cfg: Any, cal: Calibration, gpus: int, gpu_bytes: float, global_batch: int) -> list[Configuration]:
+    """Every configuration that fits `gpu_bytes` per GPU, fastest first."""
+    block, embed, head = _params(cfg)
+    out = []
+    for pp, zero, micro, remat in itertools.product(_divisors(gpus), range(4), MICRO_BATCHES, REMATS):
+        dp = gpus // pp
+        if pp > cfg.n_layers or (dp == 1 and zero) or global_batch % (dp * micro):
+            continue
+        m = global_batch // (dp * micro)
+        if pp > 1 and m < pp:
+            continue  # 1F1B needs at least as many micro-batches as stages
+        blocks = -(-cfg.n_layers // pp)
+        stage_params = blocks * block + (embed + head if pp == 1 else max(embed, head))
+        in_flight = pp if pp > 1 else 1  # 1F1B: stage 0 holds a micro-batch per stage
+        gathered = 2 * 2 * block if zero == 3 else 0  # bf16 blocks gathered at once (this one and the prefetched)
+        memory = _model_state_bytes(stage_params, zero, dp) + gathered + cal.activation_bytes(remat, blocks, micro, in_flight)
+        if memory > gpu_bytes:
+            continue
+        per_micro = cal.step_seconds(remat, blocks, micro)
+        compute = per_micro * (m + pp - 1) if pp > 1 else per_micro * m
+        hidden, exposed = _comm_seconds(stage_params, zero, dp, cal.busbw)
+        step = compute + max(0.0, hidden - 2 / 3 * compute) + exposed
+        out.append(Configuration(dp, pp, zero, micro, m, remat, global_batch * cfg.seq_len / step, memory, step))
+    return sorted(out, key=lambda c: -c.tokens_per_s)
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+# -- calibration ----------------------------------------------------------------------
+
+
+def _measure_step(cfg: Any, remat: str, micro_batch: int, device: torch.device, steps: int = 3) -> tuple[float, float]:
+    """(median seconds, peak bytes beyond the model state) of a bf16 training step of a
+    GPT with `cfg`'s shape on one device. Off CUDA the peak is not measured (nan)."""
+    import sharded
+    from sharded.models import GPT, loss_fn
+
+    torch.manual_seed(0)
+    model = sharded.trace(GPT(cfg).to(device))
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    step = sharded.mixed_precision("bf16")(train_step)
+    if remat != "none":
+        step = sharded.remat(policy=remat)(step)
+    step = step if isinstance(step, sharded.Step) else sharded.Step(step)
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-4, weight_decay=0.1)))
+    x = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len), device=device)
+    cuda = device.type == "cuda"
+    state, _ = step(state, (x, x))  # the optimizer state exists from here
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        resting = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, _ = step(state, (x, x))
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) - resting if cuda else float("nan")
+    return statistics.median(times), float(peak)
+
+
+def _bus_bandwidth(megabytes: int = 256) -> float:
+    from sharded import distributed
+
+    x = torch.ones(megabytes * 2**20 // 4, device=distributed.device())
+    n = distributed.world_size()
+    for _ in range(2):
+        torch.distributed.all_reduce(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        torch.distributed.all_reduce(x)
+    torch.cuda.synchronize()
+    return 2 * (n - 1) / n * x.numel() * 4 / ((time.perf_counter() - start) / 5)
+
+
+def calibrate(cfg: Any, gpus: int = 1, device: str = "cuda") -> Calibration:
+    """Measure `cfg`'s width on this machine ([Note: what the predictions stand on])."""
+    import sharded
+
+    dev = torch.device(device if device != "cuda" else "cuda:0")
+    block, embed, head = _params(cfg)
+    seconds, nbytes = {}, {}
+    for remat in REMATS:
+        runs = {(layers, b): _measure_step(dataclasses.replace(cfg, n_layers=layers), remat, b, dev) for layers in (1, 2) for b in (1, 2)}
+        per_block = {b: (runs[2, b][0] - runs[1, b][0], runs[2, b][1] - runs[1, b][1]) for b in (1, 2)}
+        base = {b: (runs[1, b][0] - per_block[b][0], runs[1, b][1] - per_block[b][1]) for b in (1, 2)}
+        fit = lambda v1, v2, less=0.0: (2 * v1 - v2 - less, v2 - v1)  # noqa: E731  a + b·micro through micro = 1, 2
+        seconds[remat] = (fit(base[1][0], base[2][0]), fit(per_block[1][0], per_block[2][0]))
+        # the runs' peaks include their whole fp32 grads, which the ZeRO formulas count (sharded as the stage shards them)
+        nbytes[remat] = (fit(base[1][1], base[2][1], 4 * (embed + head)), fit(per_block[1][1], per_block[2][1], 4 * block))
+    busbw = float("inf")
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # what the runs cached goes back before other processes use this GPU
+    if gpus > 1 and dev.type == "cuda":
+        busbw = sharded.launch(_bus_bandwidth, nprocs=gpus, device="cuda")
+    return Calibration(dataclasses.asdict(cfg), torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", seconds, nbytes, busbw)

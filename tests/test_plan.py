@@ -1,0 +1,78 @@
+"""`sharded plan`: configurations that fit, ranked by predicted tokens/s, from a
+calibration of the model's width; the best as a `sharded train` line that runs."""
+import dataclasses
+import math
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sharded import plan
+from sharded.cli import build_parser
+from sharded.models import GPTConfig
+from sharded.train import TrainConfig, check
+
+GIB = 2**30
+
+
+def _calibration(cfg, busbw=100e9):
+    """A machine whose block costs 10 ms and 1 GiB per sequence (5 ms, 0.25 GiB under full remat)."""
+    seconds = {"none": ((0.005, 0.002), (0.0, 0.010)), "selective": ((0.005, 0.002), (0.0, 0.011)), "full": ((0.005, 0.002), (0.0, 0.013))}
+    nbytes = {"none": ((GIB, GIB), (0.0, GIB)), "selective": ((GIB, GIB), (0.0, 0.6 * GIB)), "full": ((GIB, GIB), (0.0, 0.25 * GIB))}
+    return plan.Calibration(dataclasses.asdict(cfg), "test GPU", seconds, nbytes, busbw)
+
+
+def test_configurations_fit_and_are_ranked_by_predicted_speed():
+    cfg = GPTConfig.preset("1.3b", tied=False)
+    cal = _calibration(cfg)
+    roomy = plan.rank_configurations(cfg, cal, gpus=2, gpu_bytes=140 * GIB, global_batch=16)
+    assert [c.tokens_per_s for c in roomy] == sorted((c.tokens_per_s for c in roomy), reverse=True)
+    assert all(c.dp * c.pp == 2 and c.micro_batch * c.accumulate * c.dp == 16 and c.memory_bytes <= 140 * GIB for c in roomy)
+    tight = plan.rank_configurations(cfg, cal, gpus=2, gpu_bytes=30 * GIB, global_batch=16)
+    assert tight and all(c.memory_bytes <= 30 * GIB for c in tight) and len(tight) < len(roomy)
+    by_key = {(c.dp, c.pp, c.zero, c.micro_batch, c.remat): c for c in roomy}
+    # ZeRO's formulas: each stage holds less; remat trades memory for time
+    assert by_key[2, 1, 0, 1, "none"].memory_bytes > by_key[2, 1, 1, 1, "none"].memory_bytes > by_key[2, 1, 2, 1, "none"].memory_bytes > by_key[2, 1, 3, 1, "none"].memory_bytes
+    assert by_key[2, 1, 0, 2, "full"].memory_bytes < by_key[2, 1, 0, 2, "none"].memory_bytes and by_key[2, 1, 0, 2, "full"].step_seconds > by_key[2, 1, 0, 2, "none"].step_seconds
+    # a pipeline pays its bubble: (m + pp - 1) micro-batches of a stage's half of the blocks
+    c = by_key[1, 2, 0, 4, "none"]
+    assert c.step_seconds == pytest.approx((0.005 + 0.002 * 4 + 12 * 0.010 * 4) * (4 + 1))
+
+
+def test_the_best_command_is_a_sharded_train_line_that_checks(tmp_path):
+    cfg = GPTConfig.preset("350m")
+    best = plan.rank_configurations(cfg, _calibration(cfg), gpus=2, gpu_bytes=80 * GIB, global_batch=16)[0]
+    argv = shlex.split(best.command("350m", 16, cfg.seq_len, cfg.tied))
+    assert argv[:2] == ["sharded", "train"]
+    args = build_parser().parse_args(argv[1:])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    check(TrainConfig(**{**{k: v for k, v in vars(args).items() if k in fields}, "device": "cpu"}))  # its GPUs are not here
+    assert (args.nproc, args.batch_size, args.accumulate, args.zero, args.pp) == (best.dp * best.pp, 16, best.accumulate, best.zero, best.pp)
+
+
+def test_calibration_measures_steps_and_round_trips(tmp_path):
+    """On CPU the step times are measured (peak memory needs CUDA: nan), and a saved
+    calibration plans like the one measured."""
+    cfg = dataclasses.replace(GPTConfig.preset("tiny"), vocab_size=64, seq_len=32)
+    cal = plan.calibrate(cfg, gpus=1, device="cpu")
+    assert all(math.isfinite(a) and math.isfinite(b) for fits in cal.seconds.values() for pair in fits for a, b in [pair])
+    cal.save(tmp_path / "cal.json")
+    again = plan.Calibration.load(tmp_path / "cal.json")
+    assert again.seconds == cal.seconds and again.device == "cpu"
+    ranked = plan.rank_configurations(cfg, again, gpus=1, gpu_bytes=math.inf, global_batch=8)
+    assert ranked and {c.remat for c in ranked} == set(plan.REMATS)
+
+
+def test_the_cli_prints_the_table_and_the_best_line(tmp_path):
+    from sharded.data import Corpus
+
+    cfg = GPTConfig.preset("350m", vocab_size=Corpus(seed=0).vocab_size)
+    _calibration(cfg).save(tmp_path / "cal.json")
+    args = ["plan", "--preset", "350m", "--gpus", "2", "--gpu-memory", "80", "--calibration", str(tmp_path / "cal.json"), "--top", "3"]
+    done = subprocess.run([sys.executable, "-m", "sharded", *args], capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()
+    assert "tokens/s" in lines[1] and len(lines) == 6 and lines[-1].startswith("best: sharded train --device cuda --nproc ")
+    other = subprocess.run([sys.executable, "-m", "sharded", *args[:-2], "--preset", "1.3b"], capture_output=True, text=True)
+    assert other.returncode == 2 and "measured another model width" in other.stderr
