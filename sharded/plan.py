@@ -11,8 +11,8 @@ micro-batches), remat none/selective/full, bf16 mixed precision with fp32 master
 AdamW. Tensor parallelism and offload are not built yet, so they are not searched.
 
 [Note: what the predictions stand on] Measured once on the machine (`calibrate`): the
-time and peak memory of one training step of the same model with 1 and 2 blocks, at
-micro-batches of 1 and 2 sequences, under each remat policy, on one GPU; the
+time and peak memory of a training step of the same model with 2 and 4 blocks, at
+micro-batches of 2 and 4 sequences, under each remat policy, on one GPU; the
 difference is one block's cost, the rest the embedding, head and loss; both are taken
 as linear in the micro-batch. And the all-reduce bus bandwidth between the GPUs. From
 them, with the ZeRO formulas for the model state (sharded.memory) and the bytes each
@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,8 @@ __all__ = ["Calibration", "Configuration", "calibrate", "rank_configurations"]
 
 REMATS = ("none", "selective", "full")
 MICRO_BATCHES = (1, 2, 4, 8, 16)
+CALIBRATION_LAYERS = (2, 4)  # enough blocks and sequences that a step is GPU-bound, not launch-bound
+CALIBRATION_MICRO_BATCHES = (2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +170,10 @@ def _divisors(n: int) -> list[int]:
 # -- calibration ----------------------------------------------------------------------
 
 
-def _measure_step(cfg: Any, remat: str, micro_batch: int, device: torch.device, steps: int = 3) -> tuple[float, float]:
-    """(median seconds, peak bytes beyond the model state) of a bf16 training step of a
-    GPT with `cfg`'s shape on one device. Off CUDA the peak is not measured (nan)."""
+def _measure_step(cfg: Any, remat: str, micro_batch: int, device: torch.device, steps: int = 5) -> tuple[float, float]:
+    """(fastest seconds, peak bytes beyond the model state) of a bf16 training step of a
+    GPT with `cfg`'s shape on one device (the fastest of `steps`: a small model's step
+    is noisy, and its noise is the host's). Off CUDA the peak is not measured (nan)."""
     import sharded
     from sharded.models import GPT, loss_fn
 
@@ -202,7 +204,7 @@ def _measure_step(cfg: Any, remat: str, micro_batch: int, device: torch.device, 
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) - resting if cuda else float("nan")
-    return statistics.median(times), float(peak)
+    return min(times), float(peak)
 
 
 def _bus_bandwidth(megabytes: int = 256) -> float:
@@ -227,14 +229,21 @@ def calibrate(cfg: Any, gpus: int = 1, device: str = "cuda") -> Calibration:
     dev = torch.device(device if device != "cuda" else "cuda:0")
     block, embed, head = _params(cfg)
     seconds, nbytes = {}, {}
+    layers, micro = CALIBRATION_LAYERS, CALIBRATION_MICRO_BATCHES
     for remat in REMATS:
-        runs = {(layers, b): _measure_step(dataclasses.replace(cfg, n_layers=layers), remat, b, dev) for layers in (1, 2) for b in (1, 2)}
-        per_block = {b: (runs[2, b][0] - runs[1, b][0], runs[2, b][1] - runs[1, b][1]) for b in (1, 2)}
-        base = {b: (runs[1, b][0] - per_block[b][0], runs[1, b][1] - per_block[b][1]) for b in (1, 2)}
-        fit = lambda v1, v2, less=0.0: (2 * v1 - v2 - less, v2 - v1)  # noqa: E731  a + b·micro through micro = 1, 2
-        seconds[remat] = (fit(base[1][0], base[2][0]), fit(per_block[1][0], per_block[2][0]))
+        runs = {(n, b): _measure_step(dataclasses.replace(cfg, n_layers=n), remat, b, dev) for n in layers for b in micro}
+        per_block = {b: tuple((runs[layers[1], b][k] - runs[layers[0], b][k]) / (layers[1] - layers[0]) for k in (0, 1)) for b in micro}
+        base = {b: tuple(runs[layers[0], b][k] - layers[0] * per_block[b][k] for k in (0, 1)) for b in micro}
+
+        def fit(values: dict[int, float], less: float = 0.0) -> tuple[float, float]:
+            """a + b·micro through the two micro-batches measured (`less` off the intercept)."""
+            (m1, v1), (m2, v2) = sorted(values.items())
+            slope = (v2 - v1) / (m2 - m1)
+            return v1 - slope * m1 - less, slope
+
+        seconds[remat] = (fit({b: base[b][0] for b in micro}), fit({b: per_block[b][0] for b in micro}))
         # the runs' peaks include their whole fp32 grads, which the ZeRO formulas count (sharded as the stage shards them)
-        nbytes[remat] = (fit(base[1][1], base[2][1], 4 * (embed + head)), fit(per_block[1][1], per_block[2][1], 4 * block))
+        nbytes[remat] = (fit({b: base[b][1] for b in micro}, 4 * (embed + head)), fit({b: per_block[b][1] for b in micro}, 4 * block))
     busbw = float("inf")
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # what the runs cached goes back before other processes use this GPU
