@@ -138,7 +138,8 @@ def _comm_seconds(params: int, zero: int, dp: int, busbw: float) -> tuple[float,
 
 
 def rank_configurations(cfg: Any, cal: Calibration, gpus: int, gpu_bytes: float, global_batch: int) -> list[Configuration]:
-    """Every configuration that fits `gpu_bytes` per GPU, fastest first."""
+    """Every configuration that fits `gpu_bytes` per GPU, fastest first (of two equally
+    fast, the one that leaves more memory free)."""
     block, embed, head = _params(cfg)
     out = []
     for pp, zero, micro, remat in itertools.product(_divisors(gpus), range(4), MICRO_BATCHES, REMATS):
@@ -160,7 +161,7 @@ def rank_configurations(cfg: Any, cal: Calibration, gpus: int, gpu_bytes: float,
         hidden, exposed = _comm_seconds(stage_params, zero, dp, cal.busbw)
         step = compute + max(0.0, hidden - 2 / 3 * compute) + exposed
         out.append(Configuration(dp, pp, zero, micro, m, remat, global_batch * cfg.seq_len / step, memory, step))
-    return sorted(out, key=lambda c: -c.tokens_per_s)
+    return sorted(out, key=lambda c: (-c.tokens_per_s, c.memory_bytes))
 
 
 def _divisors(n: int) -> list[int]:
