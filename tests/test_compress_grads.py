@@ -38,9 +38,10 @@ def _frozen_adam(state):
     return next(x for x in optree.tree_leaves(state.opt_state, is_leaf=lambda x: isinstance(x, ScaleByFrozenAdamState), namespace="sharded") if isinstance(x, ScaleByFrozenAdamState))
 
 
-def reference_step(model, workers: int, warmup: int, block: int = 256, b1: float = 0.9):
-    """1-bit Adam's exchange of the momentum, written plainly: `workers` simulated ranks,
-    each on its rows, worker i's carry c_i (its error plus b1·m/N) and server r's error f_r."""
+def reference_step(model, workers: int, warmup: int, block: int = 256, b1: float = 0.9, eps: float = 1e-8):
+    """1-bit Adam's exchange of the momentum in units of d = sqrt(v) + eps, written
+    plainly: `workers` simulated ranks, each on its rows, worker i's carry c_i (its error
+    plus b1·m/(N·d)) and server r's error f_r."""
     carry, server, started = {}, {}, [False]
 
     def rms_sign(x):
@@ -55,10 +56,11 @@ def reference_step(model, workers: int, warmup: int, block: int = 256, b1: float
         if int(state.step) < warmup:
             grads = {n: sum(g[n] for g in local) / workers for n in state.params}
             return state.apply_gradients(grads), {"loss": loss}
-        mu = _frozen_adam(state).mu
+        mu, nu = _frozen_adam(state).mu, _frozen_adam(state).nu
         momentum = {}
         for name, p in state.params.items():
             n, c = p.numel(), math.ceil(p.numel() / workers)
+            d = nu[name].reshape(-1).sqrt() + eps
             new = torch.zeros(n, dtype=p.dtype, device=p.device)
             for r in range(workers):  # chunk r of the leaf, its server rank r
                 for lo in range(r * c, min((r + 1) * c, n), block):  # one scale per block of the chunk
@@ -66,18 +68,18 @@ def reference_step(model, workers: int, warmup: int, block: int = 256, b1: float
                     y = torch.zeros(hi - lo, dtype=p.dtype, device=p.device)
                     for i in range(workers):
                         e = carry.setdefault((i, name), torch.zeros(n, dtype=p.dtype, device=p.device))
-                        x = e[lo:hi] + (1 - b1) * local[i][name].reshape(-1)[lo:hi] / workers
+                        x = e[lo:hi] + (1 - b1) * local[i][name].reshape(-1)[lo:hi] / workers / d[lo:hi]
                         e[lo:hi] = x - rms_sign(x)
                         y += rms_sign(x)
                     if not started[0]:  # the first exchange starts from warmup's momentum
-                        y += b1 * mu[name].reshape(-1)[lo:hi]
+                        y += b1 * mu[name].reshape(-1)[lo:hi] / d[lo:hi]
                     f = server.setdefault((r, name), torch.zeros(c, dtype=p.dtype, device=p.device))[lo - r * c : hi - r * c]
                     y += f
                     f.copy_(y - rms_sign(y))
                     new[lo:hi] = rms_sign(y)
             for i in range(workers):
                 carry[(i, name)] += b1 * new / workers
-            momentum[name] = new.view(p.shape)
+            momentum[name] = (new * d).view(p.shape)
         started[0] = True
         grads = {name: (momentum[name] - b1 * mu[name]) / (1 - b1) for name in state.params}
         state = state.apply_gradients(grads)
@@ -150,8 +152,8 @@ def test_a_checkpoint_mid_run_continues_identically(tmp_path, stack):
 
 
 def _bytes_per_step(stack):
-    """Bytes of the grads' exchange this rank sends in the warmup step (fp32) and in the
-    next (compressed), as the comm recorder tags them (ZeRO's all-gathers of params are
+    """Bytes of the grads' exchange this rank sends in the warmup step (fp32) and in a
+    compressed step after the first, as the comm recorder tags them (ZeRO's all-gathers of params are
     not grads, and the same in both)."""
     from sharded.models import GPT, GPTConfig, loss_fn
 
@@ -166,11 +168,11 @@ def _bytes_per_step(stack):
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.onebit_adam(1e-3, warmup_steps=1)))
     batch = (torch.randint(0, 512, (4, 16)),) * 2
     sent = []
-    for _ in range(2):
+    for _ in range(3):
         with comm.recording() as ops:
             state, _ = step(state, batch)
         sent.append(sum(op.nbytes for op in ops if op.tag in ("reduce_grads", "compress_grads")))
-    return sent
+    return sent[0], sent[2]  # the first compressed step also all-gathers sqrt(v) + eps under ZeRO, once
 
 
 @pytest.mark.parametrize("stack", ["data_parallel", "zero2", "zero3"])

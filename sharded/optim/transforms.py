@@ -56,7 +56,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, freeze_
     def init(params: Any) -> ScaleByAdamState:
         if freeze_variance_after is None:
             return ScaleByAdamState(zero_count(params), _zeros(params), _zeros(params))
-        return ScaleByFrozenAdamState(zero_count(params), _zeros(params), _zeros(params), torch.tensor(freeze_variance_after), torch.tensor(b1, dtype=torch.float64))
+        return ScaleByFrozenAdamState(zero_count(params), _zeros(params), _zeros(params), torch.tensor(freeze_variance_after), torch.tensor(b1, dtype=torch.float64), torch.tensor(eps, dtype=torch.float64))
 
     def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         count = state.count + 1
@@ -74,21 +74,22 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, freeze_
         updates = T.map(lambda m, v: step_size * m / (v.sqrt() / bc2_sqrt + eps), mu, nu)
         if freeze_variance_after is None:
             return updates, ScaleByAdamState(count, mu, nu)
-        return updates, ScaleByFrozenAdamState(count, mu, nu, state.freeze_after, state.b1)
+        return updates, ScaleByFrozenAdamState(count, mu, nu, state.freeze_after, state.b1, state.eps)
 
     return GradientTransformation(init, update)
 
 
 class ScaleByFrozenAdamState(NamedTuple):
     """Adam's state whose variance freezes after `freeze_after` updates. It keeps its
-    momentum's decay `b1` too: 1-bit Adam's exchange (`sharded.compress_grads`) carries
-    the momentum, so it reads both."""
+    momentum's decay `b1` and its `eps` too: 1-bit Adam's exchange (`sharded.compress_grads`)
+    carries the momentum, divided by the frozen sqrt(v) + eps, so it reads them."""
 
     count: torch.Tensor
     mu: Any
     nu: Any
     freeze_after: torch.Tensor  # 0-d int64
     b1: torch.Tensor  # 0-d float64
+    eps: torch.Tensor  # 0-d float64
 
 
 class ScaleByLionState(NamedTuple):

@@ -8,19 +8,20 @@ Reference semantics. During the optimizer's warmup (`onebit_adam(warmup_steps=k)
 first k updates, while Adam's variance still moves) nothing changes: the step is the
 plain step. After it, every bucket that `data_parallel` or `shard_zero` reduces (a
 "reduce_grads" primitive) is exchanged as DeepSpeed's 1-bit Adam exchanges Adam's
-momentum m (decay b1) over N workers. Each leaf is cut into N chunks ([Note: chunk
-layout]), each chunk into blocks of `block` elements, one scale each; for every block,
-worker i holds a carry c_i (its error plus b1·m/N) and sends
+momentum m (decay b1) over N workers, in units of the frozen d = sqrt(v) + eps ([Note:
+the exchange in Adam's units]). Each leaf is cut into N chunks ([Note: chunk layout]),
+each chunk into blocks of `block` elements, one scale each; for every block, worker i
+holds a carry c_i (its error plus b1·u/N, u = m/d) and sends
 
-    x   = c_i + (1 - b1)·g_i/N                     (g_i: its grad; the sum over i is b1·m + (1-b1)·ḡ)
+    x   = c_i + (1 - b1)·g_i/(N·d)                 (g_i: its grad; the sum over i is (b1·m + (1-b1)·ḡ)/d)
     s   = ||x|| / sqrt(len(x));   s·sign(x)        (sign(0) = +1; the carry keeps x - s·sign(x))
 to the chunk's server, rank r, which sums, adds its own error f, and compresses again:
-    y   = Σ_i s_i·sign(x_i) + f;   t = ||y|| / sqrt(len);   m' = t·sign(y);   f = y - m'
-and every rank receives m' (an all-gather), the new momentum: c_i += b1·m'/N. The first
-compressed exchange starts from the momentum warmup built: the carries are zero and
-the server adds b1·m from the optimizer's state. The optimizer is then handed
-g = (m' - b1·m) / (1 - b1), the grad that makes its momentum m', so `onebit_adam`
-stays an ordinary optimizer ([Note: momentum through the grads]).
+    y   = Σ_i s_i·sign(x_i) + f;   t = ||y|| / sqrt(len);   u' = t·sign(y);   f = y - u'
+and every rank receives u' (an all-gather), the new momentum m' = u'·d: c_i += b1·u'/N.
+The first compressed exchange starts from the momentum warmup built: the carries are
+zero and the server adds b1·m/d from the optimizer's state. The optimizer is then
+handed g = (m' - b1·m) / (1 - b1), the grad that makes its momentum m', so
+`onebit_adam` stays an ordinary optimizer ([Note: momentum through the grads]).
 
 Signs go 32 to an int32 (sharded.kernels.pack_signs_), with a float scale per block of
 256: about 1/32 + 1/64 of fp32's bytes in an all-to-all, and as much again over N in
@@ -28,6 +29,16 @@ the all-gather. The carries and server errors are state (`extra["compress_grads"
 each rank's own (`per_rank` placements), so checkpoints restore each rank's own. Why
 the momentum and not the grads, and why every rank gets the momentum under ZeRO too:
 docs/decisions.md, decision 35.
+
+[Note: the exchange in Adam's units] What travels is the momentum divided by the frozen
+denominator d = sqrt(v) + eps, i.e. Adam's own update direction, whose elements are
+all of a size, so one scale per block fits them all; the raw momentum's elements differ
+by orders of magnitude within a block, and a sign code gives the small ones the
+block's scale, which the optimizer then divides by their small sqrt(v) (on the tiny
+GPT, one seed in three went unstable after the switch: val loss 0.88 against 0.71).
+Every worker divides its grads by d for every chunk it sends, so each rank keeps d
+whole (`extra["compress_grads"]["denominator"]`, made once when the variance freezes:
+under ZeRO each rank makes its chunks' and all-gathers them).
 
 [Note: momentum through the grads] The exchange yields the new momentum m', but the
 optimizer takes grads. Handing it g = (m' - b1·m)/(1 - b1), with m its own momentum,
@@ -165,21 +176,23 @@ class CompressGrads(Transform):
         freeze = int(adam.freeze_after)
         if self.warmup_steps is not None and self.warmup_steps != freeze:
             raise ValueError(f"compress_grads(warmup_steps={self.warmup_steps}) but the optimizer freezes its variance after {freeze}; give both the same, or leave compress_grads's out")
-        self._warmup, self._b1 = freeze, float(adam.b1)
+        self._warmup, self._b1, self._eps = freeze, float(adam.b1), float(adam.eps)
         size = Mesh.current().size(self.axis)
         if size == 1:
             warnings.warn(f"compress_grads: the {self.axis!r} axis has one rank, so there is nothing to compress; the step runs uncompressed", stacklevel=3)
-        carry, server, started, placements = [], [], [], {}
+        carry, server, started, denominator, placements = [], [], [], [], {}
         for k, (path, x) in enumerate(T.leaves_with_paths(state.params)):
             placed = state.placements.get("params" + path)
             numel = (placed.shape if placed is not None else x.shape).numel() if x.is_floating_point() else 0
             dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
             carry.append(torch.zeros(numel, dtype=dtype, device=x.device))
             started.append(torch.zeros((), dtype=torch.bool, device=x.device))  # has an exchange carried its momentum yet
+            denominator.append(torch.ones(numel, dtype=dtype, device=x.device))  # sqrt(v) + eps, once v is frozen
+            placements[f"extra['compress_grads']['denominator'][{k}]"] = Placement(denominator[-1].shape)
             server.append(torch.zeros(chunk_size(numel, size), dtype=dtype, device=x.device))
             for name, buffers in (("carry", carry), ("server", server)):
                 placements[f"extra['compress_grads']['{name}'][{k}]"] = Placement(buffers[-1].shape, per_rank=True)
-        extra = {**state.extra, "compress_grads": {"carry": carry, "server": server, "started": started}}
+        extra = {**state.extra, "compress_grads": {"carry": carry, "server": server, "started": started, "denominator": denominator}}
         return state.replace(extra=extra, placements=state.placements.update(placements))
 
     # -- the exchange ------------------------------------------------------------------
@@ -199,9 +212,10 @@ class CompressGrads(Transform):
             scale = scale * t.grad_scale(state)
         adam = _frozen_adam(state.opt_state)
         with comm.tagged("compress_grads"):  # its two dependent phases overlap the rest of backward
-            return comm.on_side_stream(lambda: self._exchange(bucket, adam, mine, scale), bucket.grads.device, "compress_grads")
+            first = int(state.step) == self._warmup  # the variance has just frozen: its denominator is made once, here
+            return comm.on_side_stream(lambda: self._exchange(bucket, adam, mine, scale, first), bucket.grads.device, "compress_grads")
 
-    def _exchange(self, bucket: GradBucket, adam: ScaleByFrozenAdamState, mine: dict, scale: Any) -> None:
+    def _exchange(self, bucket: GradBucket, adam: ScaleByFrozenAdamState, mine: dict, scale: Any, first: bool) -> None:
         fg, group = bucket.layout, bucket.group
         ranks, me = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
         carry, server = [mine["carry"][i] for i in fg.leaves], [mine["server"][i] for i in fg.leaves]
@@ -212,7 +226,11 @@ class CompressGrads(Transform):
         dtype, b1, block, words = rows.layout.dtype, self._b1, self.block, rows.words
         scale = torch.as_tensor(scale, dtype=dtype, device=bucket.grads.device)  # the loss scale, in the exchange's precision
         held = rows.gather(carry)
-        x = self._bucket_rows(bucket, rows).mul_((1 - b1) / scale).add_(held)
+        denominator = [mine["denominator"][i] for i in fg.leaves]
+        if first:
+            self._make_denominator(bucket, rows, T.leaves(adam.nu), denominator, me)
+        d = torch.where(rows.valid, rows.gather(denominator), 1.0)  # [Note: the exchange in Adam's units]
+        x = self._bucket_rows(bucket, rows).mul_((1 - b1) / scale).div_(d).add_(held)
         block_scales = rows.scales(x, rows.lengths)
         error = torch.empty_like(x)
         packed = kernels.pack_signs_(x.view(-1), block_scales.view(-1), error.view(-1), block)
@@ -226,7 +244,7 @@ class CompressGrads(Transform):
             kernels.unpack_signs_(row[head:], row[:head].view(dtype), y, block, accumulate=True)
         momentum = self._momentum_rows(bucket, rows, T.leaves(adam.mu), me)
         started = mine["started"][fg.leaves[0]]  # the same for all the bucket's leaves
-        y.add_(momentum[me] * b1 * ~started)  # the first exchange: the momentum warmup built
+        y.add_(momentum[me] / d[me] * b1 * ~started)  # the first exchange: the momentum warmup built
         offsets = [slice(o, o + c) for o, c in zip(rows.layout.offsets, rows.layout.chunks)]
         for f, sl in zip(server, offsets):
             y[sl] += f
@@ -251,13 +269,29 @@ class CompressGrads(Transform):
             f.copy_(torch.where(finite, server_error[sl], f))
         for i in fg.leaves:
             mine["started"][i].logical_or_(finite)
-        grads = new.sub_(momentum, alpha=b1).mul_(scale / (1 - b1))  # [Note: momentum through the grads]
+        grads = new.mul_(d).sub_(momentum, alpha=b1).mul_(scale / (1 - b1))  # [Note: momentum through the grads]
         if bucket.reduction is Reduction.REDUCE_SCATTER:
             rows.regroup(grads[me], rows.layout.offsets, bucket.out, fg.offsets)
         elif fg.ranks == ranks:  # ZeRO-1's all-reduce: every row, this rank's is what it keeps
             rows.regroup(grads, rows.layout.offsets, bucket.grads.view(ranks, fg.size), fg.offsets)
         else:
             rows.scatter(grads, [bucket.grads[o : o + k] for o, k in zip(fg.offsets, fg.numels)])
+
+    def _make_denominator(self, bucket: GradBucket, rows: _Rows, nu: list[torch.Tensor], out: list[torch.Tensor], me: int) -> None:
+        """sqrt(v) + eps of the bucket's leaves, whole on every rank: from the whole v
+        under data_parallel; under ZeRO each rank makes its chunks' and all-gathers them
+        (once, when the variance freezes)."""
+        fg = bucket.layout
+        if fg.ranks == 1:
+            for v, o in zip((nu[i] for i in fg.leaves), out):
+                o.copy_(v.reshape(-1).sqrt() + self._eps)
+            return
+        mine = torch.zeros(rows.layout.size, dtype=rows.layout.dtype, device=bucket.grads.device)
+        rows.layout.write_chunks(mine, [nu[i] for i in fg.leaves])
+        mine = mine.sqrt_().add_(self._eps)
+        everyone = torch.empty(rows.layout.ranks * rows.layout.size, dtype=mine.dtype, device=mine.device)
+        comm.all_gather_into_tensor(everyone, mine, group=bucket.group)
+        rows.scatter(everyone.view(rows.layout.ranks, -1), out)
 
     @staticmethod
     def _momentum_rows(bucket: GradBucket, rows: _Rows, mu: list[torch.Tensor], me: int) -> torch.Tensor:
