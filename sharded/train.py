@@ -237,6 +237,9 @@ def run_rank(cfg: TrainConfig) -> dict:
                 "memory_mb_per_rank": [m.tolist() for m in per_rank],
                 "memory_fields": list(_memory_mb(state, device)),
             }
+            norm = _grad_norm(state)
+            if norm is not None:
+                row["grad_norm"] = norm
             if "loss_scale" in metrics:  # fp16's dynamic loss scale
                 row["loss_scale"] = float(metrics["loss_scale"])
             if cfg.eval_every is not None and (i + 1) % cfg.eval_every == 0:
@@ -273,6 +276,15 @@ def run_rank(cfg: TrainConfig) -> dict:
     return summary
 
 
+def _grad_norm(state: Any) -> float | None:
+    """The last update's global grad norm, as the optimizer's clipping measured it (over
+    every rank's part under ZeRO and pipelines); None if the optimizer does not clip."""
+    import optree
+
+    clips = [x for x in optree.tree_leaves(state.opt_state, is_leaf=lambda x: isinstance(x, sharded.optim.ClipState), namespace="sharded") if isinstance(x, sharded.optim.ClipState)]
+    return float(clips[0].norm) if clips else None
+
+
 def _tensorboard(folder: Path) -> Any:
     """A TensorBoard writer into `folder` (OUT/tensorboard), or None with a note when the
     tensorboard package is not installed (`pip install sharded[tensorboard]`)."""
@@ -285,9 +297,9 @@ def _tensorboard(folder: Path) -> Any:
 
 
 def _write_scalars(board: Any, row: dict) -> None:
-    """One log row as TensorBoard scalars at its step: loss, tokens/s, MFU, lr, loss
-    scale, val loss, and each rank's memory (MB) per field."""
-    for key in ("loss", "val_loss", "tokens_per_s", "mfu", "lr", "loss_scale"):
+    """One log row as TensorBoard scalars at its step: loss, tokens/s, MFU, lr, grad
+    norm, loss scale, val loss, and each rank's memory (MB) per field."""
+    for key in ("loss", "val_loss", "tokens_per_s", "mfu", "lr", "grad_norm", "loss_scale"):
         if row.get(key) is not None:
             board.add_scalar(f"train/{key}", row[key], row["step"])
     for r, values in enumerate(row["memory_mb_per_rank"]):

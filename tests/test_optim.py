@@ -133,12 +133,15 @@ def test_lion_matches_its_definition(params, seed, wd):
 @settings(max_examples=20, deadline=None)
 @given(params=f64_trees, max_norm=st.floats(0.01, 10.0))
 def test_clip_by_global_norm_matches_torch(params, max_norm):
-    ours, _ = optim.clip_by_global_norm(max_norm).update(params, optim.EmptyState())
+    tx = optim.clip_by_global_norm(max_norm)
+    ours, state = tx.update(params, tx.init(params))
     ref = [p.clone() for p in T.leaves(params)]
     for p, r in zip(ref, T.leaves(params)):
         p.grad = r.clone()
     torch.nn.utils.clip_grad_norm_(ref, max_norm)
     assert_leaves_close(ours, [p.grad for p in ref], rtol=1e-7, atol=1e-9)
+    want_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in T.leaves(params)])) if T.leaves(params) else torch.zeros(())
+    torch.testing.assert_close(state.norm.double(), want_norm.double(), rtol=1e-6, atol=1e-9)  # kept, before clipping
 
 
 @settings(max_examples=10, deadline=None)

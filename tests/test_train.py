@@ -98,3 +98,18 @@ def test_metrics_go_to_tensorboard_with_the_learning_rate(tmp_path):
         assert [e.value for e in logged] == pytest.approx([r[key] for r in rows], rel=1e-6)
     schedule = sharded.optim.schedules.warmup_cosine(1e-3, 4, 6, end=1e-4)
     assert [r["lr"] for r in rows] == pytest.approx([float(schedule(torch.tensor(s - 1))) for s in (2, 4, 6)], rel=1e-6)  # the update's own
+
+
+def _grad_norms(tmp_path, name, **flags):
+    out = tmp_path / name
+    main(TrainConfig(steps=4, batch_size=8, accumulate=2, seq_len=16, log_every=2, out=str(out), **flags))
+    return [json.loads(line)["grad_norm"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_grad_norm_is_the_whole_models_under_every_layout(tmp_path):
+    """The logged grad norm is the clipping's, over every rank's part: ZeRO-2's chunks and
+    a pipeline's stages give the norm of one process (float32 sums in another order)."""
+    one = _grad_norms(tmp_path, "one", nproc=1)
+    assert len(one) == 2 and all(n > 0 for n in one)
+    for name, flags in (("zero2", dict(nproc=2, zero=2)), ("pp2", dict(nproc=2, pp=2))):
+        torch.testing.assert_close(torch.tensor(_grad_norms(tmp_path, name, **flags)), torch.tensor(one), rtol=1e-4, atol=0)

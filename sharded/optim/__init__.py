@@ -10,7 +10,7 @@ from sharded.optim import schedules as schedules
 from sharded.optim.aliases import adamw, lion, onebit_adam, sgd
 from sharded.optim.base import EmptyState, GradientTransformation, apply, apply_updates, chain, identity
 from sharded.optim.transforms import (
-    ClipForStepsState,
+    ClipState,
     ScaleByAdamState,
     ScaleByFrozenAdamState,
     ScaleByLionState,
@@ -27,6 +27,6 @@ from sharded.optim.transforms import (
 __all__ = [
     "GradientTransformation", "EmptyState", "identity", "chain", "apply_updates", "apply", "schedules",
     "sgd", "adamw", "lion", "onebit_adam",
-    "ClipForStepsState", "ScaleByAdamState", "ScaleByFrozenAdamState", "ScaleByLionState", "TraceState", "ScheduleState",
+    "ClipState", "ScaleByAdamState", "ScaleByFrozenAdamState", "ScaleByLionState", "TraceState", "ScheduleState",
     "scale_by_adam", "scale_by_lion", "trace", "add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm",
 ]

@@ -168,27 +168,28 @@ def scale_by_learning_rate(lr: float | Schedule) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-class ClipForStepsState(NamedTuple):
+class ClipState(NamedTuple):
     count: torch.Tensor  # updates so far
+    norm: torch.Tensor  # the last update's global norm, before clipping (what a run logs as the grad norm)
 
 
 def clip_by_global_norm(max_norm: float, steps: int | None = None) -> GradientTransformation:
     """Scale updates by `min(1, max_norm / (‖u‖ + 1e-6))`, as torch's clip_grad_norm_
-    does, without reading the norm on the host. With `steps=k`, only the first k
-    updates (1-bit Adam's warmup, whose later grads are its exchanged momentum's)."""
+    does, without reading the norm on the host; the norm stays in the state. With
+    `steps=k`, only the first k updates are clipped (1-bit Adam's warmup, whose later
+    grads are its exchanged momentum's)."""
     if max_norm <= 0:
         raise ValueError(f"clip_by_global_norm needs max_norm > 0, got {max_norm}")
 
-    def clip(updates: Any, on: torch.Tensor | None = None) -> Any:
-        scale = torch.clamp(max_norm / (T.global_norm(updates) + 1e-6), max=1.0)
-        if on is not None:
-            scale = torch.where(on.to(scale.device), scale, torch.ones_like(scale))
-        return T.map(lambda u: u * scale.to(u.dtype), updates)
+    def init(params: Any) -> ClipState:
+        return ClipState(zero_count(params), zero_count(params))
 
-    if steps is None:
-        return GradientTransformation(lambda params: EmptyState(), lambda updates, state, params=None: (clip(updates), state))
+    def update(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
+        norm = T.global_norm(updates)
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        if steps is not None:
+            scale = torch.where(state.count.to(scale.device) < steps, scale, torch.ones_like(scale))
+        new = ClipState(state.count + 1, norm.detach().to(state.norm.dtype).to(state.norm.device))
+        return T.map(lambda u: u * scale.to(u.dtype), updates), new
 
-    def update(updates: Any, state: ClipForStepsState, params: Any = None) -> tuple[Any, ClipForStepsState]:
-        return clip(updates, state.count < steps), ClipForStepsState(state.count + 1)
-
-    return GradientTransformation(lambda params: ClipForStepsState(zero_count(params)), update)
+    return GradientTransformation(init, update)
