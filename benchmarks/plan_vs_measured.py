@@ -77,17 +77,18 @@ def main() -> None:
     args = ap.parse_args()
     cfg = dataclasses.replace(GPTConfig.preset(args.preset, tied=False), seq_len=args.seq)
     start = time.perf_counter()
-    cal = plan.calibrate(cfg, gpus=args.gpus)
+    shape = plan.ModelShape.gpt(cfg, args.preset)
+    cal = plan.calibrate(shape, gpus=args.gpus)
     calibration_s = time.perf_counter() - start
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory
-    ranked = plan.rank_configurations(cfg, cal, args.gpus, gpu_bytes, args.global_batch)
+    ranked = plan.rank_configurations(shape, cal, args.gpus, gpu_bytes, args.global_batch)
     rows = []
     for c in _pick_three(ranked):
         try:
             got = sharded.launch(measure, cfg, c, args.global_batch, args.steps, nprocs=args.gpus, device="cuda", timeout=600)
         except sharded.RankError as e:
             got = {"error": str(e).splitlines()[-1][:300]}
-        row = {"configuration": dataclasses.asdict(c), "command": c.command(args.preset, args.global_batch, cfg.seq_len, cfg.tied), "measured": got}
+        row = {"configuration": dataclasses.asdict(c), "command": c.command(shape, args.global_batch), "measured": got}
         if "error" not in got:
             row["tokens_per_s_measured_over_predicted"] = got["tokens_per_s"] / c.tokens_per_s
             row["memory_measured_over_predicted"] = got["peak_memory_bytes"] / c.memory_bytes

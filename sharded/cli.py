@@ -149,6 +149,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--preset", default="1.3b", choices=list(PRESETS))
     p.add_argument("--untied", action="store_true", help="the preset with a head of its own")
+    p.add_argument("--model", default=None, help="a Hugging Face causal LM's directory (its config.json) instead of --preset")
     p.add_argument("--data", default=None, help="your token or text file (its vocab sizes the model, as in sharded train); default: the embedded corpus")
     p.add_argument("--data-dtype", default="uint16", choices=["uint16", "uint32"])
     p.add_argument("--seq-len", type=_positive, default=None, help="default: the preset's")
@@ -163,42 +164,50 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_plan(args: argparse.Namespace) -> None:
     import dataclasses
+    import json
+    from pathlib import Path
 
     import torch
-
-    from pathlib import Path
 
     from sharded import plan
     from sharded.models import GPTConfig
     from sharded.train import TrainConfig, _data
 
-    data = _data(TrainConfig(data=args.data, data_dtype=args.data_dtype))
-    cfg = GPTConfig.preset(args.preset, vocab_size=data.vocab_size, tied=not args.untied)
-    cfg = dataclasses.replace(cfg, seq_len=args.seq_len or cfg.seq_len)
+    try:
+        if args.model is not None:
+            shape = plan.ModelShape.hugging_face(args.model, args.seq_len)
+        else:
+            data = _data(TrainConfig(data=args.data, data_dtype=args.data_dtype))
+            cfg = GPTConfig.preset(args.preset, vocab_size=data.vocab_size, tied=not args.untied)
+            shape = plan.ModelShape.gpt(dataclasses.replace(cfg, seq_len=args.seq_len or cfg.seq_len), args.preset)
+    except ValueError as e:
+        args.parser.error(str(e))
     gpus = args.gpus or torch.cuda.device_count()
     if gpus < 1:
         args.parser.error("no GPU here: give --gpus and --gpu-memory for the machine you plan for (and a --calibration made there)")
     if args.calibrate:
         if not torch.cuda.is_available():
             args.parser.error("--calibrate measures GPUs, and torch sees none here: run it on the GPU machine")
-        cal = plan.calibrate(cfg, gpus=gpus)
+        cal = plan.calibrate(shape, gpus=gpus)
         cal.save(args.calibration)
         print(f"calibrated on {cal.device} (bus {cal.busbw / 1e9:.0f} GB/s): {args.calibration}")
     path = Path(args.calibration)
     if not path.exists():
         args.parser.error(f"no calibration at {path}: run `sharded plan --calibrate` on the GPU machine first")
     cal = plan.Calibration.load(path)
-    if {k: v for k, v in cal.model.items() if k != "n_layers"} != {k: v for k, v in dataclasses.asdict(cfg).items() if k != "n_layers"}:
-        args.parser.error(f"{path} measured another model width ({cal.model}); run --calibrate for this one")
+    if cal.model != json.loads(json.dumps(shape.width)):
+        args.parser.error(f"{path} measured another model width; run --calibrate for this one")
     gpu_bytes = (args.gpu_memory * 2**30) if args.gpu_memory else torch.cuda.get_device_properties(0).total_memory
-    ranked = plan.rank_configurations(cfg, cal, gpus, gpu_bytes, args.global_batch)
+    ranked = plan.rank_configurations(shape, cal, gpus, gpu_bytes, args.global_batch)
     if not ranked:
         args.parser.error(f"nothing fits {gpu_bytes / 2**30:.0f} GiB per GPU with a global batch of {args.global_batch}; use more GPUs or a smaller preset")
-    print(f"GPT-{args.preset} on {gpus} x {cal.device}, {gpu_bytes / 2**30:.0f} GiB each, global batch {args.global_batch} x {cfg.seq_len} tokens:")
+    print(f"{args.model or 'GPT-' + args.preset} on {gpus} x {cal.device}, {gpu_bytes / 2**30:.0f} GiB each, global batch {args.global_batch} x {shape.seq_len} tokens:")
+    for remat, why in cal.failed.items():
+        print(f"note: remat {remat} is not planned: this model failed under it when calibrated ({why})")
     print(f"{'dp':>3} {'pp':>3} {'zero':>4} {'micro':>5} {'accum':>5} {'remat':>9} {'tokens/s':>10} {'GiB/rank':>9}")
     for c in ranked[: args.top]:
         print(f"{c.dp:>3} {c.pp:>3} {c.zero:>4} {c.micro_batch:>5} {c.accumulate:>5} {c.remat:>9} {c.tokens_per_s:>10,.0f} {c.memory_bytes / 2**30:>9.1f}")
-    best = ranked[0].command(args.preset, args.global_batch, cfg.seq_len, cfg.tied)
+    best = ranked[0].command(shape, args.global_batch)
     print("best:", best + (f" --data {args.data} --data-dtype {args.data_dtype}" if args.data else ""))
 
 

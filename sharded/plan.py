@@ -1,9 +1,10 @@
 """`sharded plan`: the configurations of a job that fit a machine, ranked by predicted
 tokens/s, each with its predicted memory per rank and the `sharded train` line to run.
 
-    cal = calibrate(GPTConfig.preset("1.3b", tied=False), gpus=2, device="cuda")   # once, on the machine
-    for c in rank_configurations(cfg, cal, gpus=2, gpu_bytes=141e9, global_batch=16):
-        print(c.command, c.tokens_per_s, c.memory_bytes)
+    shape = ModelShape.gpt(GPTConfig.preset("1.3b", tied=False), "1.3b")   # or ModelShape.hugging_face(DIR)
+    cal = calibrate(shape, gpus=2, device="cuda")                           # once, on the machine
+    for c in rank_configurations(shape, cal, gpus=2, gpu_bytes=141e9, global_batch=16):
+        print(c.command(shape, 16), c.tokens_per_s, c.memory_bytes)
 
 The search space is what sharded runs today: dp × pp = the GPUs, ZeRO stage 0-3 over dp,
 the micro-batch size (the rest of the global batch is accumulation, or the pipeline's
@@ -34,11 +35,12 @@ import itertools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
-__all__ = ["Calibration", "Configuration", "calibrate", "rank_configurations"]
+__all__ = ["Calibration", "Configuration", "ModelShape", "calibrate", "rank_configurations"]
 
 REMATS = ("none", "selective", "full")
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -54,11 +56,12 @@ class Calibration:
     a + b·micro_batch: seconds of a training step, and peak bytes beyond the model
     state."""
 
-    model: dict  # the GPTConfig measured (its layers are irrelevant: the fits are per block)
+    model: dict  # the width measured (ModelShape.width: the config less its blocks, which the fits are per)
     device: str
     seconds: dict[str, tuple[tuple[float, float], tuple[float, float]]]
     bytes: dict[str, tuple[tuple[float, float], tuple[float, float]]]
     busbw: float  # all-reduce bus bandwidth, bytes/s (inf on one GPU)
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)  # remat policies whose runs raised: not planned
 
     def step_seconds(self, remat: str, blocks: int, micro_batch: int) -> float:
         (a0, a1), (b0, b1) = self.seconds[remat]
@@ -76,7 +79,7 @@ class Calibration:
     def load(path: str | Path) -> Calibration:
         data = json.loads(Path(path).read_text())
         fits = lambda d: {k: tuple(tuple(p) for p in v) for k, v in d.items()}  # noqa: E731
-        return Calibration(data["model"], data["device"], fits(data["seconds"]), fits(data["bytes"]), data["busbw"])
+        return Calibration(data["model"], data["device"], fits(data["seconds"]), fits(data["bytes"]), data["busbw"], data.get("failed", {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +94,8 @@ class Configuration:
     memory_bytes: float  # predicted peak per rank
     step_seconds: float  # predicted
 
-    def command(self, preset: str, global_batch: int, seq_len: int, tied: bool) -> str:
-        parts = [f"sharded train --device cuda --nproc {self.dp * self.pp} --preset {preset}", f"--batch-size {global_batch}", f"--seq-len {seq_len}"]
+    def command(self, shape: ModelShape, global_batch: int) -> str:
+        parts = [f"sharded train --device cuda --nproc {self.dp * self.pp} {shape.flags}", f"--batch-size {global_batch}", f"--seq-len {shape.seq_len}"]
         parts += [f"--accumulate {self.accumulate}", "--precision bf16"]
         if self.pp > 1:
             parts.append(f"--pp {self.pp}")
@@ -100,19 +103,70 @@ class Configuration:
             parts.append(f"--zero {self.zero}")
         if self.remat != "none":
             parts.append(f"--remat {self.remat}")
-        if not tied:
-            parts.append("--untied")
         return " ".join(parts)
 
 
-def _params(cfg: Any) -> tuple[int, int, int]:
-    """(per-block params, embedding params, head params) of a GPTConfig: what a stage holds."""
-    d, f = cfg.d_model, 4 * cfg.d_model
-    bias = 1 if cfg.bias else 0
-    block = 4 * d * d + 2 * d * f + bias * (4 * d + f + d) + 4 * d  # attention, MLP, their biases, two LayerNorms
-    embed = cfg.vocab_size * d + cfg.seq_len * d
-    head = 2 * d + (0 if cfg.tied else cfg.vocab_size * d)  # final LayerNorm, an untied head
-    return block, embed, head
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What a plan needs of a model: its blocks, the params of one block, of the
+    embedding and of the head, the tokens of a sequence, how to build it with n blocks
+    (the calibration's runs), what identifies its width (a calibration must match it),
+    and how `sharded train` names it."""
+
+    layers: int
+    seq_len: int
+    vocab_size: int
+    block: int
+    embed: int
+    head: int
+    width: dict
+    flags: str
+    build: Callable[[int], nn.Module] = dataclasses.field(compare=False, repr=False)
+
+    @staticmethod
+    def gpt(cfg: Any, preset: str) -> ModelShape:
+        """A sharded.models.GPT preset (`cfg` its GPTConfig)."""
+        from sharded.models import GPT
+
+        width = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "n_layers"}
+        flags = f"--preset {preset}" + ("" if cfg.tied else " --untied")
+        build = lambda n: GPT(dataclasses.replace(cfg, n_layers=n))  # noqa: E731
+        return ModelShape._counted(cfg.n_layers, cfg.seq_len, cfg.vocab_size, width, flags, build, lambda m: (m.wte.weight, m.head.weight))
+
+    @staticmethod
+    def hugging_face(path: str, seq_len: int | None = None) -> ModelShape:
+        """A Hugging Face causal LM's directory (`--model DIR`), by its config."""
+        from sharded.models import hf
+
+        config = hf._config(Path(path))
+        layers = config.num_hidden_layers
+        seq = seq_len or min(2048, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+        width = {k: v for k, v in config.to_dict().items() if k not in ("num_hidden_layers", "n_layer", "_name_or_path", "transformers_version")}
+        width = json.loads(json.dumps({**width, "seq_len": seq}, default=str))  # as a saved calibration holds it
+
+        def build(n: int) -> nn.Module:
+            import copy
+
+            import transformers
+
+            c = copy.deepcopy(config)
+            c.num_hidden_layers = n
+            return transformers.AutoModelForCausalLM.from_config(c, torch_dtype=torch.float32).train()
+
+        embeddings = lambda m: (m.get_input_embeddings().weight, m.get_output_embeddings().weight)  # noqa: E731
+        return ModelShape._counted(layers, seq, config.vocab_size, width, f"--model {path}", build, embeddings)
+
+    @staticmethod
+    def _counted(layers: int, seq_len: int, vocab: int, width: dict, flags: str, build: Callable, embeddings: Callable) -> ModelShape:
+        """Params counted on meta models of 1 and 2 blocks: one block is the difference,
+        the head its own output matrix unless tied to the input's, the embedding the rest."""
+        with torch.device("meta"):
+            one, two = build(1), build(2)
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        block = count(two) - count(one)
+        inp, out = embeddings(one)
+        head = 0 if out is inp else out.numel()
+        return ModelShape(layers, seq_len, vocab, block, count(one) - block - head, head, width, flags, build)
 
 
 def _model_state_bytes(params: int, zero: int, dp: int) -> float:
@@ -137,19 +191,19 @@ def _comm_seconds(params: int, zero: int, dp: int, busbw: float) -> tuple[float,
     return 4 * part + 2 * 2 * part, 0.0  # reduce-scatter, and bf16 gathers in forward and backward (prefetched)
 
 
-def rank_configurations(cfg: Any, cal: Calibration, gpus: int, gpu_bytes: float, global_batch: int) -> list[Configuration]:
+def rank_configurations(shape: ModelShape, cal: Calibration, gpus: int, gpu_bytes: float, global_batch: int) -> list[Configuration]:
     """Every configuration that fits `gpu_bytes` per GPU, fastest first (of two equally
     fast, the one that leaves more memory free)."""
-    block, embed, head = _params(cfg)
+    block, embed, head = shape.block, shape.embed, shape.head
     out = []
-    for pp, zero, micro, remat in itertools.product(_divisors(gpus), range(4), MICRO_BATCHES, REMATS):
+    for pp, zero, micro, remat in itertools.product(_divisors(gpus), range(4), MICRO_BATCHES, tuple(cal.seconds)):
         dp = gpus // pp
-        if pp > cfg.n_layers or (dp == 1 and zero) or global_batch % (dp * micro):
+        if pp > shape.layers or (dp == 1 and zero) or global_batch % (dp * micro):
             continue
         m = global_batch // (dp * micro)
         if pp > 1 and m < pp:
             continue  # 1F1B needs at least as many micro-batches as stages
-        blocks = -(-cfg.n_layers // pp)
+        blocks = -(-shape.layers // pp)
         stage_params = blocks * block + (embed + head if pp == 1 else max(embed, head))
         in_flight = pp if pp > 1 else 1  # 1F1B: stage 0 holds a micro-batch per stage
         gathered = 2 * 2 * block if zero == 3 else 0  # bf16 blocks gathered at once (this one and the prefetched)
@@ -160,7 +214,7 @@ def rank_configurations(cfg: Any, cal: Calibration, gpus: int, gpu_bytes: float,
         compute = per_micro * (m + pp - 1) if pp > 1 else per_micro * m
         hidden, exposed = _comm_seconds(stage_params, zero, dp, cal.busbw)
         step = compute + max(0.0, hidden - 2 / 3 * compute) + exposed
-        out.append(Configuration(dp, pp, zero, micro, m, remat, global_batch * cfg.seq_len / step, memory, step))
+        out.append(Configuration(dp, pp, zero, micro, m, remat, global_batch * shape.seq_len / step, memory, step))
     return sorted(out, key=lambda c: (-c.tokens_per_s, c.memory_bytes))
 
 
@@ -171,18 +225,18 @@ def _divisors(n: int) -> list[int]:
 # -- calibration ----------------------------------------------------------------------
 
 
-def _measure_step(cfg: Any, remat: str, micro_batch: int, device: torch.device, steps: int = 5) -> tuple[float, float]:
-    """(fastest seconds, peak bytes beyond the model state) of a bf16 training step of a
-    GPT with `cfg`'s shape on one device (the fastest of `steps`: a small model's step
-    is noisy, and its noise is the host's). Off CUDA the peak is not measured (nan)."""
+def _measure_step(shape: ModelShape, layers: int, remat: str, micro_batch: int, device: torch.device, steps: int = 5) -> tuple[float, float]:
+    """(fastest seconds, peak bytes beyond the model state) of a bf16 training step of the
+    model with `layers` blocks on one device (the fastest of `steps`: a small model's
+    step is noisy, and its noise is the host's). Off CUDA the peak is not measured (nan)."""
     import sharded
-    from sharded.models import GPT, loss_fn
+    from sharded.models import hf, loss_fn
 
     torch.manual_seed(0)
-    model = sharded.trace(GPT(cfg).to(device))
+    model = sharded.trace(shape.build(layers).to(device))
 
     def train_step(state, batch):
-        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
+        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(hf.logits_of(model.apply(p, b[0])), b[1]))(state.params, batch)
         return state.apply_gradients(grads), {"loss": value}
 
     step = sharded.mixed_precision("bf16")(train_step)
@@ -190,7 +244,7 @@ def _measure_step(cfg: Any, remat: str, micro_batch: int, device: torch.device, 
         step = sharded.remat(policy=remat)(step)
     step = step if isinstance(step, sharded.Step) else sharded.Step(step)
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-4, weight_decay=0.1)))
-    x = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len), device=device)
+    x = torch.randint(0, shape.vocab_size, (micro_batch, shape.seq_len), device=device)
     cuda = device.type == "cuda"
     state, _ = step(state, (x, x))  # the optimizer state exists from here
     if cuda:
@@ -223,16 +277,21 @@ def _bus_bandwidth(megabytes: int = 256) -> float:
     return 2 * (n - 1) / n * x.numel() * 4 / ((time.perf_counter() - start) / 5)
 
 
-def calibrate(cfg: Any, gpus: int = 1, device: str = "cuda") -> Calibration:
-    """Measure `cfg`'s width on this machine ([Note: what the predictions stand on])."""
+def calibrate(shape: ModelShape, gpus: int = 1, device: str = "cuda") -> Calibration:
+    """Measure the model's width on this machine ([Note: what the predictions stand on])."""
     import sharded
 
     dev = torch.device(device if device != "cuda" else "cuda:0")
-    block, embed, head = _params(cfg)
+    block, embed, head = shape.block, shape.embed, shape.head
     seconds, nbytes = {}, {}
     layers, micro = CALIBRATION_LAYERS, CALIBRATION_MICRO_BATCHES
+    failed = {}
     for remat in REMATS:
-        runs = {(n, b): _measure_step(dataclasses.replace(cfg, n_layers=n), remat, b, dev) for n in layers for b in micro}
+        try:
+            runs = {(n, b): _measure_step(shape, n, remat, b, dev) for n in layers for b in micro}
+        except RuntimeError as e:  # the model does not run under this policy: plan without it, and say why
+            failed[remat] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            continue
         per_block = {b: tuple((runs[layers[1], b][k] - runs[layers[0], b][k]) / (layers[1] - layers[0]) for k in (0, 1)) for b in micro}
         base = {b: tuple(runs[layers[0], b][k] - layers[0] * per_block[b][k] for k in (0, 1)) for b in micro}
 
@@ -250,4 +309,4 @@ def calibrate(cfg: Any, gpus: int = 1, device: str = "cuda") -> Calibration:
         torch.cuda.empty_cache()  # what the runs cached goes back before other processes use this GPU
     if gpus > 1 and dev.type == "cuda":
         busbw = sharded.launch(_bus_bandwidth, nprocs=gpus, device="cuda")
-    return Calibration(dataclasses.asdict(cfg), torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", seconds, nbytes, busbw)
+    return Calibration(shape.width, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", seconds, nbytes, busbw, failed)
