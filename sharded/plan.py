@@ -234,9 +234,10 @@ def _measure_step(shape: ModelShape, layers: int, remat: str, micro_batch: int, 
 
     torch.manual_seed(0)
     model = sharded.trace(shape.build(layers).to(device))
+    kwargs = hf.training_kwargs(model.module)
 
     def train_step(state, batch):
-        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(hf.logits_of(model.apply(p, b[0])), b[1]))(state.params, batch)
+        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(hf.logits_of(model.apply(p, b[0], **kwargs)), b[1]))(state.params, batch)
         return state.apply_gradients(grads), {"loss": value}
 
     step = sharded.mixed_precision("bf16")(train_step)

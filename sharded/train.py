@@ -80,9 +80,11 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     4. compress_grads (if asked): that reduction, compressed after the warmup.
     """
 
+    kwargs = hf.training_kwargs(model.module)
+
     def loss(params, batch):
         inputs, targets = batch
-        return loss_fn(hf.logits_of(model.apply(params, inputs)), targets)
+        return loss_fn(hf.logits_of(model.apply(params, inputs, **kwargs)), targets)
 
     def train_step(state, batch):
         value, grads = sharded.value_and_grad(loss)(state.params, batch)
@@ -133,7 +135,7 @@ def evaluate(model: sharded.Model, params, corpus: Corpus, cfg: TrainConfig, seq
         for i, (x, y) in enumerate(corpus.batches("val", cfg.batch_size, seq_len, seed=cfg.seed)):
             if i == cfg.eval_batches:
                 break
-            losses.append(loss_fn(hf.logits_of(model.apply(params, x.to(device))), y.to(device)).item())
+            losses.append(loss_fn(hf.logits_of(model.apply(params, x.to(device), **hf.training_kwargs(model.module))), y.to(device)).item())
     model.module.train(training)
     return sum(losses) / len(losses)
 

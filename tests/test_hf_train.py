@@ -1,5 +1,7 @@
 """`sharded train --model DIR`: a Hugging Face causal LM from a local directory trains
 and exports back to a directory that `from_pretrained` loads."""
+import math
+
 import pytest
 import torch
 
@@ -66,3 +68,13 @@ def test_resume_restores_the_rng_that_dropout_draws_from(tmp_path, capfd):
     straight, resumed, without = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("straight", "resumed", "without_rng"))
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
     assert not all(torch.equal(without[k], v) for k, v in straight.items())
+
+
+def test_llama_trains_under_selective_remat(tmp_path):
+    """A Hugging Face model's KV cache is off in training (hf.training_kwargs): left on,
+    Llama's cache changes between a block's forward and its recomputation, and torch's
+    selective checkpoint refuses the step."""
+    torch.manual_seed(0)
+    _small("llama").save_pretrained(tmp_path / "model")
+    summary = main(TrainConfig(model=str(tmp_path / "model"), nproc=1, steps=2, batch_size=4, accumulate=1, seq_len=16, log_every=1, remat="selective", out=str(tmp_path / "run")))
+    assert math.isfinite(summary["val_loss"])

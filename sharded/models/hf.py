@@ -47,6 +47,13 @@ def load_causal_lm(path: str | Path) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).train()
 
 
+def training_kwargs(module: nn.Module) -> dict:
+    """Keyword arguments for a training forward: a Hugging Face model's KV cache off, as
+    its Trainer does (the cache would change between a block's forward and its
+    recomputation under remat); nothing for other models."""
+    return {"use_cache": False} if hasattr(getattr(module, "config", None), "use_cache") else {}
+
+
 def logits_of(output: Any) -> torch.Tensor:
     """A model's logits: the tensor itself, or a Hugging Face output's `.logits`."""
     return output if isinstance(output, torch.Tensor) else output.logits
