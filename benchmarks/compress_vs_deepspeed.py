@@ -28,6 +28,7 @@ from _profile import profile_steps
 
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
+from sharded.plan import bus_bandwidth
 
 SYSTEMS = ["sharded_dp_adamw_25mb", "sharded_dp_adamw", "sharded_dp_onebit", "sharded_zero2_adamw", "sharded_zero2_onebit", "deepspeed_onebit"]
 PAIRS = [
@@ -85,23 +86,6 @@ def _deepspeed(cfg: GPTConfig, batch: int, freeze: int):
     return run
 
 
-def _bus_bandwidth(megabytes: int = 256, iters: int = 5) -> float:
-    """All-reduce bus bandwidth (GB/s) on this link: nccl-tests' 2(n-1)/n · bytes / time."""
-    x = torch.ones(megabytes * 2**20 // 4, device=sharded.distributed.device())
-    n = sharded.distributed.world_size()
-    for _ in range(2):
-        torch.distributed.all_reduce(x)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        torch.distributed.all_reduce(x)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / iters
-    return 2 * (n - 1) / n * x.numel() * 4 / seconds / 1e9
-
-
 def measure(args) -> dict:
     dev = sharded.distributed.device()
     cfg = GPTConfig.preset(args.preset, seq_len=args.seq, tied=False)
@@ -109,7 +93,7 @@ def measure(args) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
     y = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
-    busbw = _bus_bandwidth()
+    busbw = bus_bandwidth() / 1e9
     steps, losses, errors = {}, {}, {}
     for name in args.systems:  # built once, each past its warmup (1-bit Adam compressing)
         torch.manual_seed(0)

@@ -3,7 +3,7 @@ calibrate for the model's width, rank the configurations, then run three of them
 predicted best, and two others of different kinds) as `sharded train` builds them, each
 in its own fresh ranks, and compare tokens/s and peak memory per rank.
 
-    python benchmarks/plan_vs_measured.py --preset 1.3b --gpus 2 --out benchmarks/results/plan_vs_measured.json
+    python benchmarks/plan_vs_measured.py --preset 1.3b --nproc 2 --out benchmarks/results/plan_vs_measured.json
 
 Acceptance (issue 17): measured tokens/s within 25% of predicted and peak memory within
 10%, for each of the three; the best pick at least as fast as the others measured.
@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from _harness import gc_paused, provenance, report
+from _harness import common_args, gc_paused, provenance, report
 
 import sharded
 from sharded import plan
@@ -24,7 +24,7 @@ from sharded.models import GPT, GPTConfig, loss_fn
 from sharded.train import TrainConfig, make_step
 
 
-def measure(cfg: GPTConfig, c: plan.Configuration, global_batch: int, steps: int) -> dict:
+def measure(cfg: GPTConfig, c: plan.Configuration, global_batch: int, warmup: int, steps: int) -> dict:
     """The configuration as `sharded train` builds it (its transforms, AdamW with its
     schedule and clipping), on random tokens; rank 0's times, the max peak over ranks."""
     if c.pp > 1:
@@ -39,7 +39,7 @@ def measure(cfg: GPTConfig, c: plan.Configuration, global_batch: int, steps: int
     state = step.init(sharded.TrainState.create(model.params, tx))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (global_batch, cfg.seq_len), generator=g).to(dev)
-    for _ in range(2):
+    for _ in range(warmup):
         state, _ = step(state, (x, x))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -67,28 +67,23 @@ def _pick_three(ranked: list[plan.Configuration]) -> list[plan.Configuration]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="1.3b")
-    ap.add_argument("--gpus", type=int, default=2)
-    ap.add_argument("--global-batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=2048)
+    common_args(ap, nproc=2, batch=16, batch_help="sequences per update (the global batch)")
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--commit", default=None)
     args = ap.parse_args()
     cfg = dataclasses.replace(GPTConfig.preset(args.preset, tied=False), seq_len=args.seq)
     start = time.perf_counter()
     shape = plan.ModelShape.gpt(cfg, args.preset)
-    cal = plan.calibrate(shape, gpus=args.gpus)
+    cal = plan.calibrate(shape, gpus=args.nproc)
     calibration_s = time.perf_counter() - start
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory
-    ranked = plan.rank_configurations(shape, cal, args.gpus, gpu_bytes, args.global_batch)
+    ranked = plan.rank_configurations(shape, cal, args.nproc, gpu_bytes, args.batch)
     rows = []
     for c in _pick_three(ranked):
         try:
-            got = sharded.launch(measure, cfg, c, args.global_batch, args.steps, nprocs=args.gpus, device="cuda", timeout=600)
+            got = sharded.launch(measure, cfg, c, args.batch, args.warmup, args.steps, nprocs=args.nproc, device="cuda", timeout=600)
         except sharded.RankError as e:
             got = {"error": str(e).splitlines()[-1][:300]}
-        row = {"configuration": dataclasses.asdict(c), "command": c.command(shape, args.global_batch), "measured": got}
+        row = {"configuration": dataclasses.asdict(c), "command": c.command(shape, args.batch), "measured": got}
         if "error" not in got:
             row["tokens_per_s_measured_over_predicted"] = got["tokens_per_s"] / c.tokens_per_s
             row["memory_measured_over_predicted"] = got["peak_memory_bytes"] / c.memory_bytes
@@ -96,8 +91,8 @@ def main() -> None:
         print(row, flush=True)
     ok = [r for r in rows if "error" not in r["measured"]]
     result = {
-        **provenance("plan_vs_measured", f"{args.gpus}x {torch.cuda.get_device_name(0)}", args.commit),
-        "model": f"GPT-{args.preset}, untied head, seq {args.seq}, global batch {args.global_batch}, bf16 mixed precision, AdamW",
+        **provenance("plan_vs_measured", f"{args.nproc}x {torch.cuda.get_device_name(0)}", args.commit),
+        "model": f"GPT-{args.preset}, untied head, seq {args.seq}, global batch {args.batch}, bf16 mixed precision, AdamW",
         "calibration": dataclasses.asdict(cal),
         "calibration_s": calibration_s,
         "configurations_ranked": len(ranked),

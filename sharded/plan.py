@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["Calibration", "Configuration", "ModelShape", "calibrate", "rank_configurations"]
+__all__ = ["Calibration", "Configuration", "ModelShape", "bus_bandwidth", "calibrate", "rank_configurations"]
 
 REMATS = ("none", "selective", "full")
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -263,7 +263,9 @@ def _measure_step(shape: ModelShape, layers: int, remat: str, micro_batch: int, 
     return min(times), float(peak)
 
 
-def _bus_bandwidth(megabytes: int = 256) -> float:
+def bus_bandwidth(megabytes: int = 256) -> float:
+    """All-reduce bus bandwidth (bytes/s) between this job's GPUs, as nccl-tests counts
+    it: 2(n-1)/n · bytes / seconds. Run on every rank."""
     from sharded import distributed
 
     x = torch.ones(megabytes * 2**20 // 4, device=distributed.device())
@@ -309,5 +311,5 @@ def calibrate(shape: ModelShape, gpus: int = 1, device: str = "cuda") -> Calibra
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # what the runs cached goes back before other processes use this GPU
     if gpus > 1 and dev.type == "cuda":
-        busbw = sharded.launch(_bus_bandwidth, nprocs=gpus, device="cuda")
+        busbw = sharded.launch(bus_bandwidth, nprocs=gpus, device="cuda")
     return Calibration(shape.width, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", seconds, nbytes, busbw, failed)

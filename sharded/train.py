@@ -281,9 +281,7 @@ def run_rank(cfg: TrainConfig) -> dict:
 def _grad_norm(state: Any) -> float | None:
     """The last update's global grad norm, as the optimizer's clipping measured it (over
     every rank's part under ZeRO and pipelines); None if the optimizer does not clip."""
-    import optree
-
-    clips = [x for x in optree.tree_leaves(state.opt_state, is_leaf=lambda x: isinstance(x, sharded.optim.ClipState), namespace="sharded") if isinstance(x, sharded.optim.ClipState)]
+    clips = sharded.optim.states_of(state.opt_state, sharded.optim.ClipState)
     return float(clips[0].norm) if clips else None
 
 

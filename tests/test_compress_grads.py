@@ -3,7 +3,6 @@ to a plain single-process simulation of N workers running the same 1-bit algorit
 import copy
 import math
 
-import optree
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ def _loss(model, params, batch):
 
 
 def _frozen_adam(state):
-    return next(x for x in optree.tree_leaves(state.opt_state, is_leaf=lambda x: isinstance(x, ScaleByFrozenAdamState), namespace="sharded") if isinstance(x, ScaleByFrozenAdamState))
+    return sharded.optim.states_of(state.opt_state, ScaleByFrozenAdamState)[0]
 
 
 def reference_step(model, workers: int, warmup: int, block: int = 256, b1: float = 0.9, eps: float = 1e-8):

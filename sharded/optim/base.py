@@ -20,7 +20,7 @@ import torch
 from sharded import primitives
 from sharded import tree as T
 
-__all__ = ["GradientTransformation", "EmptyState", "identity", "chain", "apply_updates", "apply"]
+__all__ = ["GradientTransformation", "EmptyState", "identity", "chain", "apply_updates", "apply", "states_of"]
 
 Params = Any
 Updates = Any
@@ -108,6 +108,14 @@ def chain(*txs: GradientTransformation) -> GradientTransformation:
         return params, tuple(new_state) + (last,)
 
     return GradientTransformation(init, update, fused if txs[-1].fused is not None else None)
+
+
+def states_of(opt_state: Any, kind: type) -> list:
+    """The states of type `kind` (a transform's NamedTuple) anywhere in an optimizer's
+    state, in order: what a transform or a training loop reads of a chain's part."""
+    import optree
+
+    return [x for x in optree.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, kind), namespace="sharded") if isinstance(x, kind)]
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

@@ -57,13 +57,12 @@ import math
 import warnings
 from typing import Any, Callable
 
-import optree
 import torch
 
 from sharded import comm, kernels, primitives
 from sharded import tree as T
 from sharded.mesh import Mesh
-from sharded.optim import ScaleByFrozenAdamState
+from sharded.optim import ScaleByFrozenAdamState, states_of
 from sharded.placement import Placement
 from sharded.reduce import GradBucket, Reduction
 from sharded.sharding import chunk_size
@@ -347,7 +346,7 @@ def _message(scales: torch.Tensor, signs: torch.Tensor, width: int) -> torch.Ten
 
 def _frozen_adam(opt_state: Any) -> ScaleByFrozenAdamState:
     """The optimizer's 1-bit Adam state (its momentum, b1 and warmup)."""
-    found = [x for x in optree.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByFrozenAdamState), namespace="sharded") if isinstance(x, ScaleByFrozenAdamState)]
+    found = states_of(opt_state, ScaleByFrozenAdamState)
     if len(found) != 1:
         raise ValueError(
             "compress_grads(method='onebit') needs one Adam whose variance freezes after a warmup (1-bit Adam): "
