@@ -141,6 +141,7 @@ def optimizer_calls(draw, names=tuple(sorted(REFERENCES))):
             beta1=draw(st.sampled_from([0.0, 0.9])),
             beta2=draw(st.sampled_from([0.95, 0.999])),
             eps=draw(st.sampled_from([1e-8, 1e-3])),
+            freeze_variance_after=draw(st.sampled_from([None, 1, 5, 10**4])),  # 1-bit Adam's: before and after the freeze
         )
     elif name == "sgd":
         momentum = draw(st.sampled_from([0.0, 0.9]))
@@ -220,6 +221,27 @@ def test_reference_adamw_matches_torch_adamw_over_steps():
             torch.testing.assert_close(got["param"], torch_param.detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got["exp_avg"], state["exp_avg"])
             torch.testing.assert_close(got["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def test_reference_adamw_with_a_frozen_variance_matches_onebit_adams_pure_chain_over_steps():
+    """Before the freeze: AdamW; after it: v and its bias correction stay at step k's."""
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(1037, generator=g)
+    tx = sharded.optim.onebit_adam(1e-2, warmup_steps=3, b2=0.95, eps=1e-6, weight_decay=0.1)
+    params, state = {"w": p0.clone()}, None
+    state = tx.init(params)
+    mine = {"param": p0.clone(), "exp_avg": torch.zeros_like(p0), "exp_avg_sq": torch.zeros_like(p0)}
+    for step in range(1, 8):
+        grad = torch.randn(1037, generator=g)
+        updates, state = tx.update({"w": grad}, state, params)
+        params = {"w": params["w"] + updates["w"]}
+        adamw.reference_adamw_(grad=grad, step=step, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-6, weight_decay=0.1, freeze_variance_after=3, **mine)
+        adam = sharded.optim.states_of(state, sharded.optim.ScaleByFrozenAdamState)[0]
+        if step == 3:
+            frozen = mine["exp_avg_sq"].clone()
+        for got, want in ((mine["param"], params["w"]), (mine["exp_avg"], adam.mu["w"]), (mine["exp_avg_sq"], adam.nu["w"])):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(mine["exp_avg_sq"], frozen)
 
 
 @pytest.mark.parametrize("momentum,nesterov,weight_decay", [(0.0, False, 0.0), (0.9, False, 0.01), (0.9, True, 0.0), (0.5, True, 0.1)])

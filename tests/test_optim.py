@@ -1,7 +1,11 @@
 """sharded.optim against torch.optim, step by step, on random pytrees."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,3 +189,35 @@ def test_bad_hyperparameters_are_named():
         optim.schedules.warmup_cosine(1.0, 20, 10)
     with pytest.raises(ValueError, match="at least one"):
         optim.chain()
+
+
+_ONEBIT_FUSED_VS_PURE = """
+import torch
+from sharded import kernels, optim
+from sharded import tree as T
+assert kernels.uses_triton(torch.empty(0)), "the kernels must run (interpreted) for the fused path to be the kernel's"
+g = torch.Generator().manual_seed(0)
+params = {"a": torch.randn(1500, generator=g), "b": torch.randn(7, 9, generator=g)}
+grads = [T.map(lambda p: torch.randn(p.shape, generator=g), params) for _ in range(8)]
+for clip in (None, 0.5):
+    tx = optim.onebit_adam(1e-2, warmup_steps=3, weight_decay=0.1, max_grad_norm=clip)
+    fused, fused_state = T.map(torch.clone, params), None
+    fused_state = tx.init(fused)
+    pure, pure_state = T.map(torch.clone, params), tx.init(params)
+    for gr in grads:
+        fused, fused_state = optim.apply(tx, gr, fused_state, fused)
+        updates, pure_state = tx.update(gr, pure_state, pure)
+        pure = optim.apply_updates(pure, updates)
+    torch.testing.assert_close(T.leaves(fused), T.leaves(pure), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(T.leaves(fused_state), T.leaves(pure_state), rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_onebit_adams_fused_kernel_equals_its_pure_chain_across_the_freeze():
+    """The Triton kernel (interpreted on CPU) with the variance frozen after 3 updates,
+    clipped during warmup or not, against the chain's pure update over 8 updates."""
+    run = subprocess.run([sys.executable, "-c", _ONEBIT_FUSED_VS_PURE], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

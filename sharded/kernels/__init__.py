@@ -116,6 +116,7 @@ def fused_adamw_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     out_lowp: Tensors | None = None,
+    freeze_variance_after: int | None = None,
 ) -> None:
     """One torch.optim.AdamW step, in place (math in kernels/adamw.py), over one tensor
     of each operand (a flat shard) or over sequences of them (many tensors, one launch,
@@ -126,7 +127,9 @@ def fused_adamw_(
     any shape; the i-th tensors alike in numel; all on one device; empty ones are
     skipped. step: this update's number counting from 1, an int or a 0-dim tensor on
     that device; grad_scale: 0-dim fp32, grads are divided by it; found_inf: 0-dim fp32,
-    nonzero skips the update (everything, out_lowp included, stays bitwise as it was)."""
+    nonzero skips the update (everything, out_lowp included, stays bitwise as it was);
+    freeze_variance_after: an int k >= 1, after whose k-th update exp_avg_sq stays as it
+    is (1-bit Adam's optimizer half)."""
     fn = "fused_adamw_"
     operands = optimizer_operands(fn, param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, grad_scale, found_inf, out_lowp)
     _check_numbers(fn, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
@@ -139,8 +142,10 @@ def fused_adamw_(
             raise ValueError(f"{fn}: a tensor step must be a real 0-dim tensor on {device}, got {got}")
     elif isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"{fn}: step must be an int >= 1 (this update's number) or a 0-dim tensor, got {step!r}")
+    if freeze_variance_after is not None and (isinstance(freeze_variance_after, bool) or not isinstance(freeze_variance_after, int) or freeze_variance_after < 1):
+        raise ValueError(f"{fn}: freeze_variance_after must be an int >= 1 (the updates that move the variance) or None, got {freeze_variance_after!r}")
     _step(adamw.adamw_, adamw.reference_adamw_, operands, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-          weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf)
+          weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf, freeze_variance_after=freeze_variance_after)
 
 
 def fused_sgd_(

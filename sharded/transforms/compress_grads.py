@@ -114,9 +114,18 @@ class _Rows:
         self.layout.read_all(rows.view(-1), flats)
 
     def regroup(self, src: torch.Tensor, src_offsets: tuple[int, ...], dst: torch.Tensor, dst_offsets: tuple[int, ...]) -> None:
-        """Each leaf's chunk columns from `src` (rows, its offsets) into `dst` (rows, its)."""
-        for a, b, c in zip(src_offsets, dst_offsets, self.layout.chunks):
-            dst[..., b : b + c] = src[..., a : a + c]
+        """Each leaf's chunk columns from `src` (rows, its offsets) into `dst` (as many
+        rows, its offsets), in one copy kernel."""
+        n, width, flat = src.numel() // src.shape[-1], src.shape[-1], dst.view(-1)
+        pieces = [(r * width + a, flat[r * dst.shape[-1] + b : r * dst.shape[-1] + b + c])
+                  for r in range(n) for a, b, c in zip(src_offsets, dst_offsets, self.layout.chunks)]
+        kernels.copy_out(src.reshape(-1), [x for _, x in pieces], [o for o, _ in pieces])
+
+    def server_row(self, server: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's server errors (one chunk per leaf) as a row (S,), zero padded."""
+        row = torch.zeros(self.layout.size, dtype=self.layout.dtype, device=self.valid.device)
+        kernels.copy_in(row, server, self.layout.offsets)
+        return row
 
     def scales(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """||block|| / sqrt(its real elements) (the RMS) of each block in each row: (rows,
@@ -244,10 +253,8 @@ class CompressGrads(Transform):
         momentum = self._momentum_rows(bucket, rows, T.leaves(adam.mu), me)
         started = mine["started"][fg.leaves[0]]  # the same for all the bucket's leaves
         y.add_(momentum[me] / d[me] * b1 * ~started)  # the first exchange: the momentum warmup built
-        offsets = [slice(o, o + c) for o, c in zip(rows.layout.offsets, rows.layout.chunks)]
-        for f, sl in zip(server, offsets):
-            y[sl] += f
-        y *= rows.valid[me]
+        held_server = rows.server_row(server)
+        y.add_(held_server).mul_(rows.valid[me])
         # phase 2: the server's sum, compressed again with its own error, to every rank
         server_scales = rows.scales(y[None], rows.lengths[me][None])[0]
         server_error = torch.empty_like(y)
@@ -263,11 +270,8 @@ class CompressGrads(Transform):
         # the state moves only if the momentum is finite on every rank (it is the same everywhere)
         finite = torch.isfinite(new).all()
         rows.scatter(torch.where(finite, error.add_(new, alpha=b1 / ranks), held), carry)
-        server_error *= rows.valid[me]
-        for f, sl in zip(server, offsets):
-            f.copy_(torch.where(finite, server_error[sl], f))
-        for i in fg.leaves:
-            mine["started"][i].logical_or_(finite)
+        kernels.copy_out(torch.where(finite, server_error.mul_(rows.valid[me]), held_server), server, rows.layout.offsets)
+        torch._foreach_copy_([mine["started"][i] for i in fg.leaves], [started | finite] * len(fg.leaves))
         grads = new.mul_(d).sub_(momentum, alpha=b1).mul_(scale / (1 - b1))  # [Note: momentum through the grads]
         if bucket.reduction is Reduction.REDUCE_SCATTER:
             rows.regroup(grads[me], rows.layout.offsets, bucket.out, fg.offsets)
