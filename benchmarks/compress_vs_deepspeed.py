@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 import torch
 from _harness import common_args, gc_paused, provenance, report
@@ -106,13 +107,16 @@ def measure(args) -> dict:
             errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
             steps.pop(name, None)
     times: dict[str, list[float]] = {n: [] for n in steps}
+    host: dict[str, list[float]] = {n: [] for n in steps}  # until the step's launches return: near the step time, the host bounds it
     with gc_paused():
         for _ in range(args.rounds):  # alternate the systems, round after round
             for name, run in steps.items():
                 for _ in range(args.steps):
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
+                    began = time.perf_counter()
                     loss = run(x, y)
+                    host[name].append(time.perf_counter() - began)
                     end.record()
                     torch.cuda.synchronize()
                     times[name].append(start.elapsed_time(end) / 1e3)
@@ -124,6 +128,7 @@ def measure(args) -> dict:
             "step_s": {"min": min(t), "median": statistics.median(t), "max": max(t)},
             "tokens_per_s": tokens / statistics.median(t),
             "tokens_per_s_range": [tokens / max(t), tokens / min(t)],
+            "host_s_median": statistics.median(host[n]),
             "last_loss": losses[n],
             "all_step_s": t,
             **({"gpu_time": profiles[n]} if n in profiles else {}),
