@@ -66,10 +66,21 @@ class FlatGroup:
         return views, positions
 
     def write_full(self, k: int, flat: torch.Tensor, src: torch.Tensor, scale: float = 1.0) -> None:
-        """Copy-in: leaf k's full value into its pieces of `flat` (N*S), with `scale` and
-        the cast to flat's dtype fused into one kernel (padding untouched: see `empty`)."""
+        """Copy-in: leaf k's full value into its pieces of `flat` (N*S), cast to flat's
+        dtype and times `scale`, computed in the more precise of the two dtypes (padding
+        untouched: see `empty`). Torch ops, one or two per piece: this runs once per leaf
+        in backward's hooks, where a Triton launch's host cost (~10 torch ops') made
+        backward host-bound."""
         whole = src.reshape(-1)
-        kernels.copy_in(flat, [whole[a : a + n] for _, a, n in self.pieces[k]], [pos for pos, _, _ in self.pieces[k]], scale=scale)
+        wider = torch.finfo(flat.dtype).eps <= torch.finfo(src.dtype).eps
+        for pos, a, n in self.pieces[k]:
+            dst, piece = flat[pos : pos + n], whole[a : a + n]
+            if scale == 1.0:
+                dst.copy_(piece)
+            elif wider:
+                dst.copy_(piece).mul_(scale)
+            else:
+                torch.mul(piece, scale, out=dst)
 
     def write_all(self, flat: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
         """Copy-in: every leaf's full value (one per leaf, in order) into `flat` (N*S), in one kernel."""
