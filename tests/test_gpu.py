@@ -46,7 +46,7 @@ STACKS = {
 def _dp_on_cuda(cfg, batches, stack):
     assert torch.distributed.get_backend() == "nccl"
     dev = sharded.distributed.device()
-    model = sharded.trace(ToyLM(cfg).to(dev).double())
+    model = sharded.trace(ToyLM(cfg).to(dev))  # float32, as the one-GPU reference: the Triton kernels' path
     step = STACKS[stack](make_train_step(model))
     tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2))
     state = step.init(sharded.TrainState.create(model.params, tx))
