@@ -3,7 +3,8 @@
 Model state follows the ZeRO paper: with Ψ params of b bytes and K optimizer bytes per
 param, one replica holds Ψ·b (params) + Ψ·b (grads) + Ψ·K (optimizer state); stage 1
 divides the optimizer state by N ranks, stage 2 also the grads, stage 3 also the
-params. We count exactly what `shard_zero` allocates: each leaf's chunk is
+params. Here stage 1 reduce-scatters its grads as stage 2 does (its update reads only
+its chunk: decision 39), so its grads are divided too. We count exactly what `shard_zero` allocates: each leaf's chunk is
 ceil(numel / N) elements (rank 0's, the largest), so padding is included. The
 activation figure is Korthikanti et al.'s 34·s·b·h bytes per transformer layer in
 16-bit (attention scores not materialised, as with SDPA), scaled to the compute dtype.
@@ -76,7 +77,7 @@ def estimate_memory(
         activations = int(cfg.n_layers * 34 * seq_len * batch_size * cfg.d_model * b / 2)
     return MemoryEstimate(
         params=elements(stage >= 3) * b,
-        grads=elements(stage >= 2) * b,
+        grads=elements(stage >= 1) * b,
         optimizer=elements(stage >= 1) * (4 * OPTIMIZER_STATES[optimizer] + master),
         activations=activations,
     )

@@ -6,10 +6,10 @@ tokens/s, each with its predicted memory per rank and the `sharded train` line t
     for c in rank_configurations(shape, cal, gpus=2, gpu_bytes=141e9, global_batch=16):
         print(c.command(shape, 16), c.tokens_per_s, c.memory_bytes)
 
-The search space is what sharded runs today: dp × pp = the GPUs, ZeRO stage 0-3 over dp,
-the micro-batch size (the rest of the global batch is accumulation, or the pipeline's
-micro-batches), remat none/selective/full, bf16 mixed precision with fp32 masters and
-AdamW. Tensor parallelism and offload are not built yet, so they are not searched.
+The search space is what sharded runs today: dp × pp = the GPUs, ZeRO stage 0, 2 or 3
+over dp (stage 1 runs stage 2's program), the micro-batch size (the rest of the global
+batch is accumulation, or the pipeline's micro-batches), remat none/selective/full,
+bf16 mixed precision with fp32 masters and AdamW. Tensor parallelism and offload are not built yet, so they are not searched.
 
 [Note: what the predictions stand on] Measured once on the machine (`calibrate`): the
 time and peak memory of a training step of the same model with 2 and 6 blocks, at
@@ -173,7 +173,7 @@ def _model_state_bytes(params: int, zero: int, dp: int) -> float:
     """Per-rank bytes of fp32 params, grads and AdamW state (two fp32 moments) under
     ZeRO's formulas: stage 1 shards the optimizer state, 2 the grads too, 3 the params too."""
     shard = lambda n, on: n / dp if on else n  # noqa: E731
-    return 4 * shard(params, zero >= 3) + 4 * shard(params, zero >= 2) + 8 * shard(params, zero >= 1)
+    return 4 * shard(params, zero >= 3) + 4 * shard(params, zero >= 1) + 8 * shard(params, zero >= 1)
 
 
 def _comm_seconds(params: int, zero: int, dp: int, busbw: float) -> tuple[float, float]:
@@ -184,10 +184,8 @@ def _comm_seconds(params: int, zero: int, dp: int, busbw: float) -> tuple[float,
     part = (dp - 1) / dp * params / busbw
     if zero == 0:
         return 2 * 4 * part, 0.0  # an all-reduce of fp32 grads
-    if zero == 1:
-        return 2 * 4 * part, 4 * part  # all-reduce, then the updated fp32 chunks all-gathered
     if zero == 2:
-        return 4 * part, 4 * part  # reduce-scatter, then the all-gather
+        return 4 * part, 4 * part  # reduce-scatter, then the updated fp32 chunks all-gathered
     return 4 * part + 2 * 2 * part, 0.0  # reduce-scatter, and bf16 gathers in forward and backward (prefetched)
 
 
@@ -196,7 +194,7 @@ def rank_configurations(shape: ModelShape, cal: Calibration, gpus: int, gpu_byte
     fast, the one that leaves more memory free)."""
     block, embed, head = shape.block, shape.embed, shape.head
     out = []
-    for pp, zero, micro, remat in itertools.product(_divisors(gpus), range(4), MICRO_BATCHES, tuple(cal.seconds)):
+    for pp, zero, micro, remat in itertools.product(_divisors(gpus), (0, 2, 3), MICRO_BATCHES, tuple(cal.seconds)):  # stage 1 runs stage 2's program (decision 39)
         dp = gpus // pp
         if pp > shape.layers or (dp == 1 and zero) or global_batch % (dp * micro):
             continue

@@ -263,7 +263,9 @@ class ShardZero(Transform):
         local = rank_rows(args, t.dp_size, t.dp_rank, who=f"shard_zero(stage={self.stage})")
         if self.stage == 3:
             return self._value_and_grad_stage3(next_, fn, has_aux, params, local, kwargs, t)
-        make = lambda gp: self._reducer(gp, self._buckets(gp.leaves, t.shard_size), scatter=self.stage == 2)  # noqa: E731
+        # stage 1 reduce-scatters too: its update reads only this rank's chunk of the grads,
+        # so an all-reduce would move twice the bytes for rows no one reads (decision 39)
+        make = lambda gp: self._reducer(gp, self._buckets(gp.leaves, t.shard_size), scatter=True)  # noqa: E731
         learn = lambda gp: self._order.learn(tuple((x.shape, x.dtype, x.device) for x in gp.leaves), gp, t.dp_group)  # noqa: E731
         return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, t.dp_group, t.dp_size, learn)
 
@@ -361,7 +363,6 @@ class ShardZero(Transform):
         buckets = self._buckets(leaves, size)
         itemsize = lambda g: torch.empty((), dtype=g.dtype).element_size()  # noqa: E731
         r = info.rank % size
-        grads_op = "reduce_scatter" if self.stage >= 2 else "all_reduce"
         out = [Op("data", "slice batch", f"rows {r}/{size} of the global batch (dp rank {r})")]
         if self.stage == 3:
             out.append(Op("collective", "all_gather per block", f"each block's params just before its forward and again before its backward, {self.prefetch} block(s) ahead; freed after use"))
@@ -371,7 +372,7 @@ class ShardZero(Transform):
                 out.append(Op("collective", "reduce_scatter grads per block", f"as each block's backward completes, over {self.axis}={size}", overlaps="backward"))
             elif _contains(op, "backward"):
                 for b, g in enumerate(buckets):
-                    out.append(Op("collective", f"{grads_op} grads {g.name}", f"{len(g.leaves)} leaves, over {self.axis}={size}", nbytes=size * g.size * itemsize(g), overlaps="backward" if b < len(buckets) - 1 else ""))
+                    out.append(Op("collective", f"reduce_scatter grads {g.name}", f"{len(g.leaves)} leaves, over {self.axis}={size}", nbytes=size * g.size * itemsize(g), overlaps="backward" if b < len(buckets) - 1 else ""))
             if op.name == "update":
                 out[-1] = Op("compute", "update", f"optimizer step on this rank's 1/{size} chunk of every leaf")
                 if self.stage < 3:
