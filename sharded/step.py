@@ -48,6 +48,7 @@ class Level(enum.IntEnum):
     SCHEDULE = 20  # how this rank's rows are cut into micro-batches and ordered: pipeline, accumulate
     MEMORY = 30  # what is kept between forward and backward: remat
     PRECISION = 40  # the dtype compute runs in: mixed_precision
+    COMPILE = 50  # how a block's own forward runs, inside everything else's block work: compile
 
 
 class Capability(enum.Flag):

@@ -46,6 +46,7 @@ class TrainConfig:
     pp: int = 1  # pipeline stages (the mesh is pp × dp; micro-batches are --accumulate's)
     precision: str = "fp32"  # or "bf16" / "fp16": mixed_precision around the step
     remat: str = "none"  # or "full" / "selective": activation checkpointing per block
+    compile: str = "none"  # or a torch.compile backend ("inductor"): each block's forward compiled whole
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
     data: str | None = None  # a text file, or a token file (.bin uint16 / .npy), instead of the embedded corpus
@@ -71,7 +72,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     """The user's step, then the transforms (any nesting is sorted into the canonical
     order; this one is it, innermost first):
 
-    0. mixed_precision (if asked): it only changes how each forward runs;
+    0. compile (if asked): each block's own forward, compiled, inside everything else;
+       mixed_precision (if asked): it only changes how each forward runs;
     1. remat (if asked): each block keeps only its inputs through the forward;
     2. accumulate: micro-batches inside each rank; with pp > 1, pipeline instead, whose
        schedule runs the micro-batches through the stages;
@@ -90,9 +92,11 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
         value, grads = sharded.value_and_grad(loss)(state.params, batch)
         return state.apply_gradients(grads), {"loss": value}
 
-    if cfg.config is not None:  # the DeepSpeed config decides the transforms
-        return _deepspeed_plan(cfg)(train_step)
     step = train_step
+    if cfg.compile != "none":
+        step = sharded.compile(backend=cfg.compile)(step)
+    if cfg.config is not None:  # the DeepSpeed config decides the other transforms
+        return _deepspeed_plan(cfg)(step)
     if cfg.precision != "fp32":
         step = sharded.mixed_precision(cfg.precision)(step)
     if cfg.remat != "none":

@@ -46,6 +46,8 @@ def options(name: str, draw) -> dict:
         return {"policy": draw(st.sampled_from(["full", "selective", "every other"]))}
     if name == "compress_grads":  # three steps, all in its warmup: the plain step (after it: test_compress_grads.py)
         return {"method": "onebit"}
+    if name == "compile":  # AOTAutograd's graphs run eagerly: the compiled path, without inductor's minutes of C++ builds
+        return {"backend": "aot_eager"}
     raise AssertionError(f"no option strategy for {name}: add one when registering a transform")
 
 

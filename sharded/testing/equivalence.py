@@ -33,6 +33,10 @@ def run_steps(step: Callable, state: Any, batches: Sequence[Any]) -> tuple[Any, 
 
 
 def _run_on_rank(step: Any, state: Any, batches: Sequence[Any], mesh: dict | None = None) -> tuple[Any, Any, list[Any]]:
+    # Compile afresh, as a new process would: the pool's ranks outlive a test, and
+    # torch.compile's entries for the many test models' blocks would pile up past its
+    # recompile limit (per code object: every ToyLM's blocks share one forward).
+    torch.compiler.reset()
     if mesh is not None:
         from sharded.mesh import Mesh
 

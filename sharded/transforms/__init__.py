@@ -1,5 +1,6 @@
 """Transforms of a step function; each file is one transform, each a line in REGISTRY."""
 from sharded.transforms.accumulate import accumulate
+from sharded.transforms.compile import compile  # noqa: A004
 from sharded.transforms.compress_grads import compress_grads
 from sharded.transforms.data_parallel import data_parallel
 from sharded.transforms.mixed_precision import mixed_precision
@@ -16,6 +17,7 @@ REGISTRY = {
     "pipeline": pipeline,
     "remat": remat,
     "compress_grads": compress_grads,
+    "compile": compile,
 }
 
 __all__ = ["REGISTRY", *REGISTRY]

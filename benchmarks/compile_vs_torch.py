@@ -1,0 +1,110 @@
+"""sharded.compile against torch.compile of the plain module, on one GPU, in one run.
+
+    python benchmarks/compile_vs_torch.py --preset 350m --out benchmarks/results/compile_vs_torch.json
+
+Systems, each built once in this process, compiled in its warmup, then timed in rounds
+that alternate them (min/median/max step time):
+  torch_eager      the GPT module, fp32 params under bf16 autocast, fused AdamW
+  torch_compile    the same, the whole module through torch.compile (inductor)
+  sharded_eager    mixed_precision("bf16")(train_step): bf16 params for compute, fp32 masters, AdamW
+  sharded_compile  the same with sharded.compile(): each block's forward compiled whole
+Acceptance (issue 13): sharded_compile >= 1.0x torch_compile. The systems share the GPU's
+memory, so peaks are not reported here.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from _harness import common_args, gc_paused, provenance, report
+
+import sharded
+from sharded.models import GPT, GPTConfig, loss_fn
+
+SYSTEMS = ["torch_eager", "torch_compile", "sharded_eager", "sharded_compile"]
+PAIRS = [("sharded_compile", "torch_compile"), ("sharded_eager", "torch_eager"), ("sharded_compile", "sharded_eager")]
+
+
+def _torch(cfg: GPTConfig, compiled: bool):
+    module = GPT(cfg).cuda()
+    run = torch.compile(module) if compiled else module
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+
+    def step(x, y):
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = loss_fn(run(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _sharded(cfg: GPTConfig, compiled: bool):
+    model = sharded.trace(GPT(cfg).cuda())
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    inner = sharded.compile()(train_step) if compiled else train_step
+    step = sharded.mixed_precision("bf16")(inner)
+    box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-4, weight_decay=0.1)))]
+
+    def run(x, y):
+        box[0], _ = step(box[0], (x, y))
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(ap, nproc=1, batch=8, batch_help="sequences per step")
+    ap.set_defaults(preset="350m", seq=1024)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per system per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    cfg = GPTConfig.preset(args.preset, seq_len=args.seq, tied=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).cuda()
+    y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).cuda()
+    build = {"torch_eager": lambda: _torch(cfg, False), "torch_compile": lambda: _torch(cfg, True),
+             "sharded_eager": lambda: _sharded(cfg, False), "sharded_compile": lambda: _sharded(cfg, True)}
+    steps, errors = {}, {}
+    for name in SYSTEMS:
+        torch.manual_seed(0)
+        try:
+            steps[name] = build[name]()
+            for _ in range(args.warmup):  # the compiled systems compile here
+                steps[name](x, y)
+            torch.cuda.synchronize()
+        except Exception as e:  # a system that cannot run is a result too
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            steps.pop(name, None)
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    with gc_paused():
+        for _ in range(args.rounds):
+            for name, run in steps.items():
+                for _ in range(args.steps):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    run(x, y)
+                    end.record()
+                    torch.cuda.synchronize()
+                    times[name].append(start.elapsed_time(end) / 1e3)
+    tokens = args.batch * args.seq
+    systems = {n: {"step_s": {"min": min(t), "median": statistics.median(t), "max": max(t)}, "tokens_per_s": tokens / statistics.median(t), "all_step_s": t} for n, t in times.items()}
+    systems.update({n: {"error": e} for n, e in errors.items()})
+    result = {
+        **provenance("compile_vs_torch", torch.cuda.get_device_name(0), args.commit),
+        "model": f"GPT-{args.preset}, untied head, seq {args.seq}, {args.batch} sequences per step",
+        "precision": "torch: fp32 params under bf16 autocast; sharded: mixed_precision('bf16') (bf16 params for compute, fp32 masters); fused AdamW both",
+        "systems": systems,
+        "ratios": {f"{a}/{b}": systems[a]["tokens_per_s"] / systems[b]["tokens_per_s"] for a, b in PAIRS if a in times and b in times},
+    }
+    report(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""sharded.compile: each block's forward compiled whole, everything else's block work
+around it. Equality with the plain step under every transform and pair of transforms is
+in test_registry.py (backend "aot_eager"); here: what is compiled, and what is refused."""
+import pytest
+import torch
+from torch import nn
+
+import sharded
+from sharded.models import GPT, GPTConfig, loss_fn
+from sharded.testing.models import ToyConfig, ToyLM, make_train_step
+
+
+class Graphs:
+    """A torch.compile backend that counts the graphs it is given and runs them as they are."""
+
+    def __init__(self):
+        self.nodes: list[int] = []
+
+    def __call__(self, gm, example_inputs):
+        self.nodes.append(len(gm.graph.nodes))
+        return gm.forward
+
+
+def _gpt_step(model):
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(lambda p, b: loss_fn(model.apply(p, b[0]), b[1]))(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    return train_step
+
+
+def test_the_blocks_compile_once_into_one_graph_they_share_and_train_as_eager():
+    torch.compiler.reset()
+    graphs = Graphs()
+    torch.manual_seed(0)
+    model = sharded.trace(GPT(GPTConfig(vocab_size=64, seq_len=16, n_layers=3, d_model=32, n_heads=4, dropout=0.0)).double())
+    compiled = sharded.mixed_precision(compute=torch.float64, loss_scale=True)(sharded.compile(backend=graphs)(_gpt_step(model)))
+    eager = sharded.mixed_precision(compute=torch.float64, loss_scale=True)(_gpt_step(model))
+    mine = compiled.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    theirs = eager.init(sharded.TrainState.create({k: v.clone() for k, v in model.params.items()}, sharded.optim.adamw(1e-2)))
+    x = torch.randint(0, 64, (4, 16))
+    for _ in range(3):
+        mine, m = compiled(mine, (x, x))
+        theirs, want = eager(theirs, (x, x))
+    assert len(graphs.nodes) == 1 and graphs.nodes[0] > 10  # three blocks, one whole graph, compiled once
+    torch.testing.assert_close(m["loss"], want["loss"], rtol=0, atol=0)
+    for k in mine.params:
+        torch.testing.assert_close(mine.params[k], theirs.params[k], rtol=0, atol=0)
+    assert "compiled whole" in str(compiled.explain())
+
+
+class _Chatty(nn.Module):
+    """A block whose forward reads a tensor's value on the host: no single graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if self.lin.weight.sum().item() > 1e9:
+            return x
+        return self.lin(x)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Chatty(), _Chatty()])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_a_block_that_breaks_the_graph_is_named():
+    torch.compiler.reset()
+    model = sharded.trace(_Net())  # its ModuleList: two blocks
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(lambda p, b: model.apply(p, b).square().mean())(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    step = sharded.compile(backend="aot_eager")(train_step)
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.sgd(0.1)))
+    with pytest.raises(ValueError, match=r"block 'blocks.0' does not compile as one graph.*leave compile out"):
+        step(state, torch.randn(2, 8))
+
+
+def test_an_unknown_backend_is_named_with_the_choices():
+    with pytest.raises(ValueError, match=r"not a torch.compile backend here; choose from .*inductor"):
+        sharded.compile(backend="inductr")
+
+
+def test_compile_composes_with_zero3_and_remat_on_two_ranks():
+    """ZeRO-3's gathers and remat's recompute around compiled blocks, against the plain step."""
+    cfg = ToyConfig(depth=3)
+    torch.manual_seed(0)
+    model = sharded.trace(ToyLM(cfg).double())
+    step = sharded.shard_zero(stage=3)(sharded.remat("full")(sharded.compile(backend="aot_eager")(make_train_step(model))))
+    batches = [(torch.randint(0, cfg.vocab, (4, 3)),) * 2 for _ in range(3)]
+    state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2))
+    sharded.testing.assert_step_equivalent(step, make_train_step(model), state, batches, world_size=2, rtol=1e-10, atol=1e-12)
