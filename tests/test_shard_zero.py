@@ -35,8 +35,15 @@ class UpdateProbe(Transform):
         import gc
 
         self.grads.append(live_bytes(grads))
-        self.reachable.append(live_bytes([o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]))
+        self.reachable.append(live_bytes([o for o in gc.get_objects() if _is_real_tensor(o)]))
         return next_(tx, grads, opt_state, params)
+
+
+def _is_real_tensor(o) -> bool:
+    """A tensor with memory: not meta, and not a subclass without storage (the fake
+    tensors torch.compile keeps from an earlier test in this rank); `type`, since
+    `isinstance` raises on a dead weakref.proxy."""
+    return type(o) in (torch.Tensor, torch.nn.Parameter) and o.device.type != "meta"
 
 
 def _gpt(seed=0):
