@@ -238,7 +238,7 @@ def run_rank(cfg: TrainConfig) -> dict:
                 "step": i + 1,
                 "loss": loss,
                 "tokens_per_s": tps,
-                "mfu": tps * flops / _peak_flops(device) if device.type == "cuda" else None,
+                "mfu": tps * flops / peak_flops(device) if device.type == "cuda" else None,
                 "lr": float(sharded.optim.transforms.learning_rate_at(schedule, torch.tensor(i))),
                 "memory_mb_per_rank": [m.tolist() for m in per_rank],
                 "memory_fields": list(_memory_mb(state, device)),
@@ -312,7 +312,7 @@ def _write_scalars(board: Any, row: dict) -> None:
     board.flush()
 
 
-def _peak_flops(device: torch.device) -> float:
+def peak_flops(device: torch.device) -> float:
     """Dense bf16 peak of the GPU (H100/H200 SXM: 989 TFLOP/s), for MFU."""
     name = torch.cuda.get_device_name(device)
     return 989e12 if ("H100" in name or "H200" in name) else float("nan")

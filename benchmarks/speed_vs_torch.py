@@ -1,0 +1,228 @@
+"""sharded's data parallelism, ZeRO and compile path against DDP, FSDP2 and torchtitan's
+per-block compile, on the same GPT, data and optimizer, in one run on N local GPUs.
+
+    python benchmarks/speed_vs_torch.py --nproc 2 --preset 1.3b --out benchmarks/results/speed_vs_torch_1.3b.json
+
+The recipe (default --precision bf16, what users run): bf16 params for compute, fp32
+grad reductions, fp32 masters, fused AdamW, an untied head. sharded as
+`shard_zero(stage=s)(mixed_precision("bf16")(train_step))` (or data_parallel); FSDP2 as
+`fully_shard` per block and root with MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32) (torchtitan's recipe); DDP with fp32 params under bf16 autocast.
+--precision autocast: fp32 params and communication everywhere, bf16 autocast compute.
+"_compile" systems: sharded.compile() (each block's forward, inductor) and, for FSDP2,
+torch.compile of each block module before fully_shard (torchtitan's per-block compile).
+
+Each system runs in its own fresh ranks (its peak memory is its own); the systems take
+turns, `--repeats` times over, so drift on the machine falls on all of them. Reported
+per system: min/median/max step time over every timed step, tokens/s and MFU at the
+median, peak memory (the largest rank's), and each repeat's median. `--device cpu` runs
+the same code on gloo (a smoke test of the harness: no peak memory, no MFU).
+
+Acceptance (issue 13): sharded_zero3 >= 1.0x fsdp2 (memory <= fsdp2 + 2%);
+sharded_zero1 and sharded_dp >= 1.0x ddp; sharded_zero2 >= 1.0x fsdp2_no_reshard;
+sharded_zero3_compile >= 1.10x fsdp2 and >= 1.0x fsdp2_compile.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from _harness import common_args, gc_paused, provenance, report, run_each
+from _profile import profile_steps
+
+import sharded
+from sharded.models import GPT, GPTConfig, loss_fn
+from sharded.models.gpt import flops_per_token
+from sharded.train import peak_flops
+
+SYSTEMS = [
+    "sharded_zero3", "fsdp2", "sharded_zero2", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
+    "sharded_zero3_compile", "fsdp2_compile",
+]
+PAIRS = [
+    ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero1", "ddp"), ("sharded_dp", "ddp"),
+    ("sharded_zero3_compile", "fsdp2"), ("sharded_zero3_compile", "fsdp2_compile"),
+]
+LR, WD = 1e-4, 0.1
+
+
+def _rows(x: torch.Tensor) -> slice:
+    """This rank's rows of the global batch (the torch baselines slice it themselves)."""
+    rank, world = sharded.distributed.rank(), sharded.distributed.world_size()
+    n = x.shape[0] // world
+    return slice(rank * n, (rank + 1) * n)
+
+
+def _torch_step(module: torch.nn.Module, params, autocast: bool):
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, fused=torch.cuda.is_available())
+    device = sharded.distributed.device().type
+
+    def step(x, y):
+        rows = _rows(x)
+        with torch.autocast(device, torch.bfloat16, enabled=autocast):
+            loss = loss_fn(module(x[rows]), y[rows])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _fsdp2(cfg: GPTConfig, precision: str, reshard: bool = True, compiled: str | None = None):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    bf16 = precision == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    module = GPT(cfg).to(sharded.distributed.device())
+    for i, block in enumerate(module.blocks):
+        if compiled:  # torchtitan: compile each block, then shard it
+            block = module.blocks[i] = torch.compile(block, backend=compiled, fullgraph=True)
+        fully_shard(block, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(module, reshard_after_forward=reshard, mp_policy=policy)
+    return _torch_step(module, module.parameters(), autocast=not bf16)
+
+
+def _ddp(cfg: GPTConfig, precision: str):
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = GPT(cfg).to(sharded.distributed.device())
+    dev = sharded.distributed.device()
+    wrapped = DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return _torch_step(wrapped, module.parameters(), autocast=True)  # fp32 params: bf16 compute is autocast's in both recipes
+
+
+def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None):
+    model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
+    device = sharded.distributed.device().type
+
+    def loss(params, batch):
+        with torch.autocast(device, torch.bfloat16, enabled=precision == "autocast"):
+            return loss_fn(model.apply(params, batch[0]), batch[1])
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(loss)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    step = sharded.compile(backend=compiled)(train_step) if compiled else train_step
+    step = sharded.mixed_precision("bf16")(step) if precision == "bf16" else step
+    step = sharded.shard_zero(stage=stage)(step) if stage else sharded.data_parallel(step)
+    box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD)))]
+
+    def run(x, y):
+        box[0], _ = step(box[0], (x, y))
+
+    return run
+
+
+BUILD = {  # (config, precision, compile backend) -> a step of (x, y)
+    "sharded_zero3": lambda cfg, p, _: _sharded(cfg, p, 3),
+    "sharded_zero2": lambda cfg, p, _: _sharded(cfg, p, 2),
+    "sharded_zero1": lambda cfg, p, _: _sharded(cfg, p, 1),
+    "sharded_dp": lambda cfg, p, _: _sharded(cfg, p, 0),
+    "sharded_zero3_compile": lambda cfg, p, backend: _sharded(cfg, p, 3, compiled=backend),
+    "fsdp2": lambda cfg, p, _: _fsdp2(cfg, p),
+    "fsdp2_no_reshard": lambda cfg, p, _: _fsdp2(cfg, p, reshard=False),
+    "fsdp2_compile": lambda cfg, p, backend: _fsdp2(cfg, p, compiled=backend),
+    "ddp": lambda cfg, p, _: _ddp(cfg, p),
+}
+
+
+def _config(args) -> GPTConfig:
+    return GPTConfig.preset(args.preset, seq_len=args.seq, tied=args.tied)
+
+
+def measure(name: str, args) -> dict:
+    """One system in these ranks: warm up (compiling, if it does), then time --steps steps."""
+    dev = sharded.distributed.device()
+    cuda = dev.type == "cuda"
+    cfg = _config(args)
+    world = sharded.distributed.world_size()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
+    y = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
+    torch.manual_seed(0)
+    step = BUILD[name](cfg, args.precision, args.compile_backend)
+    for _ in range(args.warmup):
+        step(x, y)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    with gc_paused():
+        for _ in range(args.steps):
+            began = time.perf_counter()
+            step(x, y)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - began)
+    peak = torch.tensor([torch.cuda.max_memory_allocated(dev) if cuda else 0.0], dtype=torch.float64, device=dev)
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    result = {"step_s": times, "peak_memory_gib": peak.item() / 2**30 if cuda else None}
+    if args.profile and cuda:
+        result["gpu_time"] = profile_steps(lambda: step(x, y), steps=3)
+    return result
+
+
+def summarize(runs: list[dict], tokens: int, flops: float, peak: float | None) -> dict:
+    """One system over its repeats: every timed step pooled, and each repeat's median."""
+    if any("error" in r for r in runs):
+        return {"error": next(r["error"] for r in runs if "error" in r)}
+    times = [t for r in runs for t in r["step_s"]]
+    median = statistics.median(times)
+    peaks = [r["peak_memory_gib"] for r in runs if r["peak_memory_gib"] is not None]
+    return {
+        "step_s": {"min": min(times), "median": median, "max": max(times)},
+        "repeat_medians_s": [statistics.median(r["step_s"]) for r in runs],
+        "tokens_per_s": tokens / median,
+        "mfu": tokens / median * flops / peak if peak else None,
+        "peak_memory_gib_max_rank": max(peaks) if peaks else None,
+        **({"gpu_time": runs[0]["gpu_time"]} if "gpu_time" in runs[0] else {}),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(ap, nproc=2, batch=4, batch_help="sequences per rank")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per system per repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="turns each system takes, alternating with the others")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "autocast"])
+    ap.add_argument("--tied", action="store_true", help="tie the head to the embedding (default: untied, the standard recipe)")
+    ap.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    ap.add_argument("--profile", action="store_true", help="also profile 3 steps of each system's first turn: communication hidden, idle, top kernels")
+    ap.add_argument("--compile-backend", default="inductor", help="the _compile systems' torch.compile backend (aot_eager for a CPU smoke test)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo, a smoke test of this harness")
+    args = ap.parse_args()
+    runs: dict[str, list[dict]] = {n: [] for n in args.systems}
+    for _ in range(args.repeats):
+        for name, result in run_each(args.systems, measure, args, device=args.device).items():
+            runs[name].append(result)
+    cfg = _config(args)
+    tokens = args.batch * args.nproc * args.seq
+    peak = peak_flops(torch.device("cuda", 0)) * args.nproc if args.device == "cuda" else None
+    systems = {n: summarize(r, tokens, flops_per_token(cfg), peak) for n, r in runs.items()}
+    ok = lambda n: n in systems and "error" not in systems[n]  # noqa: E731
+    device = f"{args.nproc}x {torch.cuda.get_device_name(0)}" if args.device == "cuda" else f"{args.nproc} CPU ranks (gloo)"
+    result = {
+        **provenance("speed_vs_torch", device, args.commit),
+        "model": f"GPT-{args.preset}, {'tied' if args.tied else 'untied'} head, seq {args.seq}, {args.batch} sequences per rank",
+        "precision": {"bf16": "bf16 params for compute, fp32 reductions and masters (DDP: fp32 params under bf16 autocast)",
+                      "autocast": "fp32 params and communication, bf16 autocast compute"}[args.precision] + "; fused AdamW",
+        "repeats": args.repeats,
+        "systems": systems,
+        "ratios": {
+            f"{a}/{b}": {
+                "tokens_per_s": systems[a]["tokens_per_s"] / systems[b]["tokens_per_s"],
+                "slowest_over_fastest": systems[b]["step_s"]["min"] / systems[a]["step_s"]["max"],
+                **({"peak_memory": systems[a]["peak_memory_gib_max_rank"] / systems[b]["peak_memory_gib_max_rank"]} if systems[a]["peak_memory_gib_max_rank"] else {}),
+            }
+            for a, b in PAIRS
+            if ok(a) and ok(b)
+        },
+    }
+    report(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
