@@ -159,7 +159,7 @@ def measure(name: str, args) -> dict:
             times.append(time.perf_counter() - began)
     peak = torch.tensor([torch.cuda.max_memory_allocated(dev) if cuda else 0.0], dtype=torch.float64, device=dev)
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    result = {"step_s": times, "peak_memory_gib": peak.item() / 2**30 if cuda else None}
+    result = {"step_s": times, "median_step_s": statistics.median(times), "peak_memory_gib": peak.item() / 2**30 if cuda else None}
     if args.profile and cuda:
         result["gpu_time"] = profile_steps(lambda: step(x, y), steps=3)
     return result
