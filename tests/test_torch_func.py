@@ -17,6 +17,7 @@ OPTIONS = {
     "mixed_precision": {"compute": torch.float64, "loss_scale": True},
     "remat": {"policy": "full"},
     "compress_grads": {"method": "onebit"},
+    "compile": {"backend": "aot_eager"},  # blocks under torch.func's transforms run eagerly; the step's own grad compiled
 }
 CFG = ToyConfig(vocab=7, width=5, hidden=6, depth=2, tied=True, seed=3)
 
