@@ -8,6 +8,7 @@ import contextlib
 import gc
 import json
 import os
+import time
 from typing import Callable
 
 import torch
@@ -54,6 +55,44 @@ def common_args(ap: argparse.ArgumentParser, nproc: int, batch: int, batch_help:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default=os.environ.get("SHARDED_COMMIT"))
+
+
+def built_and_warm(names: list[str], make: Callable[[str], Callable], warmup: int, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, dict]:
+    """({name: step}, {name: error}): each system built by `make(name)` in these ranks and
+    run `warmup` times (where it compiles, or passes its own warmup); one that cannot
+    run is a result too."""
+    steps, errors = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        try:
+            steps[name] = make(name)
+            for _ in range(warmup):
+                steps[name](x, y)
+            torch.cuda.synchronize()
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            steps.pop(name, None)
+    return steps, errors
+
+
+def alternate(steps: dict[str, Callable], rounds: int, per_round: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict]:
+    """Time the systems in turns, round after round, so drift falls on all alike: per
+    system each step's GPU time, its host time (until the step's launches return: near
+    the step time, the host bounds it) and its last output."""
+    out = {name: {"step_s": [], "host_s": [], "last": None} for name in steps}
+    with gc_paused():
+        for _ in range(rounds):
+            for name, run in steps.items():
+                for _ in range(per_round):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    began = time.perf_counter()
+                    out[name]["last"] = run(x, y)
+                    out[name]["host_s"].append(time.perf_counter() - began)
+                    end.record()
+                    torch.cuda.synchronize()
+                    out[name]["step_s"].append(start.elapsed_time(end) / 1e3)
+    return out
 
 
 def run_each(names: list[str], measure: Callable, args: argparse.Namespace, device: str = "cuda") -> dict:

@@ -17,7 +17,7 @@ import argparse
 import statistics
 
 import torch
-from _harness import common_args, gc_paused, provenance, report
+from _harness import alternate, built_and_warm, common_args, provenance, report
 
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
@@ -71,28 +71,8 @@ def main() -> None:
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).cuda()
     build = {"torch_eager": lambda: _torch(cfg, False), "torch_compile": lambda: _torch(cfg, True),
              "sharded_eager": lambda: _sharded(cfg, False), "sharded_compile": lambda: _sharded(cfg, True)}
-    steps, errors = {}, {}
-    for name in SYSTEMS:
-        torch.manual_seed(0)
-        try:
-            steps[name] = build[name]()
-            for _ in range(args.warmup):  # the compiled systems compile here
-                steps[name](x, y)
-            torch.cuda.synchronize()
-        except Exception as e:  # a system that cannot run is a result too
-            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
-            steps.pop(name, None)
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    with gc_paused():
-        for _ in range(args.rounds):
-            for name, run in steps.items():
-                for _ in range(args.steps):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    run(x, y)
-                    end.record()
-                    torch.cuda.synchronize()
-                    times[name].append(start.elapsed_time(end) / 1e3)
+    steps, errors = built_and_warm(SYSTEMS, lambda name: build[name](), args.warmup, x, y)  # the compiled systems compile here
+    times = {name: r["step_s"] for name, r in alternate(steps, args.rounds, args.steps, x, y).items()}
     tokens = args.batch * args.seq
     systems = {n: {"step_s": {"min": min(t), "median": statistics.median(t), "max": max(t)}, "tokens_per_s": tokens / statistics.median(t), "all_step_s": t} for n, t in times.items()}
     systems.update({n: {"error": e} for n, e in errors.items()})

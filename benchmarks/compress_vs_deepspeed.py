@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
-from _harness import common_args, gc_paused, provenance, report
+from _harness import alternate, built_and_warm, common_args, provenance, report
 from _profile import profile_steps
 
 import sharded
@@ -95,32 +94,12 @@ def measure(args) -> dict:
     x = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
     y = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
     busbw = bus_bandwidth() / 1e9
-    steps, losses, errors = {}, {}, {}
-    for name in args.systems:  # built once, each past its warmup (1-bit Adam compressing)
-        torch.manual_seed(0)
-        try:
-            steps[name] = _deepspeed(cfg, args.batch, args.freeze) if name == "deepspeed_onebit" else _sharded(cfg, name, args.freeze, args.bucket_mb)
-            for _ in range(args.freeze + args.warmup):
-                steps[name](x, y)
-            torch.cuda.synchronize()
-        except Exception as e:  # a system that cannot run is a result too
-            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
-            steps.pop(name, None)
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    host: dict[str, list[float]] = {n: [] for n in steps}  # until the step's launches return: near the step time, the host bounds it
-    with gc_paused():
-        for _ in range(args.rounds):  # alternate the systems, round after round
-            for name, run in steps.items():
-                for _ in range(args.steps):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    began = time.perf_counter()
-                    loss = run(x, y)
-                    host[name].append(time.perf_counter() - began)
-                    end.record()
-                    torch.cuda.synchronize()
-                    times[name].append(start.elapsed_time(end) / 1e3)
-                losses[name] = float(loss)
+    make = lambda name: _deepspeed(cfg, args.batch, args.freeze) if name == "deepspeed_onebit" else _sharded(cfg, name, args.freeze, args.bucket_mb)  # noqa: E731
+    steps, errors = built_and_warm(args.systems, make, args.freeze + args.warmup, x, y)  # each past its warmup: 1-bit Adam compressing
+    timed = alternate(steps, args.rounds, args.steps, x, y)
+    times = {name: r["step_s"] for name, r in timed.items()}
+    host = {name: r["host_s"] for name, r in timed.items()}
+    losses = {name: float(r["last"]) for name, r in timed.items()}
     profiles = {name: profile_steps(lambda: run(x, y), steps=2) for name, run in steps.items()} if args.profile else {}
     tokens = args.batch * world * args.seq
     systems = {

@@ -20,7 +20,7 @@ from _harness import common_args, gc_paused, provenance, report
 
 import sharded
 from sharded import plan
-from sharded.models import GPT, GPTConfig, loss_fn
+from sharded.models import GPT, GPTConfig
 from sharded.train import TrainConfig, make_step
 
 
