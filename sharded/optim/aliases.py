@@ -4,8 +4,9 @@
 place, one launch per (device, dtype) group: sharded.kernels' Triton AdamW on GPU (fp32
 params, constant lr), else `torch._fused_adamw_`, the kernel behind
 `torch.optim.AdamW(fused=True)` (1-bit Adam's frozen variance only the Triton kernel
-has: elsewhere it takes the pure update). It computes what the chain's pure update computes (tests/test_optim.py checks both against
-torch.optim.AdamW; tests/test_gpu.py the Triton path on CUDA).
+has: elsewhere it takes the pure update). It computes what the chain's pure update
+computes (tests/test_optim.py checks both against torch.optim.AdamW, and onebit_adam's
+kernel against its chain; tests/test_gpu.py the Triton path on CUDA).
 """
 from __future__ import annotations
 
