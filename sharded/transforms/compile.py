@@ -36,8 +36,8 @@ class Compile(Transform):
     def __init__(self, backend: str | Callable = "inductor", mode: str | None = None, dynamic: bool | None = None):
         if not (isinstance(backend, str) or callable(backend)):
             raise ValueError(f"compile(backend={backend!r}): a torch.compile backend, by name ('inductor', 'aot_eager') or a callable")
-        if backend not in torch._dynamo.list_backends(exclude_tags=()) and isinstance(backend, str):
-            raise ValueError(f"compile(backend={backend!r}) is not a torch.compile backend here; choose from {sorted(torch._dynamo.list_backends())}")
+        if isinstance(backend, str) and backend not in torch.compiler.list_backends(exclude_tags=()):
+            raise ValueError(f"compile(backend={backend!r}) is not a torch.compile backend here; choose from {sorted(torch.compiler.list_backends())}")
         self.backend, self.mode, self.dynamic = backend, mode, dynamic
         self.handlers = {"block": self._block}
         self._compiled: dict[torch.nn.Module, Callable] = {}  # block module -> its compiled forward
