@@ -171,9 +171,10 @@ class ModelShape:
 
 def _model_state_bytes(params: int, zero: int, dp: int) -> float:
     """Per-rank bytes of fp32 params, grads and AdamW state (two fp32 moments) under
-    ZeRO's formulas: stage 1 shards the optimizer state, 2 the grads too, 3 the params too."""
+    ZeRO's formulas: stages 1 and 2 shard the grads and optimizer state (stage 1 runs
+    stage 2's program: decision 39), 3 the params too."""
     shard = lambda n, on: n / dp if on else n  # noqa: E731
-    return 4 * shard(params, zero >= 3) + 4 * shard(params, zero >= 1) + 8 * shard(params, zero >= 1)
+    return 4 * shard(params, zero >= 3) + 12 * shard(params, zero >= 1)
 
 
 def _comm_seconds(params: int, zero: int, dp: int, busbw: float) -> tuple[float, float]:

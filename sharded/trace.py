@@ -117,6 +117,13 @@ class BlockCall:
         return {n[cut:]: x for n, x in named.items()}
 
 
+def under_torch_func(params: dict[str, torch.Tensor]) -> bool:
+    """Whether a block runs inside torch.func's own transforms (vmap, grad, jvp in the
+    step's code): its params are then functorch's wrapped tensors, and block handlers
+    that change how the forward runs (a checkpoint, a compiled graph) leave it as it is."""
+    return any(comm.is_functorch_wrapped(p) for p in params.values())
+
+
 # The traced models of this process by their param names: how a transform whose
 # layout depends on the blocks (pipeline) finds them from a state's params at init.
 _traced: "weakref.WeakValueDictionary[frozenset, Model]" = weakref.WeakValueDictionary()

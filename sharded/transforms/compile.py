@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from sharded import comm
 from sharded.step import Level, Op, ProgramInfo, Transform, transform
+from sharded.trace import under_torch_func
 
 __all__ = ["compile"]
 
@@ -59,7 +59,7 @@ class Compile(Transform):
         return forward
 
     def _block(self, next_: Callable, call: Any, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
-        if any(comm.is_functorch_wrapped(p) for p in params.values()):
+        if under_torch_func(params):
             return next_(call, params, buffers, args, kwargs)
         return next_(dataclasses.replace(call, forward=self._forward(call)), params, buffers, args, kwargs)
 

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 from torch.utils import checkpoint as ckpt
 
-from sharded import comm
 from sharded.step import Level, Op, ProgramInfo, Transform, transform
+from sharded.trace import under_torch_func
 
 __all__ = ["remat"]
 
@@ -45,12 +45,6 @@ _SAVED_OPS = {
 
 def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> ckpt.CheckpointPolicy:
     return ckpt.CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else ckpt.CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _under_torch_func(params: dict) -> bool:
-    """torch.utils.checkpoint does not run under torch.func's transforms: there the block
-    runs as it is (a forward in the step's own code, not the step's differentiation)."""
-    return any(comm.is_functorch_wrapped(p) for p in params.values())
 
 
 class Remat(Transform):
@@ -73,7 +67,7 @@ class Remat(Transform):
         return not callable(self.policy) or bool(self.policy(name))
 
     def _block(self, next_: Callable, call: Any, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
-        if not torch.is_grad_enabled() or not self._selects(call.name) or _under_torch_func(params):
+        if not torch.is_grad_enabled() or not self._selects(call.name) or under_torch_func(params):  # checkpoint does not run under torch.func
             return next_(call, params, buffers, args, kwargs)
         context = (lambda: ckpt.create_selective_checkpoint_contexts(_keep_matmuls)) if self.policy == "selective" else ckpt.noop_context_fn
         run = lambda p, b, a, k: next_(call, p, b, a, k)  # noqa: E731
