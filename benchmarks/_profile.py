@@ -73,20 +73,24 @@ def gpu_time_summary(prof: torch.profiler.profile, steps: int, top: int = 12) ->
     }
 
 
-def profile_steps(step: Callable[[], None], steps: int) -> dict:
+def profile_steps(step: Callable[[], None], steps: int, trace: str | None = None, top: int = 12) -> dict:
     """Run `step` under the CUDA profiler and summarize the GPU time of its last `steps`
     runs. Two runs come first, unrecorded: the ranks start their profilers at different
     moments, and the first collective after that waits for the latest rank (once ~0.4 s
     on 2 H200s), which a recorded run would count as communication. The cyclic GC is
     paused, as in the timed steps: a collection stalls one rank's host, and the other
-    rank's collectives wait for it."""
+    rank's collectives wait for it. With `trace`, the host's ops are recorded too and the
+    whole trace is written there (Chrome's format, gzipped: open it in Perfetto)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     schedule = torch.profiler.schedule(wait=1, warmup=1, active=steps)
-    with gc_paused(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], schedule=schedule) as prof:
+    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if trace else [])
+    with gc_paused(), torch.profiler.profile(activities=activities, schedule=schedule) as prof:
         for i in range(steps + 2):
             step()
             if i == steps + 1:
                 torch.cuda.synchronize()
             prof.step()
-    return gpu_time_summary(prof, steps)
+    if trace:
+        prof.export_chrome_trace(trace)
+    return gpu_time_summary(prof, steps, top=top)

@@ -5,7 +5,8 @@ per-block compile, on the same GPT, data and optimizer, in one run on N local GP
 
 The recipe (default --precision bf16, what users run): bf16 params for compute, fp32
 grad reductions, fp32 masters, fused AdamW, an untied head. sharded as
-`shard_zero(stage=s)(mixed_precision("bf16")(train_step))` (or data_parallel); FSDP2 as
+`shard_zero(stage=s)(mixed_precision("bf16", autocast=False)(train_step))` (or
+data_parallel): every param cast to bf16 and no autocast, as FSDP2's policy does; FSDP2 as
 `fully_shard` per block and root with MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32) (torchtitan's recipe); DDP with fp32 params under bf16 autocast.
 --precision autocast: fp32 params and communication everywhere, bf16 autocast compute.
@@ -106,7 +107,7 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
         return state.apply_gradients(grads), {"loss": value}
 
     step = sharded.compile(backend=compiled)(train_step) if compiled else train_step
-    step = sharded.mixed_precision("bf16")(step) if precision == "bf16" else step
+    step = sharded.mixed_precision("bf16", autocast=False)(step) if precision == "bf16" else step
     step = sharded.shard_zero(stage=stage)(step) if stage else sharded.data_parallel(step)
     box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD)))]
 
@@ -161,7 +162,8 @@ def measure(name: str, args) -> dict:
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     result = {"step_s": times, "median_step_s": statistics.median(times), "peak_memory_gib": peak.item() / 2**30 if cuda else None}
     if args.profile and cuda:
-        result["gpu_time"] = profile_steps(lambda: step(x, y), steps=3)
+        trace = f"{args.trace_dir}/{name}_rank{sharded.distributed.rank()}.json.gz" if args.trace_dir else None
+        result["gpu_time"] = profile_steps(lambda: step(x, y), steps=3, trace=trace, top=40)
     return result
 
 
@@ -191,6 +193,7 @@ def main() -> None:
     ap.add_argument("--tied", action="store_true", help="tie the head to the embedding (default: untied, the standard recipe)")
     ap.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
     ap.add_argument("--profile", action="store_true", help="also profile 3 steps of each system's first turn: communication hidden, idle, top kernels")
+    ap.add_argument("--trace-dir", default=None, help="with --profile: write each rank's trace (host ops and kernels) there")
     ap.add_argument("--compile-backend", default="inductor", help="the _compile systems' torch.compile backend (aot_eager for a CPU smoke test)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo, a smoke test of this harness")
     args = ap.parse_args()
@@ -207,7 +210,7 @@ def main() -> None:
     result = {
         **provenance("speed_vs_torch", device, args.commit),
         "model": f"GPT-{args.preset}, {'tied' if args.tied else 'untied'} head, seq {args.seq}, {args.batch} sequences per rank",
-        "precision": {"bf16": "bf16 params for compute, fp32 reductions and masters (DDP: fp32 params under bf16 autocast)",
+        "precision": {"bf16": "bf16 params for compute, no autocast (sharded: mixed_precision('bf16', autocast=False)), fp32 reductions and masters (DDP: fp32 params under bf16 autocast)",
                       "autocast": "fp32 params and communication, bf16 autocast compute"}[args.precision] + "; fused AdamW",
         "repeats": args.repeats,
         "systems": systems,

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sharded
 from sharded.data import Corpus
@@ -72,11 +73,15 @@ STACKS = {
     "dp": lambda f: sharded.data_parallel(sharded.mixed_precision("fp16", init_scale=2.0**8)(f)),
     "zero2+acc": lambda f: sharded.shard_zero(stage=2)(sharded.accumulate(steps=2)(sharded.mixed_precision("fp16", init_scale=2.0**8)(f))),
     "zero3": lambda f: sharded.shard_zero(stage=3)(sharded.mixed_precision("bf16")(f)),
+    "zero3 no autocast": lambda f: sharded.shard_zero(stage=3)(sharded.mixed_precision("bf16", autocast=False)(f)),
+    "zero1 no autocast": lambda f: sharded.shard_zero(stage=1)(sharded.mixed_precision("bf16", autocast=False)(f)),
 }
 REFERENCES = {
     "dp": lambda f: sharded.mixed_precision("fp16", init_scale=2.0**8)(f),
     "zero2+acc": lambda f: sharded.mixed_precision("fp16", init_scale=2.0**8)(f),
     "zero3": lambda f: sharded.mixed_precision("bf16")(f),
+    "zero3 no autocast": lambda f: sharded.mixed_precision("bf16", autocast=False)(f),
+    "zero1 no autocast": lambda f: sharded.mixed_precision("bf16", autocast=False)(f),
 }
 
 
@@ -91,9 +96,42 @@ def test_composes_with_data_parallel_zero_and_accumulate(stack):
     assert_step_equivalent(STACKS[stack](train_step), REFERENCES[stack](train_step), state, batches, world_size=2, rtol=2e-2, atol=2e-3)
 
 
+def _cast_step(model, dtype):
+    """The reference of autocast=False, written plainly: every floating param cast (a
+    differentiable cast, so the grads come back in fp32) and the model run as it is."""
+
+    def loss(params, batch):
+        logits = model.apply({n: p.to(dtype) if p.is_floating_point() else p for n, p in params.items()}, batch[0])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
+
+    def step(state, batch):
+        value, grads = sharded.value_and_grad(loss)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    return step
+
+
+def test_without_autocast_the_forward_runs_on_cast_params_as_written():
+    model = sharded.trace(ToyLM(ToyConfig(width=8, hidden=12, tied=True)))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 11, (4, 5), generator=g), torch.randint(0, 11, (4, 5), generator=g)) for _ in range(3)]
+    make = lambda: sharded.TrainState.create(sharded.tree.map(torch.clone, model.params), sharded.optim.adamw(1e-2))  # noqa: E731
+    step = sharded.mixed_precision("bf16", autocast=False)(make_train_step(model))
+    got, got_metrics = run_steps(step, step.init(make()), batches)
+    want, want_metrics = run_steps(_cast_step(model, torch.bfloat16), make(), batches)
+    for a, b in zip(sharded.tree.leaves(got.params), sharded.tree.leaves(want.params)):
+        assert a.dtype == torch.float32 and torch.equal(a, b)  # fp32 masters, the same arithmetic
+    assert [m["loss"].item() for m in got_metrics] == [m["loss"].item() for m in want_metrics]
+    autocast = sharded.mixed_precision("bf16")(make_train_step(model))  # the default differs: norms in fp32 under autocast
+    other, _ = run_steps(autocast, autocast.init(make()), batches)
+    assert any(not torch.equal(a, b) for a, b in zip(sharded.tree.leaves(other.params), sharded.tree.leaves(want.params)))
+
+
 def test_bad_input_is_named(monkeypatch):
     with pytest.raises(ValueError, match="unknown dtype; use one of bf16"):
         sharded.mixed_precision("fp8")
+    with pytest.raises(ValueError, match="autocast=...\\) must be True"):
+        sharded.mixed_precision("bf16", autocast="off")
     model = sharded.trace(ToyLM(ToyConfig()))
     module = sys.modules["sharded.transforms.mixed_precision"]  # the attribute is the transform itself
     monkeypatch.setattr(module, "_supports", lambda dtype, device: False)

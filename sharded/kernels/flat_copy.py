@@ -61,9 +61,10 @@ def copy_out(flat: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence
 
 
 def reference_copy_in(flat: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int], scale: float = 1.0) -> None:
-    """The same in torch ops (float64 stays float64)."""
+    """The same in torch ops, the math in the widest of float32 and the two dtypes (float64 stays float64)."""
     for x, offset in zip(srcs, offsets):
-        flat[offset : offset + x.numel()].copy_(x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32)) * scale)
+        wide = torch.promote_types(torch.promote_types(x.dtype, flat.dtype), torch.float32)
+        flat[offset : offset + x.numel()].copy_(x.reshape(-1).to(wide) * scale)
 
 
 def reference_copy_out(flat: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:

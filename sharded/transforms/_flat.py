@@ -56,35 +56,23 @@ class FlatGroup:
         make = torch.zeros if self.padded else torch.empty
         return make(self.ranks * self.size, dtype=dtype or self.dtype, device=self.device)
 
-    def _slots(self, wholes: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
-        """Each leaf's pieces (of its flat `wholes[k]`) and their positions in the N*S buffer."""
+    def _slots(self, wholes: Sequence[torch.Tensor | None]) -> tuple[list[torch.Tensor], list[int]]:
+        """Each given leaf's pieces (of its flat `wholes[k]`; None: skip leaf k) and their
+        positions in the N*S buffer."""
         views, positions = [], []
         for k, whole in enumerate(wholes):
+            if whole is None:
+                continue
             for pos, a, n in self.pieces[k]:
                 views.append(whole[a : a + n])
                 positions.append(pos)
         return views, positions
 
-    def write_full(self, k: int, flat: torch.Tensor, src: torch.Tensor, scale: float = 1.0) -> None:
-        """Copy-in: leaf k's full value into its pieces of `flat` (N*S), cast to flat's
-        dtype and times `scale`, computed in the more precise of the two dtypes (padding
-        untouched: see `empty`). Torch ops, one or two per piece: this runs once per leaf
-        in backward's hooks, where a Triton launch's host cost (~10 torch ops') made
-        backward host-bound."""
-        whole = src.reshape(-1)
-        wider = torch.finfo(flat.dtype).eps <= torch.finfo(src.dtype).eps
-        for pos, a, n in self.pieces[k]:
-            dst, piece = flat[pos : pos + n], whole[a : a + n]
-            if scale == 1.0:
-                dst.copy_(piece)
-            elif wider:
-                dst.copy_(piece).mul_(scale)
-            else:
-                torch.mul(piece, scale, out=dst)
-
-    def write_all(self, flat: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
-        """Copy-in: every leaf's full value (one per leaf, in order) into `flat` (N*S), in one kernel."""
-        kernels.copy_in(flat, *self._slots([x.reshape(-1) for x in srcs]))
+    def write_all(self, flat: torch.Tensor, srcs: Sequence[torch.Tensor | None], scale: float = 1.0) -> None:
+        """Copy-in: each leaf's full value (one per leaf, in order; None leaves that leaf's
+        slots as they are) into `flat` (N*S), cast to flat's dtype and times `scale`, in one
+        kernel per source dtype."""
+        kernels.copy_in(flat, *self._slots([None if x is None else x.reshape(-1) for x in srcs]), scale=scale)
 
     def read_all(self, flat: torch.Tensor, dsts: Sequence[torch.Tensor]) -> None:
         """Copy-out: every leaf's full value from the gathered `flat` (N*S) into `dsts`

@@ -5,6 +5,12 @@ Reference semantics: the plain step with every forward run under
 left in fp32); the state (params, optimizer) stays in its own precision, so the
 update applies full-precision grads to fp32 masters.
 
+With `autocast=False` the forward is the model's own code on every floating param cast
+to `param_dtype` (the policy keeps none by default), with no autocast: FSDP2's
+MixedPrecisionPolicy and DeepSpeed's bf16 mode. It is the faster and leaner recipe
+when the whole model runs in one low precision: autocast runs norms and softmaxes in
+fp32, casting their inputs and outputs and saving fp32 activations (decision 41).
+
 For fp16, dynamic loss scaling as DeepSpeed does it: the loss is multiplied by the
 scale before backward; at the update the grads are unscaled and checked, once,
 across every rank that holds a part of them. A step with an inf or nan is skipped
@@ -50,6 +56,11 @@ def _keep_norms_and_biases(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1
 
 
+def _keep_nothing(name: str, param: torch.Tensor) -> bool:
+    """The policy without autocast: every floating param in param_dtype (ops need one dtype)."""
+    return False
+
+
 def _supports(dtype: torch.dtype, device: torch.device) -> bool:
     try:
         x = torch.ones(2, 2, dtype=dtype, device=device)
@@ -74,10 +85,14 @@ class MixedPrecision(Transform):
         backoff_factor: float = 0.5,
         min_scale: float = 1.0,
         hysteresis: int = 2,
+        autocast: bool = True,
     ):
+        if not isinstance(autocast, bool):
+            raise ValueError(f"mixed_precision(autocast=...) must be True (torch.autocast around the forward) or False (params cast, no autocast); got {autocast!r}")
         self.compute = _dtype(compute, "compute")
         self.param_dtype = _dtype(param_dtype, "param_dtype") if param_dtype is not None else self.compute
-        self.keep_fp32 = keep_fp32 or _keep_norms_and_biases
+        self.autocast = autocast
+        self.keep_fp32 = keep_fp32 or (_keep_norms_and_biases if autocast else _keep_nothing)
         self.user_policy = keep_fp32 is not None
         self.scaling = self.compute == torch.float16 if loss_scale is None else bool(loss_scale)
         if not (init_scale > 0 and growth_factor > 1 and 0 < backoff_factor < 1 and min_scale > 0 and growth_interval > 0 and hysteresis > 0):
@@ -98,11 +113,13 @@ class MixedPrecision(Transform):
         the rest at use, not up front."""
         self.cast_at_use = any(Capability.SHARDS_PARAMS in t.capabilities for t in stack)
         if self.cast_at_use and self.user_policy:
-            warnings.warn("mixed_precision with sharded params (ZeRO-3): autocast casts each op's params, so keep_fp32 applies to non-matmul ops only", stacklevel=3)
+            applies = "applies to non-matmul ops only" if self.autocast else "is ignored (no autocast: every param runs in param_dtype)"
+            warnings.warn(f"mixed_precision with sharded params (ZeRO-3): its params are gathered in param_dtype, so keep_fp32 {applies}", stacklevel=3)
 
     def describe(self) -> str:
         scaling = ", dynamic loss scale" if self.scaling else ""
-        return f"mixed_precision({str(self.compute).removeprefix('torch.')}{scaling})"
+        plain = "" if self.autocast else ", no autocast"
+        return f"mixed_precision({str(self.compute).removeprefix('torch.')}{scaling}{plain})"
 
     def init(self, state: Any) -> Any:
         device = T.leaves(state.params)[0].device
@@ -147,7 +164,7 @@ class MixedPrecision(Transform):
         # remat the casts are then recomputed in backward rather than kept.
         if not self.cast_at_use:
             params = self._cast_params(params, skip=model.block_params)
-        if self.compute not in _AUTOCAST:  # fp32/fp64 compute: the params' cast is all there is
+        if not self.autocast or self.compute not in _AUTOCAST:  # the params' cast is all there is
             return next_(model, params, args, kwargs)
         # The compute device (a pipeline hands other stages' params over as meta placeholders).
         device = next((p.device.type for p in params.values() if p.device.type != "meta"), "cpu")
@@ -203,7 +220,8 @@ class MixedPrecision(Transform):
         out = []
         for op in program:
             if op.name == "forward":
-                op = Op("compute", "forward", f"{op.detail}, autocast {str(self.compute).removeprefix('torch.')}, params cast to {str(self.param_dtype).removeprefix('torch.')}")
+                how = f"autocast {str(self.compute).removeprefix('torch.')}, " if self.autocast else ""
+                op = Op("compute", "forward", f"{op.detail}, {how}params cast to {str(self.param_dtype).removeprefix('torch.')}")
             if op.name == "update" and self.scaling:
                 out.append(Op("compute", "unscale grads; check inf/nan", "skip the update and back the scale off on overflow"))
             out.append(op if not op.body else Op(op.kind, op.name, op.detail, op.nbytes, op.overlaps, tuple(self.explain(list(op.body), info))))
