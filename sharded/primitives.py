@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Any, Callable, Iterator
 
 __all__ = ["bind", "register", "active", "handling", "step_state", "binding"]
@@ -76,10 +77,14 @@ def bind(name: str, *args: Any) -> Any:
 
 
 def _call(chain: list, name: str, args: tuple) -> Any:
-    def call(i: int, *a: Any) -> Any:
-        if i == len(chain):
-            # Inner calls (e.g. the loss's own model.apply) see the full stack again.
-            return _impls[name](*a)
-        return chain[i].handlers[name](lambda *b: call(i + 1, *b), *a)
+    return _from(chain, name, 0, *args)
 
-    return call(0, *args)
+
+def _from(chain: list, name: str, i: int, *args: Any) -> Any:
+    """The chain from handler `i` in; each handler's `next` a partial of this, which,
+    unlike a closure calling itself, leaves no reference cycle for the garbage
+    collector per bind."""
+    if i == len(chain):
+        # Inner calls (e.g. the loss's own model.apply) see the full stack again.
+        return _impls[name](*args)
+    return chain[i].handlers[name](functools.partial(_from, chain, name, i + 1), *args)

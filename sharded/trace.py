@@ -18,7 +18,8 @@ duration of the call and removed after, so the user's module is never left chang
 handler may call the rest of the chain later (remat recomputes in backward) or with
 other tensors (a cast): the implementation then runs the block's own forward with the
 params it is given swapped in (as `functional_call` does), so a block is a pure
-function of (params, inputs) whenever it runs.
+function of (params, inputs) whenever it runs. Both swaps go through `Model._slots`,
+resolved once, not through every dotted name on each call.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from sharded import comm, primitives
 
@@ -91,6 +91,17 @@ class Model:
             out.append((i, module, params, buffers))
         return tuple(out)
 
+    @functools.cached_property
+    def _slots(self) -> dict[str, tuple[dict, str]]:
+        """Where each param and buffer lives, by every name the module has for it (tied
+        and block names included): its submodule's `_parameters` or `_buffers` and its key
+        there, what `model.apply` and a block swap tensors into (see `_swapped`)."""
+        out = {}
+        for path, module in self.module.named_modules(remove_duplicate=False):
+            prefix = path + "." if path else ""
+            for store in (module._buffers, module._parameters):
+                out.update((prefix + key, (store, key)) for key in store)
+        return out
 
     @functools.cached_property
     def block_params(self) -> frozenset[str]:
@@ -110,11 +121,6 @@ class BlockCall:
     @property
     def name(self) -> str:
         return self.model.blocks[self.index].name
-
-    def local(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`named` ({model name: tensor}) keyed by names relative to the block."""
-        cut = len(self.name) + 1
-        return {n[cut:]: x for n, x in named.items()}
 
 
 def under_torch_func(params: dict[str, torch.Tensor]) -> bool:
@@ -169,12 +175,36 @@ def _binding(call: BlockCall, named: dict, param_names: tuple[str, ...], buffer_
     return forward
 
 
+@contextlib.contextmanager
+def _swapped(model: Model, named: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The module with `named` ({model name: tensor}) in place of its own tensors for the
+    body, as `functional_call` (tie_weights=False) has it, through `model._slots`: a dict
+    store per name, not a path walked. The old tensors go back last in, first out, so a
+    slot two names reach (a submodule registered twice) ends as it was. A name the
+    module has no param or buffer for goes through torch's own swap, as before."""
+    slots = model._slots
+    if not named.keys() <= slots.keys():
+        with comm.reparametrize(model.module, named):
+            yield
+        return
+    old = []
+    try:
+        for name, tensor in named.items():
+            store, key = slots[name]
+            old.append((store, key, store[key]))
+            store[key] = tensor
+        yield
+    finally:
+        for store, key, tensor in reversed(old):
+            store[key] = tensor
+
+
 def _block_impl(call: BlockCall, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
     if _in_place.get() is params:  # inside the model's forward, with the params it set: run as is
         return call.forward(*args, **kwargs)
     # The block's own forward on these tensors: not module(...), whose forward is the
     # binding while the model runs, and whose hooks ran already.
-    with comm.reparametrize(call.module, {**call.local(buffers), **call.local(params)}):
+    with _swapped(call.model, {**buffers, **params}):
         return call.forward(*args, **kwargs)
 
 
@@ -192,8 +222,8 @@ def _apply_impl(model: Model, params: dict, args: tuple, kwargs: dict) -> Any:
     # it its own), so a transform can hand one name a placeholder and the other the
     # weight (pipeline: the embedding on the first stage, the head on the last).
     named = {**{alias: params[canonical] for alias, canonical in model.tied.items()}, **params}
-    with _blocks_bound(model, named):
-        return functional_call(model.module, (named, model.buffers), args, kwargs, tie_weights=False, strict=False)
+    with _blocks_bound(model, named), _swapped(model, {**model.buffers, **named}):
+        return model.module(*args, **kwargs)
 
 
 primitives.register("apply", _apply_impl)
