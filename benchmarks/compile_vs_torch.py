@@ -6,10 +6,12 @@ Systems, each built once in this process, compiled in its warmup, then timed in 
 that alternate them (min/median/max step time):
   torch_eager      the GPT module, fp32 params under bf16 autocast, fused AdamW
   torch_compile    the same, the whole module through torch.compile (inductor)
-  sharded_eager    mixed_precision("bf16")(train_step): bf16 params for compute, fp32 masters, AdamW
+  sharded_eager    mixed_precision("bf16", autocast=False)(train_step): bf16 params for
+                   compute, fp32 masters, AdamW (the recipe the 2-GPU benchmarks run)
   sharded_compile  the same with sharded.compile(): each block's forward compiled whole
 Acceptance (issue 13): sharded_compile >= 1.0x torch_compile. The systems share the GPU's
-memory, so peaks are not reported here.
+memory, so peaks are not reported here. Host time per step (until the step's launches
+return) is: a median near the step time means the host bounds the step.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def _sharded(cfg: GPTConfig, compiled: bool):
         return state.apply_gradients(grads), {"loss": value}
 
     inner = sharded.compile()(train_step) if compiled else train_step
-    step = sharded.mixed_precision("bf16")(inner)
+    step = sharded.mixed_precision("bf16", autocast=False)(inner)
     box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-4, weight_decay=0.1)))]
 
     def run(x, y):
@@ -72,14 +74,19 @@ def main() -> None:
     build = {"torch_eager": lambda: _torch(cfg, False), "torch_compile": lambda: _torch(cfg, True),
              "sharded_eager": lambda: _sharded(cfg, False), "sharded_compile": lambda: _sharded(cfg, True)}
     steps, errors = built_and_warm(SYSTEMS, lambda name: build[name](), args.warmup, x, y)  # the compiled systems compile here
-    times = {name: r["step_s"] for name, r in alternate(steps, args.rounds, args.steps, x, y).items()}
+    runs = alternate(steps, args.rounds, args.steps, x, y)
+    times = {name: r["step_s"] for name, r in runs.items()}
     tokens = args.batch * args.seq
-    systems = {n: {"step_s": {"min": min(t), "median": statistics.median(t), "max": max(t)}, "tokens_per_s": tokens / statistics.median(t), "all_step_s": t} for n, t in times.items()}
+    systems = {
+        n: {"step_s": {"min": min(t), "median": statistics.median(t), "max": max(t)}, "host_s_median": statistics.median(runs[n]["host_s"]),
+            "tokens_per_s": tokens / statistics.median(t), "all_step_s": t}
+        for n, t in times.items()
+    }
     systems.update({n: {"error": e} for n, e in errors.items()})
     result = {
         **provenance("compile_vs_torch", torch.cuda.get_device_name(0), args.commit),
         "model": f"GPT-{args.preset}, untied head, seq {args.seq}, {args.batch} sequences per step",
-        "precision": "torch: fp32 params under bf16 autocast; sharded: mixed_precision('bf16') (bf16 params for compute, fp32 masters); fused AdamW both",
+        "precision": "torch: fp32 params under bf16 autocast; sharded: mixed_precision('bf16', autocast=False) (bf16 params for compute, fp32 masters); fused AdamW both",
         "systems": systems,
         "ratios": {f"{a}/{b}": systems[a]["tokens_per_s"] / systems[b]["tokens_per_s"] for a, b in PAIRS if a in times and b in times},
     }

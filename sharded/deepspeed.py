@@ -147,7 +147,7 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
         if fp16.get("auto_cast", None) is not None:
             notes.append("fp16.auto_cast: mixed_precision always runs the forward under autocast")
     elif bf16.get("enabled", False, "bf16"):
-        transforms.append(mixed_precision("bf16"))
+        transforms.append(mixed_precision("bf16", autocast=False))  # DeepSpeed runs the model in bf16, no autocast (decision 41)
     for section in (fp16, bf16):
         if section.rest():
             raise ValueError(f"DeepSpeed config: {section.where}{section.rest()[0]} is not supported; remove it")

@@ -47,7 +47,7 @@ def test_each_section_maps_to_its_transform_or_optimizer():
     }
     plan = sharded.from_deepspeed_config(config, world_size=2)
     assert [repr(t) for t in plan.transforms] == [
-        "shard_zero(stage=3, bucket_mb=190.73486328125)", "mixed_precision('bf16')", "accumulate(steps=2)", "remat('full')",
+        "shard_zero(stage=3, bucket_mb=190.73486328125)", "mixed_precision('bf16', autocast=False)", "accumulate(steps=2)", "remat('full')",
     ]
     assert (plan.micro_batch, plan.accumulate, plan.global_batch) == (4, 2, 16)
     params = {"w": torch.ones(3)}
