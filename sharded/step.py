@@ -147,6 +147,12 @@ class Transform:
         linear in the grads must divide out first."""
         return 1.0
 
+    def skipped_update(self) -> bool:
+        """With SCALES_LOSS: whether the update this step just ran skipped the step (its
+        grads overflowed), so that state a transform changed earlier in the step (an
+        exchange's error feedback) can be put back as the skipped step found it."""
+        return False
+
     def describe(self) -> str:
         return self.name
 

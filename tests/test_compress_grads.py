@@ -213,30 +213,39 @@ def test_a_loss_scale_is_divided_out_before_the_exchange():
     assert_step_equivalent(step, reference, _state(model, warmup=1), _batches(4), world_size=2, rtol=1e-7, atol=1e-9)
 
 
-def _overflow_keeps_the_exchange_state():
+def _overflow_keeps_the_exchange_state(partial):
+    """A compressed step that overflows: on rank 1's rows (every bucket), or in one leaf
+    only (`partial`: one bucket of many, the others exchanged with finite momentum)."""
     model = sharded.trace(ToyLM(CFG).double())
+    first = next(iter(model.params))
 
-    def train_step(state, batch):  # rank 1's rows weigh inf in the overflowing step
+    def train_step(state, batch):
         def loss(params, b):
-            tokens, targets, weight = b
+            tokens, targets, weight, spike = b
             logits = model.apply(params, tokens)
             per_row = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
-            return (per_row * weight).mean()
+            return (per_row * weight).mean() + spike * params[first].sum()  # spike = inf: only that leaf's grad is inf
 
         value, grads = sharded.value_and_grad(loss)(state.params, batch)
         return state.apply_gradients(grads), {"loss": value}
 
-    step = sharded.compress_grads()(sharded.data_parallel(sharded.mixed_precision(torch.float64, keep_fp32=lambda name, p: False, loss_scale=True)(train_step)))
+    scaled = sharded.mixed_precision(torch.float64, keep_fp32=lambda name, p: False, loss_scale=True)
+    step = sharded.compress_grads()(sharded.data_parallel(bucket_mb=1e-4)(scaled(train_step)))
     state = step.init(_state(model, warmup=1))
-    (tokens, targets), ones = _batches(4, steps=1)[0], torch.ones(4, dtype=torch.float64)
+    (tokens, targets), ones, zero = _batches(4, steps=1)[0], torch.ones(4, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
     for _ in range(2):  # warmup, then a compressed step
-        state, _ = step(state, (tokens, targets, ones))
+        state, _ = step(state, (tokens, targets, ones, zero))
     before = copy.deepcopy((state.params, state.extra["compress_grads"]))
-    state, metrics = step(state, (tokens, targets, torch.tensor([1.0, 1.0, float("inf"), 1.0], dtype=torch.float64)))
+    if partial:
+        bad = (tokens, targets, ones, torch.tensor(float("inf"), dtype=torch.float64))
+    else:  # rank 1's rows weigh inf
+        bad = (tokens, targets, torch.tensor([1.0, 1.0, float("inf"), 1.0], dtype=torch.float64), zero)
+    state, metrics = step(state, bad)
     after = (state.params, state.extra["compress_grads"])
     return int(metrics["skipped_steps"]), all(torch.equal(a, b) for a, b in zip(sharded.tree.leaves(before), sharded.tree.leaves(after)))
 
 
-def test_an_overflowing_step_leaves_the_exchange_state_as_it_was():
-    for skipped, unchanged in get_pool(2).run(_overflow_keeps_the_exchange_state):
+@pytest.mark.parametrize("partial", [False, True], ids=["every bucket", "one bucket of many"])
+def test_an_overflowing_step_leaves_the_exchange_state_as_it_was(partial):
+    for skipped, unchanged in get_pool(2).run(_overflow_keeps_the_exchange_state, partial):
         assert skipped == 1 and unchanged

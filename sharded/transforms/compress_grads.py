@@ -49,6 +49,13 @@ out before the exchange and multiplied back into g (`Transform.grad_scale`), so 
 overflow check and unscaling see what they expect; an exchange whose momentum is not
 finite (an overflow on some rank) leaves the carries and errors as they were, and the
 step is skipped as any overflowing step.
+
+[Note: a skipped step undoes its exchanges] An overflow often reaches only some buckets:
+the last layers' grads, reduced first in backward, can be finite while the first layers'
+are not. The finite buckets' exchanges then moved their carries and errors, yet the
+loss scaler skips the whole step. So, beside a loss scaler, each exchange keeps what it
+replaced (the old carries, server errors and flags: one carry-sized copy at most) until
+the update; if the scaler skipped it (`Transform.skipped_update`), they are put back.
 """
 from __future__ import annotations
 
@@ -148,10 +155,12 @@ class CompressGrads(Transform):
         if not isinstance(block, int) or isinstance(block, bool) or block < 1:
             raise ValueError(f"compress_grads(block=...) is how many elements share a scale (an int >= 1); got {block!r}")
         self.method, self.warmup_steps, self.block = method, warmup_steps, block
-        self.handlers = {"reduce_grads": self._reduce_grads}
+        self.handlers = {"reduce_grads": self._reduce_grads, "update": self._update}
         self._rows: dict[Any, _Rows] = {}
         self._warmup = warmup_steps
         self._scalers: list[Transform] = []
+        self._undo: list[tuple] = []  # this step's replaced exchange state ([Note: a skipped step undoes its exchanges])
+        self._undo_step = -1
         self._b1 = 0.9  # the optimizer's, once `init` has read it
 
     def describe(self) -> str:
@@ -219,6 +228,8 @@ class CompressGrads(Transform):
         for t in self._scalers:
             scale = scale * t.grad_scale(state)
         adam = _frozen_adam(state.opt_state)
+        if self._undo_step != int(state.step):  # a new step: nothing of an earlier one is undone
+            self._undo, self._undo_step = [], int(state.step)
         with comm.tagged("compress_grads"):  # its two dependent phases overlap the rest of backward
             first = int(state.step) == self._warmup  # the variance has just frozen: its denominator is made once, here
             return comm.on_side_stream(lambda: self._exchange(bucket, adam, mine, scale, first), bucket.grads.device, "compress_grads")
@@ -271,7 +282,10 @@ class CompressGrads(Transform):
         finite = torch.isfinite(new).all()
         rows.scatter(torch.where(finite, error.add_(new, alpha=b1 / ranks), held), carry)
         kernels.copy_out(torch.where(finite, server_error.mul_(rows.valid[me]), held_server), server, rows.layout.offsets)
-        torch._foreach_copy_([mine["started"][i] for i in fg.leaves], [started | finite] * len(fg.leaves))
+        flags = [mine["started"][i] for i in fg.leaves]
+        if self._scalers:
+            self._undo.append((rows, held, held_server, carry, server, flags, started.clone()))
+        torch._foreach_copy_(flags, [started | finite] * len(fg.leaves))
         grads = new.mul_(d).sub_(momentum, alpha=b1).mul_(scale / (1 - b1))  # [Note: momentum through the grads]
         if bucket.reduction is Reduction.REDUCE_SCATTER:
             rows.regroup(grads[me], rows.layout.offsets, bucket.out, fg.offsets)
@@ -279,6 +293,16 @@ class CompressGrads(Transform):
             rows.regroup(grads, rows.layout.offsets, bucket.grads.view(ranks, fg.size), fg.offsets)
         else:
             rows.scatter(grads, [bucket.grads[o : o + k] for o, k in zip(fg.offsets, fg.numels)])
+
+    def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
+        out = next_(tx, grads, opt_state, params)
+        if any(t.skipped_update() for t in self._scalers):
+            for rows, held, held_server, carry, server, flags, started in self._undo:
+                rows.scatter(held, carry)
+                kernels.copy_out(held_server, server, rows.layout.offsets)
+                torch._foreach_copy_(flags, [started] * len(flags))
+        self._undo = []
+        return out
 
     def _make_denominator(self, bucket: GradBucket, rows: _Rows, nu: list[torch.Tensor], out: list[torch.Tensor], me: int) -> None:
         """sqrt(v) + eps of the bucket's leaves, whole on every rank: from the whole v

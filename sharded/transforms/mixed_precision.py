@@ -106,6 +106,7 @@ class MixedPrecision(Transform):
             self.handlers.update(value_and_grad=self._value_and_grad, update=self._update)
         self._cast: dict[str, bool] | None = None
         self.cast_at_use = False  # under ZeRO-3: see check()
+        self._skipped = False  # whether the last update skipped its step
 
     def check(self, stack: Any) -> None:
         """Under a transform that shards the params (ZeRO-3) a block's params exist only
@@ -194,11 +195,14 @@ class MixedPrecision(Transform):
         found = kernels.unscale_and_check_(T.leaves(grads), ls["scale"])
         for group in T.reduction_groups():  # grads are parts (ZeRO, pipeline): every holder must agree
             comm.all_reduce(found, group=group, op="max")
-        overflow = bool(found.item())
+        overflow = self._skipped = bool(found.item())
         self._rescale(ls, overflow)
         if overflow:
             return params, opt_state
         return next_(tx, grads, opt_state, params)
+
+    def skipped_update(self) -> bool:
+        return self._skipped
 
     def _rescale(self, ls: dict, overflow: bool) -> None:
         """DeepSpeed's dynamic loss scale, updated in place (the state is donated)."""
