@@ -21,6 +21,9 @@ the same code on gloo (a smoke test of the harness: no peak memory, no MFU).
 
 Acceptance (issue 13): sharded_zero3 >= 1.0x fsdp2 (memory <= fsdp2 + 2%);
 sharded_zero1 and sharded_dp >= 1.0x ddp; sharded_zero2 >= 1.0x fsdp2_no_reshard;
+sharded_zero3_no_reshard is FSDP2-without-resharding's own configuration (params
+sharded between steps, gathered once per step and kept through backward), where
+sharded_zero2 keeps whole fp32 params (DeepSpeed's ZeRO-2);
 sharded_zero3_compile >= 1.10x fsdp2 and >= 1.0x fsdp2_compile.
 """
 from __future__ import annotations
@@ -39,11 +42,12 @@ from sharded.models.gpt import flops_per_token
 from sharded.train import peak_flops
 
 SYSTEMS = [
-    "sharded_zero3", "fsdp2", "sharded_zero2", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
+    "sharded_zero3", "fsdp2", "sharded_zero2", "sharded_zero3_no_reshard", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
     "sharded_zero3_compile", "fsdp2_compile",
 ]
 PAIRS = [
-    ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero1", "ddp"), ("sharded_dp", "ddp"),
+    ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero3_no_reshard", "fsdp2_no_reshard"),
+    ("sharded_zero1", "ddp"), ("sharded_dp", "ddp"),
     ("sharded_zero3_compile", "fsdp2"), ("sharded_zero3_compile", "fsdp2_compile"),
 ]
 LR, WD = 1e-4, 0.1
@@ -94,7 +98,7 @@ def _ddp(cfg: GPTConfig, precision: str):
     return _torch_step(wrapped, module.parameters(), autocast=True)  # fp32 params: bf16 compute is autocast's in both recipes
 
 
-def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None):
+def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None, reshard: bool | None = None):
     model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
     device = sharded.distributed.device().type
 
@@ -108,7 +112,8 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
 
     step = sharded.compile(backend=compiled)(train_step) if compiled else train_step
     step = sharded.mixed_precision("bf16", autocast=False)(step) if precision == "bf16" else step
-    step = sharded.shard_zero(stage=stage)(step) if stage else sharded.data_parallel(step)
+    zero = {"stage": stage} if reshard is None else {"stage": stage, "reshard_after_forward": reshard}
+    step = sharded.shard_zero(**zero)(step) if stage else sharded.data_parallel(step)
     box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD)))]
 
     def run(x, y):
@@ -120,6 +125,7 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
 BUILD = {  # (config, precision, compile backend) -> a step of (x, y)
     "sharded_zero3": lambda cfg, p, _: _sharded(cfg, p, 3),
     "sharded_zero2": lambda cfg, p, _: _sharded(cfg, p, 2),
+    "sharded_zero3_no_reshard": lambda cfg, p, _: _sharded(cfg, p, 3, reshard=False),
     "sharded_zero1": lambda cfg, p, _: _sharded(cfg, p, 1),
     "sharded_dp": lambda cfg, p, _: _sharded(cfg, p, 0),
     "sharded_zero3_compile": lambda cfg, p, backend: _sharded(cfg, p, 3, compiled=backend),
