@@ -67,6 +67,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3], help="shard_zero stage instead of data_parallel (0: off)")
     p.add_argument("--pp", type=_positive, default=d.pp, help="pipeline stages (1F1B over --accumulate micro-batches; dp = nproc / pp)")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"], help="mixed_precision compute dtype")
+    p.add_argument("--offload", default=d.offload, choices=["none", "cpu"], help="offload: the optimizer state in host memory, the update run there")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
     p.add_argument("--compile", default=d.compile, choices=["none", "inductor", "aot_eager"], help="each block's forward through torch.compile with this backend (sharded.compile)")
     p.add_argument("--data", default=d.data, help="your data: a text file, or a token file (.bin uint16 as nanoGPT writes it, .npy), memory-mapped; the last 10%% is validation")

@@ -121,7 +121,7 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
     data-parallel ranks (default: this job's). Raises ValueError on a key sharded does not
     support, naming it and what to use instead."""
     from sharded import distributed
-    from sharded.transforms import accumulate, compress_grads, data_parallel, mixed_precision, remat, shard_zero
+    from sharded.transforms import accumulate, compress_grads, data_parallel, mixed_precision, offload, remat, shard_zero
 
     cfg, auto, notes = _load(config), dict(auto or {}), []
     world = world_size or distributed.world_size()
@@ -156,10 +156,16 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
     stage = int(zero.get("stage", 0))
     bucket = zero.get("reduce_bucket_size", None, "reduce_bucket_size")
     bucket_mb = {} if bucket is None else {"bucket_mb": max(float(bucket) * 4 / 2**20, 1e-6)}
+    offload_to = None
     for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key, {}) or {}).get("device", "none")
-        if device not in (None, "none"):
-            raise ValueError(f'DeepSpeed config: zero_optimization.{key}.device "{device}" is not built yet (issue 14, offload); set it to "none"')
+        section = zero.get(key, {}) or {}
+        device = section.get("device", "none")
+        if key == "offload_optimizer" and device == "cpu":
+            offload_to = "cpu"
+            if set(section) - {"device"}:
+                notes.append(f"zero_optimization.offload_optimizer.{sorted(set(section) - {'device'})[0]}: offload pins host memory itself where there is a GPU; the other keys are DeepSpeed's engine's")
+        elif device not in (None, "none"):
+            raise ValueError(f'DeepSpeed config: zero_optimization.{key}.device "{device}" is not built yet (issue 14, offload); use offload_optimizer.device "cpu" or "none"')
     for key, why in _ZERO_ENGINE_ONLY.items():
         if key in zero.section:
             zero.get(key)
@@ -173,6 +179,8 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
     if compressed:
         transforms.insert(0, compress_grads(method="onebit"))
     transforms.insert(1 if compressed else 0, shard_zero(stage=stage, **bucket_mb) if stage else data_parallel(**bucket_mb))
+    if offload_to is not None:
+        transforms.insert(0, offload(tier=offload_to))
     if accum > 1:
         transforms.append(accumulate(steps=accum))
     checkpointing = top.get("activation_checkpointing", None)

@@ -6,7 +6,9 @@ active, `bind` runs the primitive's implementation. While a `Step` runs, its tra
 are on a stack in the canonical order (`sharded.step.Level`) and `bind` passes the call
 through their handlers from the outermost in, each receiving `next` to call the rest of
 the chain — the way JAX's interpreters rewrite `jit(vmap(f))` without the user's code
-changing.
+changing. A transform's handler of one primitive may sit elsewhere in the order than
+its `level` (`Transform.levels`: offload lays out state outermost but runs the
+optimizer innermost); each primitive's chain is sorted once per step.
 
 Primitives, with the arguments their handlers receive after `next`:
   "apply"          (model, params, args, kwargs): the model's forward
@@ -27,6 +29,7 @@ __all__ = ["bind", "register", "active", "handling", "step_state", "binding"]
 
 _impls: dict[str, Callable[..., Any]] = {}
 _stack: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("sharded_transforms", default=())
+_chains: contextvars.ContextVar[dict[str, list]] = contextvars.ContextVar("sharded_chains", default={})
 _state: contextvars.ContextVar[Any] = contextvars.ContextVar("sharded_step_state", default=None)
 _binding: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("sharded_binding", default=frozenset())
 
@@ -50,12 +53,25 @@ def step_state() -> Any:
 @contextlib.contextmanager
 def handling(transforms: tuple[Any, ...], state: Any = None) -> Iterator[None]:
     """Run the body with `transforms` (outermost first) handling every bind."""
-    token, state_token = _stack.set(transforms), _state.set(state)
+    token, state_token, chains_token = _stack.set(transforms), _state.set(state), _chains.set(_by_primitive(transforms))
     try:
         yield
     finally:
         _stack.reset(token)
         _state.reset(state_token)
+        _chains.reset(chains_token)
+
+
+def _by_primitive(transforms: tuple[Any, ...]) -> dict[str, list]:
+    """{primitive: its handlers' transforms, outermost first}: by each one's level for
+    that primitive (its `levels` entry, else its `level`); ties keep the given order."""
+    chains: dict[str, list] = {}
+    for t in transforms:
+        for name in t.handlers:
+            chains.setdefault(name, []).append(t)
+    for name, chain in chains.items():
+        chain.sort(key=lambda t: getattr(t, "levels", {}).get(name, getattr(t, "level", 0)))
+    return chains
 
 
 def binding(name: str) -> bool:
@@ -65,7 +81,7 @@ def binding(name: str) -> bool:
 
 def bind(name: str, *args: Any) -> Any:
     """Call primitive `name` through the active transforms' handlers."""
-    chain = [t for t in _stack.get() if name in t.handlers]
+    chain = _chains.get().get(name, [])
     outer = _binding.get()
     if name not in outer:
         token = _binding.set(outer | {name})

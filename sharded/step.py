@@ -9,7 +9,8 @@
 immutable record of options. Each `Step` builds its own `Transform` from it (the
 runtime: layouts, bucket plans, caches, groups), so one spec can wrap many steps and
 nothing a step learns leaks into another. A Transform has
-  - `level`: its place in the canonical order (`Level`); the Step sorts its transforms
+  - `level`: its place in the canonical order (`Level`); `levels` ({primitive: Level})
+    places one primitive's handler elsewhere; the Step sorts its transforms
     by level, keeping the user's nesting only between transforms of one level, so
     `shard_zero(stage=3)(pipeline(f))` and `pipeline(shard_zero(stage=3)(f))` are one
     program. Where the nesting inside a level has no valid meaning, `check` raises
@@ -44,11 +45,13 @@ __all__ = ["Capability", "Level", "Op", "ProgramInfo", "Step", "Transform", "Tra
 class Level(enum.IntEnum):
     """A transform's place in the canonical order, outermost first (decision 29)."""
 
+    STORAGE = 5  # where the state's tensors live between steps: offload (laid out last, gathered first)
     PARALLEL = 10  # which rows and shards this rank holds, how grads travel: data_parallel, shard_zero, compress_grads
     SCHEDULE = 20  # how this rank's rows are cut into micro-batches and ordered: pipeline, accumulate
     MEMORY = 30  # what is kept between forward and backward: remat
     PRECISION = 40  # the dtype compute runs in: mixed_precision
     COMPILE = 50  # how a block's own forward runs, inside everything else's block work: compile
+    HOST = 60  # where the optimizer runs, after every other update handler: offload's update
 
 
 class Capability(enum.Flag):
@@ -107,6 +110,7 @@ class Transform:
     name = "transform"
     level = Level.MEMORY
     capabilities = Capability.NONE
+    levels: dict[str, Level] = {}  # a primitive whose handler sits elsewhere than `level`
     axis: str | None = None
     once = True  # applying it twice is a mistake (accumulate twice is not: k1 × k2 micro-batches)
     handlers: dict[str, Callable[..., Any]] = {}

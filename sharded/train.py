@@ -50,6 +50,7 @@ class TrainConfig:
     compile: str = "none"  # or a torch.compile backend ("inductor"): each block's forward compiled whole
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
+    offload: str = "none"  # or "cpu": the optimizer state in host memory, the update run there
     data: str | None = None  # a text file, or a token file (.bin uint16 / .npy), instead of the embedded corpus
     data_dtype: str = "uint16"  # a .bin token file's ids: "uint16" (nanoGPT's) or "uint32" (vocabularies past 65,536)
     tokenizer: str | None = None  # a local Hugging Face tokenizer for a text --data (default: bytes)
@@ -80,7 +81,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
        schedule runs the micro-batches through the stages;
     3. data_parallel, or shard_zero(stage=cfg.zero): outside them, so grads are
        reduced once per update, overlapped with the last micro-batch's backward;
-    4. compress_grads (if asked): that reduction, compressed after the warmup.
+    4. compress_grads (if asked): that reduction, compressed after the warmup;
+    5. offload (if asked): the optimizer state on the host, the update run there.
     """
 
     kwargs = hf.training_kwargs(model.module)
@@ -113,6 +115,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
         step = sharded.data_parallel(step)
     if cfg.compress == "onebit":
         step = sharded.compress_grads(method="onebit")(step)
+    if cfg.offload != "none":
+        step = sharded.offload(tier=cfg.offload)(step)
     return sharded.Step(step) if not isinstance(step, sharded.Step) else step
 
 

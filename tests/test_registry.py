@@ -48,6 +48,8 @@ def options(name: str, draw) -> dict:
         return {"method": "onebit"}
     if name == "compile":  # AOTAutograd's graphs run eagerly: the compiled path, without inductor's minutes of C++ builds
         return {"backend": "aot_eager"}
+    if name == "offload":
+        return {"tier": "cpu"}
     raise AssertionError(f"no option strategy for {name}: add one when registering a transform")
 
 

@@ -4,6 +4,7 @@ from sharded.transforms.compile import compile  # noqa: A004
 from sharded.transforms.compress_grads import compress_grads
 from sharded.transforms.data_parallel import data_parallel
 from sharded.transforms.mixed_precision import mixed_precision
+from sharded.transforms.offload import offload
 from sharded.transforms.pipeline import pipeline
 from sharded.transforms.remat import remat
 from sharded.transforms.shard_zero import shard_zero
@@ -18,6 +19,7 @@ REGISTRY = {
     "remat": remat,
     "compress_grads": compress_grads,
     "compile": compile,
+    "offload": offload,
 }
 
 __all__ = ["REGISTRY", *REGISTRY]
