@@ -18,6 +18,7 @@ OPTIONS = {
     "remat": {"policy": "full"},
     "compress_grads": {"method": "onebit"},
     "compile": {"backend": "aot_eager"},  # blocks under torch.func's transforms run eagerly; the step's own grad compiled
+    "offload": {"tier": "cpu"},
 }
 CFG = ToyConfig(vocab=7, width=5, hidden=6, depth=2, tied=True, seed=3)
 
