@@ -117,6 +117,7 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="param dtype")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per rank per micro-batch (adds activations)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
+    p.add_argument("--offload", default="none", choices=["none", "cpu"], help="offload: the optimizer state in host memory (reported as host bytes)")
     p.set_defaults(run=_run_estimate)
 
 
@@ -132,6 +133,7 @@ def _run_estimate(args: argparse.Namespace) -> None:
     est = sharded.estimate_memory(
         model, stage=args.zero, world_size=args.world_size, optimizer=args.optimizer,
         param_dtype=getattr(torch, args.dtype), batch_size=args.batch_size, seq_len=args.seq_len or cfg.seq_len,
+        offload=None if args.offload == "none" else args.offload,
     )
     print(f"GPT-{args.preset} ({model.num_params() / 1e9:.2f}B params), shard_zero(stage={args.zero}) on {args.world_size} ranks, per rank:")
     print(est)

@@ -24,10 +24,15 @@ OPTIMIZER_STATES = {"sgd": 0, "sgd_momentum": 1, "lion": 1, "adamw": 2}
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
+    """Bytes per rank: on the compute device (params, grads, optimizer, activations) and,
+    under offload, in host memory (`host`: the state offload keeps there and its copies
+    of this rank's grads and params)."""
+
     params: int
     grads: int
     optimizer: int
     activations: int | None = None
+    host: int = 0
 
     @property
     def model_state(self) -> int:
@@ -42,6 +47,8 @@ class MemoryEstimate:
         if self.activations is not None:
             rows.append(("activations", self.activations))
         rows.append(("total", self.total))
+        if self.host:
+            rows.append(("host", self.host))
         return "\n".join(f"{name:<12}{n / 2**30:10.3f} GiB" for name, n in rows)
 
 
@@ -53,13 +60,18 @@ def estimate_memory(
     param_dtype: torch.dtype = torch.float32,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    offload: str | None = None,
 ) -> MemoryEstimate:
     """Per-rank bytes for `model` (a `sharded.Model`) under `shard_zero(stage)` on
     `world_size` dp ranks (stage 0: plain data parallelism).
 
     `batch_size` (per rank, per micro-batch) and `seq_len` add the activation estimate
-    for models with a GPT-style `cfg` (n_layers, d_model).
+    for models with a GPT-style `cfg` (n_layers, d_model). `offload="cpu"` moves the
+    optimizer state to `host`, with the host copies of this rank's grads and params that
+    the update runs on.
     """
+    if offload not in (None, "cpu"):
+        raise ValueError(f"estimate_memory(offload=...) is None or 'cpu' (the tier offload builds); got {offload!r}")
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"estimate_memory(stage=...) must be 0 (no ZeRO), 1, 2 or 3; got {stage!r}")
     if optimizer not in OPTIMIZER_STATES:
@@ -75,9 +87,12 @@ def estimate_memory(
     cfg = getattr(model.module, "cfg", None)
     if batch_size is not None and seq_len is not None and cfg is not None:
         activations = int(cfg.n_layers * 34 * seq_len * batch_size * cfg.d_model * b / 2)
+    optimizer_bytes = elements(stage >= 1) * (4 * OPTIMIZER_STATES[optimizer] + master)
+    staging = 2 * elements(stage >= 1) * b if offload else 0  # the update's host copies of grads and params
     return MemoryEstimate(
         params=elements(stage >= 3) * b,
         grads=elements(stage >= 1) * b,
-        optimizer=elements(stage >= 1) * (4 * OPTIMIZER_STATES[optimizer] + master),
+        optimizer=0 if offload else optimizer_bytes,
         activations=activations,
+        host=optimizer_bytes + staging if offload else 0,
     )
