@@ -1,6 +1,8 @@
 """offload("cpu"): the optimizer state in host memory, the update run there. Equality
 with the plain step, alone and in every pair and drawn triple, is in test_registry.py;
 here: where the state lives, what checkpoints and gather make of it, and bad input."""
+import sys
+
 import pytest
 import torch
 
@@ -70,3 +72,12 @@ def test_bad_input_is_named():
         sharded.offload(tier="nvme")
     with pytest.raises(ValueError, match="params=True.*not built yet"):
         sharded.offload(params=True)
+
+
+def test_too_little_host_memory_is_named_before_the_first_step(monkeypatch):
+    module = sys.modules["sharded.transforms.offload"]
+    monkeypatch.setattr(module, "_available_host_bytes", lambda: 1024)
+    model = sharded.trace(ToyLM(CFG))
+    step = sharded.offload("cpu")(make_train_step(model))
+    with pytest.raises(ValueError, match=r"optimizer state needs .* GiB of host memory, and its share .* is 0.00 GiB"):
+        step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))

@@ -29,6 +29,7 @@ Not built yet (issue 14), each a clear error:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import torch
@@ -63,6 +64,7 @@ class Offload(Transform):
         return f"offload({self.tier!r})"
 
     def init(self, state: Any) -> Any:
+        _check_host_memory(sum(x.numel() * x.element_size() for path, x in state_leaves(state) if _offloaded(path, x)))
         pin = torch.cuda.is_available()
         moved = map_state(state, lambda path, x: _to_host(x, pin) if _offloaded(path, x) else x)
         placements = {
@@ -115,6 +117,35 @@ class Offload(Transform):
 def _offloaded(path: str, x: Any) -> bool:
     """The leaves offload keeps on the host: every tensor of the optimizer state."""
     return path.startswith("opt_state") and isinstance(x, torch.Tensor)
+
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (what the kernel can give without swapping), or
+    None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_host_memory(needed: int) -> None:
+    """A clear error before the first step when this rank's share of the host's free
+    memory (the ranks on one host share it) cannot hold what offload moves there."""
+    available = _available_host_bytes()
+    if available is None:
+        return
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = available // max(ranks, 1)
+    if needed > share:
+        raise ValueError(
+            f"offload('cpu'): this rank's optimizer state needs {needed / 2**30:.2f} GiB of host memory, and its share of "
+            f"the host's available memory is {share / 2**30:.2f} GiB ({available / 2**30:.2f} GiB over {ranks} rank(s) on this host); "
+            "cut the state over more ranks with shard_zero(stage=1|2|3), run fewer ranks per host, or use a larger host"
+        )
 
 
 def _to_host(x: torch.Tensor, pin: bool) -> torch.Tensor:
