@@ -81,3 +81,14 @@ def test_too_little_host_memory_is_named_before_the_first_step(monkeypatch):
     step = sharded.offload("cpu")(make_train_step(model))
     with pytest.raises(ValueError, match=r"optimizer state needs .* GiB of host memory, and its share .* is 0.00 GiB"):
         step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+
+
+def test_the_host_update_takes_this_ranks_share_of_the_cores(monkeypatch):
+    module = sys.modules["sharded.transforms.offload"]
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert module._host_threads() == 8  # 16 cores, 2 ranks on the host
+    before = torch.get_num_threads()
+    with module._threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

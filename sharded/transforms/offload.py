@@ -9,8 +9,9 @@ Between steps every tensor of this rank's optimizer state (its chunks under ZeRO
 lives in host memory, pinned where there is a GPU. `state.placements` marks it with
 `Tier.HOST`, so checkpoints and `gather` know where it is. The device keeps the params,
 the grads and the activations. At the update, this rank's grads and params are copied
-to the host. The optimizer runs there, on the host's copies, and the updated params
-are copied back into the device's tensors.
+to the host. The optimizer runs there, on the host's copies, with this rank's share of
+the host's cores as torch's threads, and the updated params are copied back into the
+device's tensors.
 
 [Note: offload's two places in the order] Its `level` is outermost (STORAGE). Its
 `init` runs after every other transform's, since `init` runs innermost first: ZeRO
@@ -28,9 +29,10 @@ Not built yet (issue 14), each a clear error:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -89,7 +91,8 @@ class Offload(Transform):
         torch._foreach_copy_(host_params + host_grads, on_device + device_grads, non_blocking=True)
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the host reads them next
-        updated, opt_state = next_(tx, T.unflatten(T.structure(grads), host_grads), opt_state, T.unflatten(T.structure(params), host_params))
+        with _threads(_host_threads()):
+            updated, opt_state = next_(tx, T.unflatten(T.structure(grads), host_grads), opt_state, T.unflatten(T.structure(params), host_params))
         torch._foreach_copy_(on_device, T.leaves(updated), non_blocking=True)  # stream-ordered before the next step's copies
         return params, opt_state
 
@@ -117,6 +120,23 @@ class Offload(Transform):
 def _offloaded(path: str, x: Any) -> bool:
     """The leaves offload keeps on the host: every tensor of the optimizer state."""
     return path.startswith("opt_state") and isinstance(x, torch.Tensor)
+
+
+def _host_threads() -> int:
+    """This rank's share of the cores it may run on: the ranks on one host update at once."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the body (the host update), then as they were."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _available_host_bytes() -> int | None:
