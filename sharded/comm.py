@@ -228,6 +228,14 @@ def _start(
     return pending
 
 
+def _backend_device(group: Any) -> torch.device | None:
+    """The device a group's collectives need their tensors on (NCCL's: this rank's GPU),
+    or None where the backend takes tensors where they are (gloo)."""
+    if dist.get_backend(group) != "nccl" or not torch.cuda.is_available():
+        return None
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _averaging(op: str, out: torch.Tensor, size: int) -> tuple[Any, Callable[[], None] | None]:
     """The c10d op to issue for `op` on `out`, and what to run on `out` once it completes.
 
@@ -243,9 +251,18 @@ def _averaging(op: str, out: torch.Tensor, size: int) -> tuple[Any, Callable[[],
 
 
 def all_reduce(t: torch.Tensor, group: Any = None, op: str = "sum", async_op: bool = False) -> Pending:
-    """Reduce `t` in place over the group's ranks with `op` ("sum", "avg", "product", "min", "max")."""
+    """Reduce `t` in place over the group's ranks with `op` ("sum", "avg", "product", "min", "max").
+    A host tensor over a group whose backend takes device tensors only (NCCL: a norm
+    summed inside an optimizer that offload runs on the host) travels through a device
+    copy, and the call completes before it returns."""
     _check_op(op, "all_reduce")
     size = _group_size(group)
+    staging = _backend_device(group) if size > 1 else None
+    if staging is not None and t.device != staging:
+        on_device = t.to(staging)
+        all_reduce(on_device, group=group, op=op)  # recorded there
+        t.copy_(on_device)
+        return _DONE
     if _recorders:
         _record("all_reduce", t, size, async_op, op)
     if size == 1:

@@ -40,6 +40,9 @@ STACKS = {
     # protocol v2: any nesting is the canonical one; remat recomputes after ZeRO-3 regathers
     "zero3_remat_any_order": lambda f: sharded.remat("full")(sharded.accumulate(steps=2)(sharded.shard_zero(stage=3)(f))),
     "dp_remat_selective": lambda f: sharded.data_parallel(sharded.remat("selective")(f)),
+    # the optimizer on the host (pinned copies), its clip norm summed over NCCL through a device copy
+    "zero2_offload": lambda f: sharded.offload("cpu")(sharded.shard_zero(stage=2, bucket_mb=0.01)(f)),
+    "zero3_offload": lambda f: sharded.offload("cpu")(sharded.shard_zero(stage=3)(f)),
 }
 
 
