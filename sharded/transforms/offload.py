@@ -110,7 +110,7 @@ class Offload(Transform):
         for op in program:
             if op.name == "update":
                 out.append(Op("data", "grads and params to the host", "this rank's part of them", nbytes=2 * nbytes))
-                out.append(Op("compute", "update on the host", f"the optimizer on its state in {self.tier} memory"))
+                out.append(Op("compute", "update on the host", f"{op.detail}, with its state in {self.tier} memory"))
                 out.append(Op("data", "params to the device", "the updated values, in place", nbytes=nbytes))
             else:
                 out.append(op)
