@@ -80,14 +80,14 @@ def _assert_matches_one_gpu(cfg, batches, got, loss, tx):
 
 
 @needs(1)
-@pytest.mark.parametrize("compute", ["bf16", "fp16"])
-def test_mixed_precision_on_cuda_tracks_fp32(compute):
+@pytest.mark.parametrize("compute,autocast", [("bf16", True), ("fp16", True), ("bf16", False)])
+def test_mixed_precision_on_cuda_tracks_fp32(compute, autocast):
     cfg = ToyConfig(tied=True, depth=3, width=64, hidden=96, vocab=50)
     finals = {}
     for name in ("fp32", compute):
         model = sharded.trace(ToyLM(cfg).cuda())
         f = make_train_step(model)
-        step = sharded.Step(f) if name == "fp32" else sharded.mixed_precision(compute)(f)
+        step = sharded.Step(f) if name == "fp32" else sharded.mixed_precision(compute, autocast=autocast)(f)
         state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
         for batch in _batches(cfg.vocab, 8, 30, "cuda"):
             state, metrics = step(state, batch)
