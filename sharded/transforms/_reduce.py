@@ -6,10 +6,9 @@ from the first backward, `ReadyOrder`; before that, reverse registration order),
 flat buckets of at most `bucket_mb` MiB of one dtype and device. Each bucket is a
 `FlatGroup`; every reduction is a "reduce_grads" primitive (sharded/reduce.py).
 `data_parallel` is the case that shards nothing: groups of one rank, all-reduced, the
-grads returned as views of the buckets in the leaves' shapes. `shard_zero`'s stage 1
-all-reduces each group and keeps a view of this rank's
-row (the full grads stay alive, as ZeRO-1 holds them); stages 2 and 3 reduce-scatter,
-so only this rank's row is ever kept. Groups start in index order on every rank
+grads returned as views of the buckets in the leaves' shapes. `shard_zero` reduce-scatters
+in every stage (stage 1's update reads only this rank's chunk too: decision 39), so only
+this rank's row is ever kept. Groups start in index order on every rank
 (collectives must be issued in the same order everywhere), each as soon as all its
 leaves' grads are final; the group's grads are then copied in together, cast to the
 buffer's dtype with the 1/N mean fused (one kernel: a copy per leaf cost more host time

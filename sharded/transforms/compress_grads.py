@@ -287,11 +287,9 @@ class CompressGrads(Transform):
             self._undo.append((rows, held, held_server, carry, server, flags, started.clone()))
         torch._foreach_copy_(flags, [started | finite] * len(fg.leaves))
         grads = new.mul_(d).sub_(momentum, alpha=b1).mul_(scale / (1 - b1))  # [Note: momentum through the grads]
-        if bucket.reduction is Reduction.REDUCE_SCATTER:
+        if bucket.reduction is Reduction.REDUCE_SCATTER:  # ZeRO (every stage, decision 39)
             rows.regroup(grads[me], rows.layout.offsets, bucket.out, fg.offsets)
-        elif fg.ranks == ranks:  # ZeRO-1's all-reduce: every row, this rank's is what it keeps
-            rows.regroup(grads, rows.layout.offsets, bucket.grads.view(ranks, fg.size), fg.offsets)
-        else:
+        else:  # data_parallel: whole leaves
             rows.scatter(grads, [bucket.grads[o : o + k] for o, k in zip(fg.offsets, fg.numels)])
 
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
