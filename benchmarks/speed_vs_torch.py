@@ -25,6 +25,9 @@ sharded_zero3_no_reshard is FSDP2-without-resharding's own configuration (params
 sharded between steps, gathered once per step and kept through backward), where
 sharded_zero2 keeps whole fp32 params (DeepSpeed's ZeRO-2);
 sharded_zero3_compile >= 1.10x fsdp2 and >= 1.0x fsdp2_compile.
+Issue 14: sharded_zero3_offload (`offload("cpu")` over ZeRO-3) against fsdp2_offload
+(CPUOffloadPolicy(pin_memory=True)) and deepspeed_zero3_offload (offload_optimizer and
+offload_param to pinned CPU memory, CPUAdam).
 """
 from __future__ import annotations
 
@@ -43,12 +46,13 @@ from sharded.train import peak_flops
 
 SYSTEMS = [
     "sharded_zero3", "fsdp2", "sharded_zero2", "sharded_zero3_no_reshard", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
-    "sharded_zero3_compile", "fsdp2_compile",
+    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "fsdp2_offload", "deepspeed_zero3_offload",
 ]
 PAIRS = [
     ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero3_no_reshard", "fsdp2_no_reshard"),
     ("sharded_zero1", "ddp"), ("sharded_dp", "ddp"),
     ("sharded_zero3_compile", "fsdp2"), ("sharded_zero3_compile", "fsdp2_compile"),
+    ("sharded_zero3_offload", "fsdp2_offload"), ("sharded_zero3_offload", "deepspeed_zero3_offload"),
 ]
 LR, WD = 1e-4, 0.1
 
@@ -75,17 +79,18 @@ def _torch_step(module: torch.nn.Module, params, autocast: bool):
     return step
 
 
-def _fsdp2(cfg: GPTConfig, precision: str, reshard: bool = True, compiled: str | None = None):
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def _fsdp2(cfg: GPTConfig, precision: str, reshard: bool = True, compiled: str | None = None, offload: bool = False):
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     bf16 = precision == "bf16"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    where = CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()
     module = GPT(cfg).to(sharded.distributed.device())
     for i, block in enumerate(module.blocks):
         if compiled:  # torchtitan: compile each block, then shard it
             block = module.blocks[i] = torch.compile(block, backend=compiled, fullgraph=True)
-        fully_shard(block, reshard_after_forward=reshard, mp_policy=policy)
-    fully_shard(module, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(block, reshard_after_forward=reshard, mp_policy=policy, offload_policy=where)
+    fully_shard(module, reshard_after_forward=reshard, mp_policy=policy, offload_policy=where)
     return _torch_step(module, module.parameters(), autocast=not bf16)
 
 
@@ -98,7 +103,30 @@ def _ddp(cfg: GPTConfig, precision: str):
     return _torch_step(wrapped, module.parameters(), autocast=True)  # fp32 params: bf16 compute is autocast's in both recipes
 
 
-def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None, reshard: bool | None = None):
+def _deepspeed_offload(cfg: GPTConfig, precision: str, batch: int):
+    """DeepSpeed ZeRO-3 with its optimizer (CPUAdam) and params offloaded to pinned host memory."""
+    import deepspeed
+
+    host = {"device": "cpu", "pin_memory": True}
+    config = {
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": {"stage": 3, "offload_optimizer": host, "offload_param": host, "overlap_comm": True, "contiguous_gradients": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}},
+    }
+    module = GPT(cfg)
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
+
+    def run(x, y):
+        rows = _rows(x)
+        engine.backward(loss_fn(engine(x[rows]), y[rows]))
+        engine.step()
+
+    return run
+
+
+def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None, reshard: bool | None = None, offload: bool = False):
     model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
     device = sharded.distributed.device().type
 
@@ -114,6 +142,7 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
     step = sharded.mixed_precision("bf16", autocast=False)(step) if precision == "bf16" else step
     zero = {"stage": stage} if reshard is None else {"stage": stage, "reshard_after_forward": reshard}
     step = sharded.shard_zero(**zero)(step) if stage else sharded.data_parallel(step)
+    step = sharded.offload("cpu")(step) if offload else step
     box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD)))]
 
     def run(x, y):
@@ -122,17 +151,20 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
     return run
 
 
-BUILD = {  # (config, precision, compile backend) -> a step of (x, y)
-    "sharded_zero3": lambda cfg, p, _: _sharded(cfg, p, 3),
-    "sharded_zero2": lambda cfg, p, _: _sharded(cfg, p, 2),
-    "sharded_zero3_no_reshard": lambda cfg, p, _: _sharded(cfg, p, 3, reshard=False),
-    "sharded_zero1": lambda cfg, p, _: _sharded(cfg, p, 1),
-    "sharded_dp": lambda cfg, p, _: _sharded(cfg, p, 0),
-    "sharded_zero3_compile": lambda cfg, p, backend: _sharded(cfg, p, 3, compiled=backend),
-    "fsdp2": lambda cfg, p, _: _fsdp2(cfg, p),
-    "fsdp2_no_reshard": lambda cfg, p, _: _fsdp2(cfg, p, reshard=False),
-    "fsdp2_compile": lambda cfg, p, backend: _fsdp2(cfg, p, compiled=backend),
-    "ddp": lambda cfg, p, _: _ddp(cfg, p),
+BUILD = {  # (config, precision, the arguments) -> a step of (x, y)
+    "sharded_zero3": lambda cfg, p, a: _sharded(cfg, p, 3),
+    "sharded_zero2": lambda cfg, p, a: _sharded(cfg, p, 2),
+    "sharded_zero3_no_reshard": lambda cfg, p, a: _sharded(cfg, p, 3, reshard=False),
+    "sharded_zero1": lambda cfg, p, a: _sharded(cfg, p, 1),
+    "sharded_dp": lambda cfg, p, a: _sharded(cfg, p, 0),
+    "sharded_zero3_compile": lambda cfg, p, a: _sharded(cfg, p, 3, compiled=a.compile_backend),
+    "fsdp2": lambda cfg, p, a: _fsdp2(cfg, p),
+    "fsdp2_no_reshard": lambda cfg, p, a: _fsdp2(cfg, p, reshard=False),
+    "fsdp2_compile": lambda cfg, p, a: _fsdp2(cfg, p, compiled=a.compile_backend),
+    "ddp": lambda cfg, p, a: _ddp(cfg, p),
+    "sharded_zero3_offload": lambda cfg, p, a: _sharded(cfg, p, 3, offload=True),
+    "fsdp2_offload": lambda cfg, p, a: _fsdp2(cfg, p, offload=True),
+    "deepspeed_zero3_offload": lambda cfg, p, a: _deepspeed_offload(cfg, p, a.batch),
 }
 
 
@@ -150,7 +182,7 @@ def measure(name: str, args) -> dict:
     x = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
     y = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
     torch.manual_seed(0)
-    step = BUILD[name](cfg, args.precision, args.compile_backend)
+    step = BUILD[name](cfg, args.precision, args)
     for _ in range(args.warmup):
         step(x, y)
     if cuda:
