@@ -68,6 +68,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=_positive, default=d.pp, help="pipeline stages (1F1B over --accumulate micro-batches; dp = nproc / pp)")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"], help="mixed_precision compute dtype")
     p.add_argument("--offload", default=d.offload, choices=["none", "cpu"], help="offload: the optimizer state in host memory, the update run there")
+    p.add_argument("--offload-params", action="store_true", default=d.offload_params, help="with --offload and --zero 3: the param chunks in host memory too, fetched per block")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
     p.add_argument("--compile", default=d.compile, choices=["none", "inductor", "aot_eager"], help="each block's forward through torch.compile with this backend (sharded.compile)")
     p.add_argument("--data", default=d.data, help="your data: a text file, or a token file (.bin uint16 as nanoGPT writes it, .npy), memory-mapped; the last 10%% is validation")
@@ -118,6 +119,7 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per rank per micro-batch (adds activations)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
     p.add_argument("--offload", default="none", choices=["none", "cpu"], help="offload: the optimizer state in host memory (reported as host bytes)")
+    p.add_argument("--offload-params", action="store_true", help="with --offload and --zero 3: the param chunks in host memory too")
     p.set_defaults(run=_run_estimate)
 
 
@@ -133,7 +135,7 @@ def _run_estimate(args: argparse.Namespace) -> None:
     est = sharded.estimate_memory(
         model, stage=args.zero, world_size=args.world_size, optimizer=args.optimizer,
         param_dtype=getattr(torch, args.dtype), batch_size=args.batch_size, seq_len=args.seq_len or cfg.seq_len,
-        offload=None if args.offload == "none" else args.offload,
+        offload=None if args.offload == "none" else args.offload, offload_params=args.offload_params,
     )
     print(f"GPT-{args.preset} ({model.num_params() / 1e9:.2f}B params), shard_zero(stage={args.zero}) on {args.world_size} ranks, per rank:")
     print(est)

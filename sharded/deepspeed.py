@@ -156,16 +156,18 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
     stage = int(zero.get("stage", 0))
     bucket = zero.get("reduce_bucket_size", None, "reduce_bucket_size")
     bucket_mb = {} if bucket is None else {"bucket_mb": max(float(bucket) * 4 / 2**20, 1e-6)}
-    offload_to = None
+    offloaded = {}  # offload_optimizer / offload_param -> its device
     for key in ("offload_optimizer", "offload_param"):
         section = zero.get(key, {}) or {}
         device = section.get("device", "none")
-        if key == "offload_optimizer" and device == "cpu":
-            offload_to = "cpu"
+        if device == "cpu":
+            offloaded[key] = device
             if set(section) - {"device"}:
-                notes.append(f"zero_optimization.offload_optimizer.{sorted(set(section) - {'device'})[0]}: offload pins host memory itself where there is a GPU; the other keys are DeepSpeed's engine's")
+                notes.append(f"zero_optimization.{key}.{sorted(set(section) - {'device'})[0]}: offload pins host memory itself where there is a GPU; the other keys are DeepSpeed's engine's")
         elif device not in (None, "none"):
-            raise ValueError(f'DeepSpeed config: zero_optimization.{key}.device "{device}" is not built yet (issue 14, offload); use offload_optimizer.device "cpu" or "none"')
+            raise ValueError(f'DeepSpeed config: zero_optimization.{key}.device "{device}" is not built yet (issue 14, offload); use "cpu" or "none"')
+    if "offload_param" in offloaded and (stage != 3 or "offload_optimizer" not in offloaded):
+        raise ValueError('DeepSpeed config: zero_optimization.offload_param needs stage 3 and offload_optimizer.device "cpu" (offload(params=True) fetches ZeRO-3\'s chunks); set both, or remove offload_param')
     for key, why in _ZERO_ENGINE_ONLY.items():
         if key in zero.section:
             zero.get(key)
@@ -179,8 +181,8 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
     if compressed:
         transforms.insert(0, compress_grads(method="onebit"))
     transforms.insert(1 if compressed else 0, shard_zero(stage=stage, **bucket_mb) if stage else data_parallel(**bucket_mb))
-    if offload_to is not None:
-        transforms.insert(0, offload(tier=offload_to))
+    if offloaded:
+        transforms.insert(0, offload(tier="cpu", params="offload_param" in offloaded))
     if accum > 1:
         transforms.append(accumulate(steps=accum))
     checkpointing = top.get("activation_checkpointing", None)

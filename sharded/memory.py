@@ -61,6 +61,7 @@ def estimate_memory(
     batch_size: int | None = None,
     seq_len: int | None = None,
     offload: str | None = None,
+    offload_params: bool = False,
 ) -> MemoryEstimate:
     """Per-rank bytes for `model` (a `sharded.Model`) under `shard_zero(stage)` on
     `world_size` dp ranks (stage 0: plain data parallelism).
@@ -68,10 +69,14 @@ def estimate_memory(
     `batch_size` (per rank, per micro-batch) and `seq_len` add the activation estimate
     for models with a GPT-style `cfg` (n_layers, d_model). `offload="cpu"` moves the
     optimizer state to `host`, with the host copies of this rank's grads and params that
-    the update runs on.
+    the update runs on. `offload_params=True` (stage 3 only) moves this rank's param
+    chunks there too: the device keeps only the blocks gathered at the moment, which,
+    as for stage 3 without it, are not counted.
     """
     if offload not in (None, "cpu"):
         raise ValueError(f"estimate_memory(offload=...) is None or 'cpu' (the tier offload builds); got {offload!r}")
+    if offload_params and (offload is None or stage != 3):
+        raise ValueError("estimate_memory(offload_params=True) needs offload='cpu' and stage=3 (the chunks ZeRO-3 fetches per block)")
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"estimate_memory(stage=...) must be 0 (no ZeRO), 1, 2 or 3; got {stage!r}")
     if optimizer not in OPTIMIZER_STATES:
@@ -88,11 +93,13 @@ def estimate_memory(
     if batch_size is not None and seq_len is not None and cfg is not None:
         activations = int(cfg.n_layers * 34 * seq_len * batch_size * cfg.d_model * b / 2)
     optimizer_bytes = elements(stage >= 1) * (4 * OPTIMIZER_STATES[optimizer] + master)
-    staging = 2 * elements(stage >= 1) * b if offload else 0  # the update's host copies of grads and params
+    params_bytes = elements(stage >= 3) * b
+    copies = 1 if offload_params else 2  # the update's host copies of grads (and params, unless they live there)
+    staging = copies * elements(stage >= 1) * b if offload else 0
     return MemoryEstimate(
-        params=elements(stage >= 3) * b,
+        params=0 if offload_params else params_bytes,
         grads=elements(stage >= 1) * b,
         optimizer=0 if offload else optimizer_bytes,
         activations=activations,
-        host=optimizer_bytes + staging if offload else 0,
+        host=optimizer_bytes + staging + (params_bytes if offload_params else 0) if offload else 0,
     )

@@ -51,6 +51,7 @@ class TrainConfig:
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
     offload: str = "none"  # or "cpu": the optimizer state in host memory, the update run there
+    offload_params: bool = False  # with offload and zero=3: the param chunks in host memory too, fetched per block
     data: str | None = None  # a text file, or a token file (.bin uint16 / .npy), instead of the embedded corpus
     data_dtype: str = "uint16"  # a .bin token file's ids: "uint16" (nanoGPT's) or "uint32" (vocabularies past 65,536)
     tokenizer: str | None = None  # a local Hugging Face tokenizer for a text --data (default: bytes)
@@ -116,7 +117,7 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     if cfg.compress == "onebit":
         step = sharded.compress_grads(method="onebit")(step)
     if cfg.offload != "none":
-        step = sharded.offload(tier=cfg.offload)(step)
+        step = sharded.offload(tier=cfg.offload, params=cfg.offload_params)(step)
     return sharded.Step(step) if not isinstance(step, sharded.Step) else step
 
 

@@ -71,6 +71,12 @@ def test_one_bit_adam_becomes_compress_grads_with_its_optimizer():
     assert int(state[0].freeze_after) == 50
 
 
+def test_zero_infinity_on_the_host_becomes_offload_with_params():
+    config = {"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}, "offload_param": {"device": "cpu"}}}
+    plan = sharded.from_deepspeed_config(config, world_size=2)
+    assert [repr(t) for t in plan.transforms] == ["offload(tier='cpu', params=True)", "shard_zero(stage=3)"]
+
+
 def test_auto_values_take_what_the_caller_gives_or_say_so():
     config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
               "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}, "gradient_clipping": "auto"}
@@ -85,7 +91,8 @@ def test_auto_values_take_what_the_caller_gives_or_say_so():
     ({"train_batch_size": 7}, "make it a multiple of 2"),
     ({"train_batch_size": 8, "bogus_key": 1}, "'bogus_key' is not supported"),
     ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "offload_optimizer.device \"nvme\" is not built yet"),
-    ({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param.device \"cpu\" is not built yet"),
+    ({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3 and offload_optimizer"),
+    ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}}, "offload_param needs stage 3"),
     ({"train_batch_size": 8, "zero_optimization": {"stage": 1, "mystery": True}}, "zero_optimization.mystery is not supported"),
     ({"train_batch_size": 8, "optimizer": {"type": "ZeroOneAdam", "params": {}}}, "decision 35"),
     ({"train_batch_size": 8, "optimizer": {"type": "Lamb", "params": {}}}, "not in sharded.optim; use AdamW"),

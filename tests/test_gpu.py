@@ -43,6 +43,8 @@ STACKS = {
     # the optimizer on the host (pinned copies), its clip norm summed over NCCL through a device copy
     "zero2_offload": lambda f: sharded.offload("cpu")(sharded.shard_zero(stage=2, bucket_mb=0.01)(f)),
     "zero3_offload": lambda f: sharded.offload("cpu")(sharded.shard_zero(stage=3)(f)),
+    # the param chunks on the host too, fetched per block on the side stream (prefetched), bf16 gathers
+    "zero3_offload_params": lambda f: sharded.offload("cpu", params=True)(sharded.shard_zero(stage=3, prefetch=2)(f)),
 }
 
 
@@ -65,6 +67,30 @@ def test_data_parallel_and_zero_over_nccl_match_one_gpu(stack):
     batches = _batches(cfg.vocab, 8, 4)
     got, loss = sharded.launch(_dp_on_cuda, cfg, batches, stack, nprocs=2, device="cuda")
     _assert_matches_one_gpu(cfg, batches, got, loss, sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2)))
+
+
+def _bf16_zero3(cfg, batches, offload):
+    dev = sharded.distributed.device()
+    model = sharded.trace(ToyLM(cfg).to(dev))
+    step = sharded.shard_zero(stage=3)(sharded.mixed_precision("bf16", autocast=False)(make_train_step(model)))
+    step = sharded.offload("cpu", params=True)(step) if offload else step
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    for x, y in batches:
+        state, m = step(state, (x.to(dev), y.to(dev)))
+    return {k: v.cpu() for k, v in step.gather(state).params.items()}, m["loss"].cpu()
+
+
+@needs(2)
+def test_bf16_zero3_with_params_on_the_host_matches_it_on_the_device():
+    """The standard recipe: the host's fp32 chunks fetched and cast to bf16 per block give
+    the device-resident step's params (the updates differ only as the CPU's and the GPU's
+    fused AdamW round)."""
+    cfg = ToyConfig(tied=False, depth=4, width=64, hidden=96, vocab=50)
+    batches = _batches(cfg.vocab, 8, 4)
+    (got, loss), (want, want_loss) = (sharded.launch(_bf16_zero3, cfg, batches, o, nprocs=2, device="cuda") for o in (True, False))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5)
 
 
 def _assert_matches_one_gpu(cfg, batches, got, loss, tx):

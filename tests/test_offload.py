@@ -1,14 +1,18 @@
 """offload("cpu"): the optimizer state in host memory, the update run there. Equality
 with the plain step, alone and in every pair and drawn triple, is in test_registry.py;
-here: where the state lives, what checkpoints and gather make of it, and bad input."""
+params=True (which needs ZeRO-3) is drawn here, with where the state lives, what
+checkpoints and gather make of it, and bad input."""
 import sys
 
 import pytest
 import torch
 
 import sharded
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from sharded.placement import Tier, state_leaves
-from sharded.testing import get_pool
+from sharded.testing import assert_step_equivalent, get_pool
 from sharded.testing.models import ToyConfig, ToyLM, make_train_step
 
 CFG = ToyConfig(vocab=11, width=8, hidden=12, depth=2, tied=True)
@@ -19,34 +23,64 @@ def _batch(seed):
     return torch.randint(0, CFG.vocab, (4, 3), generator=g), torch.randint(0, CFG.vocab, (4, 3), generator=g)
 
 
-def _step(stage, dtype=torch.float64):
+def _step(stage, dtype=torch.float64, params=False):
     model = sharded.trace(ToyLM(CFG).to(dtype))
-    step = sharded.offload("cpu")(sharded.shard_zero(stage=stage, bucket_mb=1e-4)(make_train_step(model)))
+    step = sharded.offload("cpu", params=params)(sharded.shard_zero(stage=stage, bucket_mb=1e-4)(make_train_step(model)))
     return model, step
 
 
-def _placed(stage):
-    model, step = _step(stage, torch.float32)  # the formula counts fp32 optimizer state
+def _placed(stage, params):
+    model, step = _step(stage, torch.float32, params)  # the formula counts fp32 optimizer state
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     state, _ = step(state, _batch(0))
-    tiers = {path: state.placements.get(path).tier for path, x in state_leaves(state) if path.startswith("opt_state")}
+    moved = ("opt_state", "params") if params else ("opt_state",)
+    tiers = {path: state.placements.get(path).tier for path, x in state_leaves(state) if path.startswith(moved)}
     (offload,) = [t for t in step.transforms if t.name == "offload"]
-    live = [x for path, x in state_leaves(state) if path.startswith("opt_state") and x.ndim]  # the moments (the counts are 0-d)
-    live += [x for buffers in offload._buffers.values() for x in buffers]  # the update's host copies
+    live = [x for path, x in state_leaves(state) if path.startswith(moved) and x.ndim]  # the counts are 0-d
+    staged = [x for buffers in offload._buffers.values() for x in buffers]  # the update's host copies (or the host leaves themselves)
+    live += [x for x in staged if not any(x is y for y in live)]
     host_bytes = sum(x.numel() * x.element_size() for x in live)
-    est = sharded.estimate_memory(model, stage=stage, world_size=2, optimizer="adamw", offload="cpu")
-    formula = est.host if est.optimizer == 0 else None
+    est = sharded.estimate_memory(model, stage=stage, world_size=2, optimizer="adamw", offload="cpu", offload_params=params)
     full = step.gather(state)
-    back = [full.placements.get(path) for path, _ in state_leaves(full) if path.startswith("opt_state")]
-    return tiers, host_bytes, formula, back
+    back = [full.placements.get(path) for path, _ in state_leaves(full) if path.startswith(moved)]
+    return tiers, host_bytes, est, back
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_the_optimizer_state_is_placed_on_the_host_and_gathered_back(stage):
-    for tiers, host_bytes, formula, back in get_pool(2).run(_placed, stage):
-        assert tiers and set(tiers.values()) == {Tier.HOST}  # every tensor of it, moments and counts
-        assert host_bytes == formula  # this rank's chunks of both moments and its grads' and params' copies; none on the device
+@pytest.mark.parametrize("stage,params", [(1, False), (3, False), (3, True)])
+def test_the_offloaded_state_is_placed_on_the_host_and_gathered_back(stage, params):
+    for tiers, host_bytes, est, back in get_pool(2).run(_placed, stage, params):
+        assert tiers and set(tiers.values()) == {Tier.HOST}  # every tensor of it, moments and counts (and param chunks)
+        assert est.optimizer == 0 and host_bytes == est.host  # this rank's chunks and the update's host copies; none on the device
+        assert (est.params == 0) == params  # params=True: no param chunk stays on the device
         assert all(p is None or p.tier is Tier.DEVICE for p in back)  # gathered: on the device, whole
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_params_on_the_host_under_zero3_equal_the_plain_step(data):
+    """offload(params=True) over ZeRO-3, with accumulate and a loss scaler drawn in, in
+    either nesting order, on 2-4 ranks: the plain step's params and optimizer state."""
+    draw = data.draw
+    cfg = ToyConfig(vocab=draw(st.integers(3, 13)), width=draw(st.integers(3, 7)), hidden=draw(st.integers(1, 9)),
+                    depth=draw(st.integers(1, 3)), tied=draw(st.booleans()), seed=draw(st.integers(0, 99)))
+    model = sharded.trace(ToyLM(cfg).double())
+    train_step = make_train_step(model)
+    layers = [sharded.offload("cpu", params=True), sharded.shard_zero(stage=3, prefetch=draw(st.integers(0, 2)), reshard_after_forward=draw(st.booleans()))]
+    steps = draw(st.integers(1, 2))
+    if steps > 1:
+        layers.append(sharded.accumulate(steps=steps))
+    if draw(st.booleans()):
+        layers.append(sharded.mixed_precision(compute=torch.float64, loss_scale=True, init_scale=2.0 ** draw(st.integers(0, 8))))
+    step = train_step
+    for layer in draw(st.permutations(layers)):
+        step = layer(step)
+    world = draw(st.integers(2, 4))
+    rows = world * steps * draw(st.integers(1, 2))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    seq = draw(st.integers(1, 4))
+    batches = [(torch.randint(0, cfg.vocab, (rows, seq), generator=g), torch.randint(0, cfg.vocab, (rows, seq), generator=g)) for _ in range(3)]
+    state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2, weight_decay=0.1))
+    assert_step_equivalent(step, train_step, state, batches, world_size=world, rtol=1e-7, atol=1e-9)
 
 
 def _resumed(tmp):
@@ -70,8 +104,26 @@ def test_bad_input_is_named():
         sharded.offload(tier="gpu")
     with pytest.raises(ValueError, match="tier='nvme'.*not built yet"):
         sharded.offload(tier="nvme")
-    with pytest.raises(ValueError, match="params=True.*not built yet"):
-        sharded.offload(params=True)
+    with pytest.raises(ValueError, match="params=.... is True"):
+        sharded.offload(params="yes")
+    model = sharded.trace(ToyLM(CFG))
+    for step in (sharded.offload(params=True)(make_train_step(model)), sharded.offload(params=True)(sharded.shard_zero(stage=2)(make_train_step(model)))):
+        with pytest.raises(ValueError, match=r"params=True.*needs shard_zero\(stage=3\)"):
+            step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    with pytest.raises(ValueError, match="offload_params=True.*needs offload='cpu' and stage=3"):
+        sharded.estimate_memory(model, stage=2, world_size=2, offload="cpu", offload_params=True)
+
+
+def _one_rank_params_on_host():
+    model = sharded.trace(ToyLM(CFG))
+    step = sharded.offload(params=True)(sharded.shard_zero(stage=3)(make_train_step(model)))
+    with pytest.raises(ValueError, match="over 2 or more ranks"):
+        step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    return True
+
+
+def test_params_on_the_host_on_one_rank_is_named():
+    assert get_pool(1).run(_one_rank_params_on_host) == [True]
 
 
 def test_too_little_host_memory_is_named_before_the_first_step(monkeypatch):

@@ -94,11 +94,32 @@ class FlatGroup:
         return out
 
     def gather(self, chunks: Sequence[torch.Tensor], group: Any, async_op: bool) -> tuple[torch.Tensor, comm.Pending]:
-        """Start the all-gather of this rank's chunks; returns (rows buffer, pending)."""
-        row = torch.empty(self.size, dtype=self.dtype, device=self.device)
-        self.write_chunks(row, chunks)
-        out = torch.empty(self.ranks * self.size, dtype=self.dtype, device=self.device)
-        return out, comm.all_gather_into_tensor(out, row, group=group, async_op=async_op)
+        """Start the all-gather of this rank's chunks; returns (rows buffer, pending).
+        Chunks on another tier (offload's host memory) are fetched first, off the
+        compute stream: see [Note: gathering from the host]."""
+        if all(c.device == self.device for c in chunks) or self.device.type != "cuda":
+            row = torch.empty(self.size, dtype=self.dtype, device=self.device)
+            self.write_chunks(row, chunks)
+            out = torch.empty(self.ranks * self.size, dtype=self.dtype, device=self.device)
+            return out, comm.all_gather_into_tensor(out, row, group=group, async_op=async_op)
+        compute, fetch = torch.cuda.current_stream(self.device), _fetch_stream(self.device)
+        fetch.wait_stream(compute)  # buffers the compute stream freed are free on this one too
+        with torch.cuda.stream(fetch):
+            out, pending = self.gather([c.to(self.device, non_blocking=True) for c in chunks], group, async_op)
+        out.record_stream(compute)  # read there after `pending.wait()`
+        return out, pending
+
+
+# [Note: gathering from the host]
+# Under offload(params=True) a group's chunks live in pinned host memory. Their copies
+# to the device, the copy-in and the all-gather are queued on one side stream per
+# device, after the work the compute stream has queued so far: a prefetch of block u+1
+# then moves over PCIe while block u computes, as the all-gather alone would. The
+# compute stream meets that work at `pending.wait()`, and the rows buffer is recorded
+# on it, so the caching allocator does not hand it to the next fetch while it is read.
+@functools.cache
+def _fetch_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def plan_group(name: str, indices: Sequence[int], leaves: Sequence[torch.Tensor], ranks: int) -> FlatGroup:

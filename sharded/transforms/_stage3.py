@@ -42,8 +42,8 @@ def _free(x: torch.Tensor) -> None:
 
 
 class Gatherer:
-    """The full-shaped params of one differentiation (in `dtype`, else the chunks' own)
-    and the state of each unit."""
+    """The full-shaped params of one differentiation (on `device`, in `dtype`, else the
+    chunks' own) and the state of each unit. The chunks may live on another tier."""
 
     def __init__(
         self,
@@ -53,12 +53,13 @@ class Gatherer:
         group: Any,
         prefetch: int,
         reshard_after_forward: bool,
+        device: torch.device,
         dtype: torch.dtype | None = None,
     ):
         self.chunks, self.group = chunks, group
         self.prefetch, self.reshard_after_forward = prefetch, reshard_after_forward
         self.full = [
-            torch.empty(shape, dtype=dtype or c.dtype, device=c.device) if s else c for c, shape, s in zip(chunks, shapes, sharded)
+            torch.empty(shape, dtype=dtype or c.dtype, device=device) if s else c for c, shape, s in zip(chunks, shapes, sharded)
         ]
         self.writers = [x.data for x in self.full]
         for x, s in zip(self.full, sharded):

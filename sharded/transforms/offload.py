@@ -1,9 +1,11 @@
-"""`offload(tier="cpu")`: the optimizer state in host memory, and the update run there.
+"""`offload(tier="cpu", params=False)`: the optimizer state (and, with params=True, the
+params) in host memory, and the update run there.
 
 Reference semantics: the plain step, exactly. The update is the same optimizer on the
 same values; it runs on the CPU (the fused AdamW path: torch's fused CPU kernel).
 
     step = sharded.offload("cpu")(sharded.shard_zero(stage=2)(train_step))
+    step = sharded.offload("cpu", params=True)(sharded.shard_zero(stage=3)(train_step))
 
 Between steps every tensor of this rank's optimizer state (its chunks under ZeRO)
 lives in host memory, pinned where there is a GPU. `state.placements` marks it with
@@ -12,6 +14,12 @@ the grads and the activations. At the update, this rank's grads and params are c
 to the host. The optimizer runs there, on the host's copies, with this rank's share of
 the host's cores as torch's threads, and the updated params are copied back into the
 device's tensors.
+
+With params=True (ZeRO-Infinity's params off the device; it needs shard_zero(stage=3)),
+this rank's param chunks live on the host too. ZeRO-3 fetches each block's chunks
+to the device when it gathers the block, on a side stream ahead of use ([Note:
+gathering from the host] in _flat.py), so the device holds only the blocks gathered
+now. The update then runs on the host's params themselves: only the grads cross.
 
 [Note: offload's two places in the order] Its `level` is outermost (STORAGE). Its
 `init` runs after every other transform's, since `init` runs innermost first: ZeRO
@@ -23,9 +31,8 @@ step never reaches it.
 
 Not built yet (issue 14), each a clear error:
 - tier="nvme";
-- params=True (ZeRO-Infinity's params off the device);
-- fp32 masters on the host under mixed_precision: the params stay on the device in
-  their own dtype.
+- fp32 masters on the host under mixed_precision without params=True: the params
+  stay on the device in their own dtype.
 """
 from __future__ import annotations
 
@@ -38,11 +45,15 @@ import torch
 
 from sharded import tree as T
 from sharded.placement import Placement, Tier, map_state, state_leaves
-from sharded.step import Level, Op, ProgramInfo, Transform, transform
+from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 
 __all__ = ["offload"]
 
 _TIERS = {"cpu": Tier.HOST}
+_NEEDS_STAGE3 = (
+    "offload(params=True) fetches each block's param chunks from the host as ZeRO-3 gathers them, so it needs "
+    "shard_zero(stage=3) in the same step; add it, or use offload('cpu') to move only the optimizer state"
+)
 _NOT_BUILT = {"nvme": "tier='nvme' (the state in files on local disk)"}
 
 
@@ -56,52 +67,71 @@ class Offload(Transform):
             raise ValueError(f"offload({_NOT_BUILT[tier]}) is not built yet (issue 14); use offload(tier='cpu')")
         if tier not in _TIERS:
             raise ValueError(f"offload(tier={tier!r}): unknown tier; use tier='cpu' (host memory)")
-        if params is not False:
-            raise ValueError("offload(params=True), the params off the device (ZeRO-Infinity), is not built yet (issue 14); use offload(tier='cpu')")
-        self.tier = tier
+        if not isinstance(params, bool):
+            raise ValueError(f"offload(params=...) is True (the params on the host too, under shard_zero(stage=3)) or False; got {params!r}")
+        self.tier, self.params = tier, params
         self.handlers = {"update": self._update}
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # host copies of grads and params, per layout
 
     def describe(self) -> str:
-        return f"offload({self.tier!r})"
+        return f"offload({self.tier!r}{', params=True' if self.params else ''})"
+
+    def require(self, stack: Any) -> None:
+        if self.params and not any(Capability.SHARDS_PARAMS in t.capabilities for t in stack):
+            raise ValueError(_NEEDS_STAGE3)
+
+    def _offloaded(self, path: str, x: Any) -> bool:
+        """The leaves kept on the host: every tensor of the optimizer state and, with
+        params=True, every param ZeRO-3 chunks (floating, non-empty)."""
+        if not isinstance(x, torch.Tensor):
+            return False
+        return path.startswith("opt_state") or (self.params and path.startswith("params") and x.is_floating_point() and x.numel() > 0)
 
     def init(self, state: Any) -> Any:
-        _check_host_memory(sum(x.numel() * x.element_size() for path, x in state_leaves(state) if _offloaded(path, x)))
+        if self.params and any(not (state.placements.get(path) and state.placements.get(path).cuts) for path, x in state_leaves(state) if path.startswith("params") and self._offloaded(path, x)):
+            raise ValueError(_NEEDS_STAGE3 + " (over 2 or more ranks: on one rank there are no chunks to fetch)")
+        _check_host_memory(sum(x.numel() * x.element_size() for path, x in state_leaves(state) if self._offloaded(path, x)))
+        self._device = next((x.device for x in T.leaves(state.params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
         pin = torch.cuda.is_available()
-        moved = map_state(state, lambda path, x: _to_host(x, pin) if _offloaded(path, x) else x)
+        moved = map_state(state, lambda path, x: _to_host(x, pin) if self._offloaded(path, x) else x)
         placements = {
             path: dataclasses.replace(state.placements.get(path) or Placement(x.shape), tier=_TIERS[self.tier])
             for path, x in state_leaves(moved)
-            if _offloaded(path, x)
+            if self._offloaded(path, x)
         }
         return moved.replace(placements=moved.placements.update(placements))
 
     def gather(self, state: Any) -> Any:
-        device = next((x.device for x in T.leaves(state.params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        moved = map_state(state, lambda path, x: x.to(device) if _offloaded(path, x) else x)
+        moved = map_state(state, lambda path, x: x.to(self._device) if self._offloaded(path, x) else x)
         return moved.replace(placements=moved.placements.map(lambda p: dataclasses.replace(p, tier=Tier.DEVICE)))
 
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
-        """The optimizer on host copies of this rank's grads and params; the updated params
-        copied back into the device's tensors (which the transforms outside hold views of).
-        The copies go through host buffers kept from step to step (pinned beside a GPU):
-        one batch of asynchronous copies each way and one wait, not a wait per tensor."""
-        on_device, device_grads = T.leaves(params), T.leaves(grads)
-        host_params, host_grads = self._staging("params", on_device), self._staging("grads", device_grads)
-        torch._foreach_copy_(host_params + host_grads, on_device + device_grads, non_blocking=True)
+        """The optimizer on the host's copies of this rank's grads and params (the params
+        themselves where they live there); the updated params copied back into the
+        device's tensors (which the transforms outside hold views of). The copies go
+        through host buffers kept from step to step (pinned beside a GPU): one batch of
+        asynchronous copies each way and one wait, not a wait per tensor."""
+        leaves, device_grads = T.leaves(params), T.leaves(grads)
+        host_params, host_grads = self._on_host("params", leaves), self._on_host("grads", device_grads)
+        staged = [(h, x) for h, x in zip(host_params + host_grads, leaves + device_grads) if h is not x]
+        if staged:
+            torch._foreach_copy_([h for h, _ in staged], [x for _, x in staged], non_blocking=True)
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the host reads them next
         with _threads(_host_threads()):
             updated, opt_state = next_(tx, T.unflatten(T.structure(grads), host_grads), opt_state, T.unflatten(T.structure(params), host_params))
-        torch._foreach_copy_(on_device, T.leaves(updated), non_blocking=True)  # stream-ordered before the next step's copies
+        back = [(x, u) for x, h, u in zip(leaves, host_params, T.leaves(updated)) if x is not u]
+        if back:  # stream-ordered before the next step's copies
+            torch._foreach_copy_([x for x, _ in back], [u for _, u in back], non_blocking=True)
         return params, opt_state
 
-    def _staging(self, what: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Host buffers shaped like `like`, made once per layout."""
-        key = (what, tuple((x.shape, x.dtype) for x in like))
+    def _on_host(self, what: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor of `like` itself where it is in host memory, else its host buffer
+        (made once per layout)."""
+        key = (what, tuple((x.shape, x.dtype, x.device) for x in like))
         if key not in self._buffers:
             pin = torch.cuda.is_available()
-            self._buffers[key] = [torch.empty(x.shape, dtype=x.dtype, pin_memory=pin) for x in like]
+            self._buffers[key] = [x if x.device.type == "cpu" else torch.empty(x.shape, dtype=x.dtype, pin_memory=pin) for x in like]
         return self._buffers[key]
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
@@ -115,11 +145,6 @@ class Offload(Transform):
             else:
                 out.append(op)
         return out
-
-
-def _offloaded(path: str, x: Any) -> bool:
-    """The leaves offload keeps on the host: every tensor of the optimizer state."""
-    return path.startswith("opt_state") and isinstance(x, torch.Tensor)
 
 
 def _host_threads() -> int:

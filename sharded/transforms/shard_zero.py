@@ -272,7 +272,7 @@ class ShardZero(Transform):
     def _gatherer(self, chunks: list[torch.Tensor], size: int, group: Any) -> _stage3.Gatherer:
         layout = self._layout
         return _stage3.Gatherer(
-            chunks, layout.shapes, layout.chunked, group, self.prefetch, self.reshard, dtype=self.gather_dtype
+            chunks, layout.shapes, layout.chunked, group, self.prefetch, self.reshard, self._device, dtype=self.gather_dtype
         )
 
     def _value_and_grad_stage3(self, next_, fn, has_aux, params, local, kwargs, t: _Topology) -> Any:
