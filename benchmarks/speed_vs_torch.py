@@ -25,7 +25,7 @@ sharded_zero3_no_reshard is FSDP2-without-resharding's own configuration (params
 sharded between steps, gathered once per step and kept through backward), where
 sharded_zero2 keeps whole fp32 params (DeepSpeed's ZeRO-2);
 sharded_zero3_compile >= 1.10x fsdp2 and >= 1.0x fsdp2_compile.
-Issue 14: sharded_zero3_offload (`offload("cpu")` over ZeRO-3) against fsdp2_offload
+Issue 14: sharded_zero3_offload (`offload("cpu", params=True)` over ZeRO-3) against fsdp2_offload
 (CPUOffloadPolicy(pin_memory=True)) and deepspeed_zero3_offload (offload_optimizer and
 offload_param to pinned CPU memory, CPUAdam).
 """
@@ -142,7 +142,7 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
     step = sharded.mixed_precision("bf16", autocast=False)(step) if precision == "bf16" else step
     zero = {"stage": stage} if reshard is None else {"stage": stage, "reshard_after_forward": reshard}
     step = sharded.shard_zero(**zero)(step) if stage else sharded.data_parallel(step)
-    step = sharded.offload("cpu")(step) if offload else step
+    step = sharded.offload("cpu", params=True)(step) if offload else step
     box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD)))]
 
     def run(x, y):
