@@ -221,3 +221,48 @@ def test_onebit_adams_fused_kernel_equals_its_pure_chain_across_the_freeze():
     run = subprocess.run([sys.executable, "-c", _ONEBIT_FUSED_VS_PURE], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+LEAFWISE = {
+    "adamw": lambda: optim.adamw(1e-2, weight_decay=0.1),
+    "adamw_scheduled": lambda: optim.adamw(optim.schedules.warmup_cosine(1e-2, 2, 10)),
+    "sgd_nesterov": lambda: optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "lion": lambda: optim.lion(1e-3, weight_decay=0.1),
+}
+
+
+@settings(max_examples=20, deadline=None)
+@given(params=f64_trees, name=st.sampled_from(sorted(LEAFWISE)), seed=st.integers(0, 2**16), data=st.data())
+def test_an_update_in_parts_equals_the_whole_update(params, name, seed, data):
+    """[Note: an update in parts]: any partition of the leaves, in any order, three steps."""
+    params = {"x": params} if isinstance(params, torch.Tensor) else params  # a bare tensor's moments look like its counts
+    tx = LEAFWISE[name]()
+    assert tx.leafwise
+    grads_seq = grad_sequence(params, seed, steps=3)
+    want, want_state = run_sharded(tx, params, grads_seq, fused=True)
+    got, state = T.map(torch.clone, params), tx.init(T.map(torch.clone, params))
+    n = len(T.leaves(params))
+    for grads in grads_seq:
+        order = data.draw(st.permutations(range(n)))
+        cuts = sorted(data.draw(st.sets(st.integers(1, max(n - 1, 1)), max_size=3))) if n > 1 else []
+        parts = optim.InParts(tx, state, got)
+        for a, b in zip([0, *cuts], [*cuts, n]):
+            parts.run(order[a:b], [T.leaves(grads)[i] for i in order[a:b]])
+        got, state = parts.finish()
+    for a, b in zip(T.leaves((got, state)), T.leaves((want, want_state))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_update_in_parts_refuses_what_it_cannot_do():
+    params = {"a": torch.ones(2), "b": torch.ones(3)}
+    clipped = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2))
+    assert not clipped.leafwise
+    with pytest.raises(ValueError, match="needs a leafwise optimizer"):
+        optim.InParts(clipped, clipped.init(params), params)
+    tx = optim.adamw(1e-2)
+    parts = optim.InParts(tx, tx.init(params), params)
+    parts.run([0], [torch.ones(2)])
+    with pytest.raises(ValueError, match="twice"):
+        parts.run([0], [torch.ones(2)])
+    with pytest.raises(ValueError, match="covered 1 of 2 leaves"):
+        parts.finish()

@@ -61,7 +61,7 @@ def adamw(
 ) -> GradientTransformation:
     """torch.optim.AdamW: Adam with decoupled weight decay, fused when it can be."""
     pure = chain(scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay), scale_by_learning_rate(lr))
-    return GradientTransformation(pure.init, pure.update, _fused_adam(pure, lr, b1, b2, eps, weight_decay))
+    return GradientTransformation(pure.init, pure.update, _fused_adam(pure, lr, b1, b2, eps, weight_decay), pure.leafwise)
 
 
 def _fused_adam(
@@ -128,4 +128,4 @@ def onebit_adam(
     clip = clip_by_global_norm(max_grad_norm, steps=warmup_steps) if max_grad_norm is not None else None
     adam = [scale_by_adam(b1, b2, eps, freeze_variance_after=warmup_steps), add_decayed_weights(weight_decay), scale_by_learning_rate(lr)]
     pure = chain(*([clip] if clip else []), *adam)
-    return GradientTransformation(pure.init, pure.update, _fused_adam(pure, lr, b1, b2, eps, weight_decay, freeze=warmup_steps, clip=clip))
+    return GradientTransformation(pure.init, pure.update, _fused_adam(pure, lr, b1, b2, eps, weight_decay, freeze=warmup_steps, clip=clip), pure.leafwise)

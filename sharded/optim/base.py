@@ -9,6 +9,12 @@ An optimizer may also carry `fused(grads, state, params) -> (params, state)`, wh
 updates params and state in place (one kernel for all tensors, as
 `torch.optim.AdamW(fused=True)` does) and must compute what `update` followed by
 `apply_updates` computes. `apply` prefers it; see docs/decisions.md §2.
+
+`leafwise=True` says that its update of each leaf reads only that leaf's grad, state
+and param (and the 0-d counts): it may then run on any part of the leaves, one part
+at a time (`apply_in_parts`), as offload runs it while backward still reduces the
+rest. Adam, Lion, momentum, weight decay and learning rates are leafwise; a global-norm
+clip is not; a chain is when all its members are.
 """
 from __future__ import annotations
 
@@ -35,16 +41,17 @@ class _Fields(NamedTuple):
     init: Callable[[Params], State]
     update: Callable[[Updates, State, Params], tuple[Updates, State]]
     fused: Callable[[Updates, State, Params], tuple[Params, State]] | None = None
+    leafwise: bool = False
 
 
 class GradientTransformation(_Fields):
-    """`(init, update, fused=None)`; `update` refuses to run beside a transform that
-    owns the update (see the module's docstring)."""
+    """`(init, update, fused=None, leafwise=False)`; `update` refuses to run beside a
+    transform that owns the update (see the module's docstring)."""
 
     __slots__ = ()
 
-    def __new__(cls, init: Callable, update: Callable, fused: Callable | None = None) -> GradientTransformation:
-        return super().__new__(cls, init, _guarded(update), fused)
+    def __new__(cls, init: Callable, update: Callable, fused: Callable | None = None, leafwise: bool = False) -> GradientTransformation:
+        return super().__new__(cls, init, _guarded(update), fused, leafwise)
 
 
 def _guarded(update: Callable) -> Callable:
@@ -75,7 +82,7 @@ def _refuse_outside_update() -> None:
 
 def identity() -> GradientTransformation:
     """Leaves updates unchanged."""
-    return GradientTransformation(lambda params: EmptyState(), lambda updates, state, params=None: (updates, state))
+    return GradientTransformation(lambda params: EmptyState(), lambda updates, state, params=None: (updates, state), leafwise=True)
 
 
 def chain(*txs: GradientTransformation) -> GradientTransformation:
@@ -107,7 +114,7 @@ def chain(*txs: GradientTransformation) -> GradientTransformation:
         params, last = txs[-1].fused(grads, state[-1], params)
         return params, tuple(new_state) + (last,)
 
-    return GradientTransformation(init, update, fused if txs[-1].fused is not None else None)
+    return GradientTransformation(init, update, fused if txs[-1].fused is not None else None, all(tx.leafwise for tx in txs))
 
 
 def states_of(opt_state: Any, kind: type) -> list:

@@ -76,7 +76,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, freeze_
             return updates, ScaleByAdamState(count, mu, nu)
         return updates, ScaleByFrozenAdamState(count, mu, nu, state.freeze_after, state.b1, state.eps)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, leafwise=True)
 
 
 class ScaleByFrozenAdamState(NamedTuple):
@@ -108,7 +108,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         mu = T.map(lambda m, g: torch.lerp(m, g.to(m.dtype), 1 - b2), state.mu, grads)
         return updates, ScaleByLionState(state.count + 1, mu)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, leafwise=True)
 
 
 class TraceState(NamedTuple):
@@ -128,7 +128,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
         updates = T.map(lambda g, t_: g + decay * t_, grads, t) if nesterov else t
         return updates, TraceState(t)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, leafwise=True)
 
 
 def add_decayed_weights(weight_decay: float) -> GradientTransformation:
@@ -141,7 +141,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
         return T.map(lambda u, p: u + weight_decay * p.to(u.dtype), updates, params), state
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return GradientTransformation(lambda params: EmptyState(), update, leafwise=True)
 
 
 class ScheduleState(NamedTuple):
@@ -165,7 +165,7 @@ def scale_by_learning_rate(lr: float | Schedule) -> GradientTransformation:
         step_size = lr(state.count)
         return T.map(lambda u: -step_size.to(u.dtype) * u, updates), ScheduleState(state.count + 1)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, leafwise=True)
 
 
 class ClipState(NamedTuple):

@@ -1,0 +1,75 @@
+"""One update of a leafwise optimizer run part by part: the leaves whose grads are ready
+first are updated first (offload updates on the host while backward still reduces the
+rest of the grads).
+
+    parts = InParts(tx, opt_state, params)
+    parts.run([0, 3], [g0, g3])      # leaves 0 and 3, with their grads
+    parts.run([1, 2], [g1, g2])
+    params, opt_state = parts.finish()
+
+[Note: an update in parts] `tx.leafwise` promises that leaf i's new param and state
+read only leaf i's grad, state and param, and the 0-d counts. A part is then the same
+optimizer over a smaller tree: its params are the part's leaves (a list), and every
+subtree of the state that mirrors the params (a moment) is cut to the same leaves.
+Everything else in the state (the counts) is given to each part as a copy, so that
+each part advances its own copy from the same value: the counts every part ends with
+are equal, and `finish` keeps one. Params are updated in place (`optim.apply` donates
+them); the state's moments are in place too under a fused optimizer, and otherwise
+taken from each part's new state when `finish` rebuilds the whole state. Every leaf
+must be in exactly one part.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import optree
+import torch
+
+from sharded import tree as T
+from sharded.optim.base import GradientTransformation, apply
+
+__all__ = ["InParts"]
+
+
+class InParts:
+    def __init__(self, tx: GradientTransformation, state: Any, params: Any):
+        if not tx.leafwise:
+            raise ValueError("an update in parts needs a leafwise optimizer (tx.leafwise): a global-norm clip reads every leaf")
+        if isinstance(params, torch.Tensor):
+            raise ValueError("an update in parts cuts the trees that mirror the params, so the params must be a container of tensors (a dict), not one tensor")
+        self.tx, self.state, self.params = tx, state, params
+        self.treespec, self.leaves = T.structure(params), T.leaves(params)
+        self.nodes, self.outer = optree.tree_flatten(state, is_leaf=self._mirrors, none_is_leaf=False, namespace="sharded")
+        self.done: list[tuple[Sequence[int], list]] = []  # (indices, that part's new state nodes)
+        self.seen: set[int] = set()
+
+    def _mirrors(self, x: Any) -> bool:
+        return not isinstance(x, torch.Tensor) and x is not None and T.structure(x) == self.treespec
+
+    def run(self, indices: Sequence[int], grads: Sequence[torch.Tensor]) -> None:
+        """Update leaves `indices` (each once per update) with their `grads`."""
+        if self.seen & set(indices):
+            raise ValueError(f"an update in parts got leaves {sorted(self.seen & set(indices))} twice")
+        self.seen |= set(indices)
+        part = [[T.leaves(n)[i] for i in indices] if self._mirrors(n) else _copy(n) for n in self.nodes]
+        _, new_state = apply(self.tx, list(grads), optree.tree_unflatten(self.outer, part), [self.leaves[i] for i in indices])
+        self.done.append((indices, optree.tree_flatten(new_state, is_leaf=lambda x: isinstance(x, list), none_is_leaf=False, namespace="sharded")[0]))
+
+    def finish(self) -> tuple[Any, Any]:
+        """(params, state) once every leaf has been in a part."""
+        if len(self.seen) != len(self.leaves):
+            raise ValueError(f"an update in parts covered {len(self.seen)} of {len(self.leaves)} leaves")
+        nodes = [list(T.leaves(n)) if self._mirrors(n) else n for n in self.nodes]
+        for indices, new in self.done:
+            for k, node in enumerate(self.nodes):
+                if self._mirrors(node):
+                    for i, x in zip(indices, new[k]):
+                        nodes[k][i] = x
+                else:
+                    nodes[k] = new[k]
+        whole = [T.unflatten(self.treespec, n) if self._mirrors(m) else n for n, m in zip(nodes, self.nodes)]
+        return self.params, optree.tree_unflatten(self.outer, whole)
+
+
+def _copy(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
