@@ -204,6 +204,11 @@ class Pending:
         if self._then is not None:
             self._then()
 
+    def then(self, fn: Callable[[], None]) -> Pending:
+        """This collective, with `fn` run once it has been waited (after what `wait()`
+        already runs): a handler's follow-up to a reduction it did not start."""
+        return Pending(self, self._what, fn)
+
 
 _DONE = Pending(None, ("", None, 1))
 

@@ -40,6 +40,7 @@ class GradBucket:
     reduction: Reduction
     group: Any
     layout: Any = None  # the `FlatGroup` of `grads`: which param leaves, where (None: not param grads)
+    final: bool = False  # `out` is these leaves' grads as the update gets them: no later reduction adds to it
 
 
 def _reduce_impl(bucket: GradBucket) -> comm.Pending:

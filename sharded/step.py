@@ -67,6 +67,7 @@ class Capability(enum.Flag):
     RUNS_SCHEDULE = enum.auto()  # runs the micro-batches itself, in its own order (pipeline)
     CASTS_PARAMS = enum.auto()  # computes with params in `param_dtype`
     SCALES_LOSS = enum.auto()  # multiplies the loss before backward and skips steps whose grads overflow
+    REWRITES_GRADS = enum.auto()  # the update's grads are not the reductions' results (unscaled, exchanged momentum)
 
 
 @dataclasses.dataclass(frozen=True)

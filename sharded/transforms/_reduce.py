@@ -148,12 +148,14 @@ class GradReducer:
         out_dtype: torch.dtype | None = None,
         replicate_group: Any = None,
         scale: float | None = None,
+        summed: bool = False,
     ):
         self.leaves, self.groups, self.group, self.rank, self.scatter = leaves, groups, group, rank, scatter
         self.dtype = dtype  # the reduction's dtype (None: each group's own)
         self.out_dtype = out_dtype  # the grads' dtype (None: each group's own)
         self.replicate_group = replicate_group  # hybrid sharding: chunks are then summed over replicas
         self.scale = scale  # folded into the copy-in (None: 1 / the group's ranks, a mean)
+        self.final = replicate_group is None and not summed  # what a reduction gives is the update's grads (GradBucket.final)
         self.replicas: list[comm.Pending] = []
         self.sums: list[torch.Tensor] | None = None  # reduce_each_pass: the chunks summed so far
         self.on_filled = on_filled
@@ -199,10 +201,10 @@ class GradReducer:
             fg, inp = self.groups[g], self._input(g)
             if self.scatter:
                 out = torch.empty(fg.size, dtype=inp.dtype, device=fg.device)
-                self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, out, Reduction.REDUCE_SCATTER, self.group, fg))
+                self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, out, Reduction.REDUCE_SCATTER, self.group, fg, self.final))
             else:
                 out = fg.rows(inp)[self.rank]
-                self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, inp, Reduction.ALL_REDUCE, self.group, fg))
+                self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, inp, Reduction.ALL_REDUCE, self.group, fg, self.final))
             self.outputs.append(out)
             self.started += 1
             self._retire(keep=self.IN_FLIGHT)

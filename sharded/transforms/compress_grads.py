@@ -144,6 +144,7 @@ class _Rows:
 class CompressGrads(Transform):
     name = "compress_grads"
     level = Level.PARALLEL
+    capabilities = Capability.REWRITES_GRADS  # the optimizer gets the grads that make its momentum the exchanged one
 
     def __init__(self, method: str = "onebit", warmup_steps: int | None = None, block: int = 256):
         if method == "zeroone":

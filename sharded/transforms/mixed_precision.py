@@ -102,7 +102,7 @@ class MixedPrecision(Transform):
         self.capabilities = Capability.CASTS_PARAMS
         self.handlers = {"apply": self._apply, "block": self._block}
         if self.scaling:
-            self.capabilities |= Capability.OWNS_UPDATE | Capability.SCALES_LOSS
+            self.capabilities |= Capability.OWNS_UPDATE | Capability.SCALES_LOSS | Capability.REWRITES_GRADS
             self.handlers.update(value_and_grad=self._value_and_grad, update=self._update)
         self._cast: dict[str, bool] | None = None
         self.cast_at_use = False  # under ZeRO-3: see check()

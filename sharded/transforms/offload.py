@@ -19,7 +19,11 @@ With params=True (ZeRO-Infinity's params off the device; it needs shard_zero(sta
 this rank's param chunks live on the host too. ZeRO-3 fetches each block's chunks
 to the device when it gathers the block, on a side stream ahead of use ([Note:
 gathering from the host] in _flat.py), so the device holds only the blocks gathered
-now. The update then runs on the host's params themselves: only the grads cross.
+now. The update then runs on the host's params themselves: only the grads cross. It
+starts during backward, each block's leaves updated on the host as soon as their
+grads are reduced and copied over, where the optimizer is leafwise and nothing
+rewrites the grads after their reduction ([Note: the host update in parts] in
+_host_update.py).
 
 [Note: offload's two places in the order] Its `level` is outermost (STORAGE). Its
 `init` runs after every other transform's, since `init` runs innermost first: ZeRO
@@ -43,9 +47,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from sharded import primitives
 from sharded import tree as T
 from sharded.placement import Placement, Tier, map_state, state_leaves
+from sharded.reduce import GradBucket, Reduction
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
+from sharded.transforms._host_update import HostUpdate
 
 __all__ = ["offload"]
 
@@ -70,8 +77,10 @@ class Offload(Transform):
         if not isinstance(params, bool):
             raise ValueError(f"offload(params=...) is True (the params on the host too, under shard_zero(stage=3)) or False; got {params!r}")
         self.tier, self.params = tier, params
-        self.handlers = {"update": self._update}
+        self.handlers = {"update": self._update, "reduce_grads": self._reduce_grads}
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # host copies of grads and params, per layout
+        self._streams = False  # whether the update may start during backward (set by require)
+        self._live: tuple[Any, HostUpdate] | None = None  # (the step's state, its update in parts)
 
     def describe(self) -> str:
         return f"offload({self.tier!r}{', params=True' if self.params else ''})"
@@ -79,6 +88,29 @@ class Offload(Transform):
     def require(self, stack: Any) -> None:
         if self.params and not any(Capability.SHARDS_PARAMS in t.capabilities for t in stack):
             raise ValueError(_NEEDS_STAGE3)
+        # [Note: the host update in parts] in _host_update.py: only where the params live
+        # on the host and no transform changes the grads after their reduction
+        rewrites = Capability.REWRITES_GRADS | Capability.MICROBATCHES
+        self._streams = self.params and not any(t is not self and rewrites & t.capabilities for t in stack)
+
+    def _reduce_grads(self, next_: Callable, bucket: GradBucket) -> Any:
+        """A final group of this rank's grads: once reduced, to the host, and its leaves'
+        update started there (when the step qualifies)."""
+        pending = next_(bucket)
+        state = primitives.step_state()
+        if not (self._streams and bucket.final and bucket.layout is not None and bucket.reduction is Reduction.REDUCE_SCATTER and state is not None and state.tx.leafwise):
+            return pending
+        if self._live is None or self._live[0] is not state:
+            self._live = (state, HostUpdate(state.tx, state.opt_state, state.params, self._host_grad, lambda: _threads(_host_threads())))
+        live = self._live[1]
+        return pending.then(lambda: live.reduced(bucket))
+
+    def _host_grad(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        """Leaf i's host buffer for its grad (pinned beside a GPU), made once."""
+        key = ("grad", i, like.shape, like.dtype)
+        if key not in self._buffers:
+            self._buffers[key] = [torch.empty(like.shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())]
+        return self._buffers[key][0]
 
     def _offloaded(self, path: str, x: Any) -> bool:
         """The leaves kept on the host: every tensor of the optimizer state and, with
@@ -110,7 +142,11 @@ class Offload(Transform):
         themselves where they live there); the updated params copied back into the
         device's tensors (which the transforms outside hold views of). The copies go
         through host buffers kept from step to step (pinned beside a GPU): one batch of
-        asynchronous copies each way and one wait, not a wait per tensor."""
+        asynchronous copies each way and one wait, not a wait per tensor. Where the
+        update already started during backward, it is finished instead."""
+        live, self._live = self._live, None
+        if live is not None and live[0] is primitives.step_state():
+            return live[1].finish(params, grads)
         leaves, device_grads = T.leaves(params), T.leaves(grads)
         host_params, host_grads = self._on_host("params", leaves), self._on_host("grads", device_grads)
         staged = [(h, x) for h, x in zip(host_params + host_grads, leaves + device_grads) if h is not x]

@@ -249,7 +249,7 @@ class ShardZero(Transform):
         t = self._topo()
         reducer = GradReducer(
             gp.leaves, groups, t.shard_group, t.shard_rank, dtype=options.pop("dtype", self.reduce_dtype),
-            replicate_group=t.replicate_group, scale=1.0 / t.dp_size, **options,
+            replicate_group=t.replicate_group, scale=1.0 / t.dp_size, summed=self.reduce_every_microbatch, **options,
         )
         if self.reduce_every_microbatch:
             gp.every_pass = True
