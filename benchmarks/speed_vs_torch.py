@@ -27,7 +27,8 @@ sharded_zero2 keeps whole fp32 params (DeepSpeed's ZeRO-2);
 sharded_zero3_compile >= 1.10x fsdp2 and >= 1.0x fsdp2_compile.
 Issue 14: sharded_zero3_offload (`offload("cpu", params=True)` over ZeRO-3) against fsdp2_offload
 (CPUOffloadPolicy(pin_memory=True)) and deepspeed_zero3_offload (offload_optimizer and
-offload_param to pinned CPU memory, CPUAdam).
+offload_param to pinned CPU memory, CPUAdam); sharded_zero3_offload_no_reshard keeps each
+gathered block through backward, so each block's chunks cross PCIe once per step, not twice.
 """
 from __future__ import annotations
 
@@ -46,13 +47,14 @@ from sharded.train import peak_flops
 
 SYSTEMS = [
     "sharded_zero3", "fsdp2", "sharded_zero2", "sharded_zero3_no_reshard", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
-    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "fsdp2_offload", "deepspeed_zero3_offload",
+    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "fsdp2_offload", "deepspeed_zero3_offload",
 ]
 PAIRS = [
     ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero3_no_reshard", "fsdp2_no_reshard"),
     ("sharded_zero1", "ddp"), ("sharded_dp", "ddp"),
     ("sharded_zero3_compile", "fsdp2"), ("sharded_zero3_compile", "fsdp2_compile"),
     ("sharded_zero3_offload", "fsdp2_offload"), ("sharded_zero3_offload", "deepspeed_zero3_offload"),
+    ("sharded_zero3_offload_no_reshard", "fsdp2_offload"),
 ]
 LR, WD = 1e-4, 0.1
 
@@ -163,6 +165,7 @@ BUILD = {  # (config, precision, the arguments) -> a step of (x, y)
     "fsdp2_compile": lambda cfg, p, a: _fsdp2(cfg, p, compiled=a.compile_backend),
     "ddp": lambda cfg, p, a: _ddp(cfg, p),
     "sharded_zero3_offload": lambda cfg, p, a: _sharded(cfg, p, 3, offload=True),
+    "sharded_zero3_offload_no_reshard": lambda cfg, p, a: _sharded(cfg, p, 3, reshard=False, offload=True),
     "fsdp2_offload": lambda cfg, p, a: _fsdp2(cfg, p, offload=True),
     "deepspeed_zero3_offload": lambda cfg, p, a: _deepspeed_offload(cfg, p, a.batch),
 }
