@@ -17,6 +17,10 @@ are equal, and `finish` keeps one. Params are updated in place (`optim.apply` do
 them); the state's moments are in place too under a fused optimizer, and otherwise
 taken from each part's new state when `finish` rebuilds the whole state. Every leaf
 must be in exactly one part.
+
+A part may also run on copies of its leaves (`moments=`, `params=`: offload's disk
+tier stages them through host buffers): `run` returns the part's new moments for the
+caller to store back, and `finish` keeps the whole state's own moment tensors.
 """
 from __future__ import annotations
 
@@ -40,33 +44,52 @@ class InParts:
         self.tx, self.state, self.params = tx, state, params
         self.treespec, self.leaves = T.structure(params), T.leaves(params)
         self.nodes, self.outer = optree.tree_flatten(state, is_leaf=self._mirrors, none_is_leaf=False, namespace="sharded")
-        self.done: list[tuple[Sequence[int], list]] = []  # (indices, that part's new state nodes)
+        self.done: list[tuple[Sequence[int], list, bool]] = []  # (indices, that part's new state nodes, whether it ran on copies)
         self.seen: set[int] = set()
 
     def _mirrors(self, x: Any) -> bool:
         return not isinstance(x, torch.Tensor) and x is not None and T.structure(x) == self.treespec
 
-    def run(self, indices: Sequence[int], grads: Sequence[torch.Tensor]) -> None:
-        """Update leaves `indices` (each once per update) with their `grads`."""
+    def mirrored(self) -> list[list[torch.Tensor]]:
+        """Each subtree of the state that mirrors the params (a moment), as its leaves."""
+        return [T.leaves(n) for n in self.nodes if self._mirrors(n)]
+
+    def run(
+        self,
+        indices: Sequence[int],
+        grads: Sequence[torch.Tensor],
+        moments: Sequence[Sequence[torch.Tensor]] | None = None,
+        params: Sequence[torch.Tensor] | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """Update leaves `indices` (each once per update) with their `grads`, in place
+        (on `moments`, one list per moment as `mirrored()` orders them, and `params`
+        where given: copies of those leaves); the part's new moments."""
         if self.seen & set(indices):
             raise ValueError(f"an update in parts got leaves {sorted(self.seen & set(indices))} twice")
         self.seen |= set(indices)
-        part = [[T.leaves(n)[i] for i in indices] if self._mirrors(n) else _copy(n) for n in self.nodes]
-        _, new_state = apply(self.tx, list(grads), optree.tree_unflatten(self.outer, part), [self.leaves[i] for i in indices])
-        self.done.append((indices, optree.tree_flatten(new_state, is_leaf=lambda x: isinstance(x, list), none_is_leaf=False, namespace="sharded")[0]))
+        given = iter(moments) if moments is not None else None
+        part = [
+            (list(next(given)) if given is not None else [T.leaves(n)[i] for i in indices]) if self._mirrors(n) else _copy(n)
+            for n in self.nodes
+        ]
+        own = [self.leaves[i] for i in indices] if params is None else list(params)
+        _, new_state = apply(self.tx, list(grads), optree.tree_unflatten(self.outer, part), own)
+        new = optree.tree_flatten(new_state, is_leaf=lambda x: isinstance(x, list), none_is_leaf=False, namespace="sharded")[0]
+        self.done.append((indices, new, moments is not None))
+        return [x for x, n in zip(new, self.nodes) if self._mirrors(n)]
 
     def finish(self) -> tuple[Any, Any]:
         """(params, state) once every leaf has been in a part."""
         if len(self.seen) != len(self.leaves):
             raise ValueError(f"an update in parts covered {len(self.seen)} of {len(self.leaves)} leaves")
         nodes = [list(T.leaves(n)) if self._mirrors(n) else n for n in self.nodes]
-        for indices, new in self.done:
+        for indices, new, on_copies in self.done:
             for k, node in enumerate(self.nodes):
-                if self._mirrors(node):
+                if not self._mirrors(node):
+                    nodes[k] = new[k]
+                elif not on_copies:
                     for i, x in zip(indices, new[k]):
                         nodes[k][i] = x
-                else:
-                    nodes[k] = new[k]
         whole = [T.unflatten(self.treespec, n) if self._mirrors(m) else n for n, m in zip(nodes, self.nodes)]
         return self.params, optree.tree_unflatten(self.outer, whole)
 
