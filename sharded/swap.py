@@ -31,6 +31,7 @@ import time
 import warnings
 import weakref
 
+import numpy
 import torch
 
 __all__ = [
@@ -290,6 +291,19 @@ class SwapStore:
         """Start copying slot `name` into `dst` (a contiguous CPU tensor of the slot's numel
         and dtype); its values are valid once `wait()` returns."""
         return self._start(name, dst, Direction.READ)
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """Slot `name` as a CPU tensor mapped from the file (its pages read from disk when
+        touched, not held in memory): how a state holds what lives on disk, so that
+        checkpoints, `gather` and a user's reads see its values. The kernel keeps the
+        mapping coherent with this store's reads and writes (a direct read first writes
+        back pages changed through the mapping). Call it only while no transfer of the
+        slot is in flight."""
+        slot = self._slots[name]
+        if not slot.numel:
+            return torch.empty(0, dtype=slot.dtype)
+        pages = numpy.memmap(self.file, dtype=numpy.uint8, mode="r+", offset=slot.offset, shape=(slot.nbytes,))
+        return torch.from_numpy(pages).view(slot.dtype)
 
     def stats(self) -> SwapStats:
         """Bytes moved and seconds spent per direction since the store opened (transfers

@@ -1,5 +1,6 @@
-"""`offload(tier="cpu", params=False)`: the optimizer state (and, with params=True, the
-params) in host memory, and the update run there.
+"""`offload(tier="cpu"|"nvme", params=False)`: the optimizer state (and, with
+params=True, the params) in host memory or files on local disk, and the update run on
+the host.
 
 Reference semantics: the plain step, exactly. The update is the same optimizer on the
 same values; it runs on the CPU (the fused AdamW path: torch's fused CPU kernel).
@@ -33,8 +34,13 @@ handler runs innermost (`levels`). By then ZeRO has cut the params into this ran
 chunks, and a loss scaler has unscaled and checked the grads on the device; a skipped
 step never reaches it.
 
+With tier="nvme" (`path=`, `host_buffer_gb=`), the optimizer's moments live in a swap
+file under `path` instead, `Tier.DISK` in the placements, and the update runs group by
+group through two sets of host buffers that together take `host_buffer_gb` ([Note:
+the disk tier] in _disk_update.py): a state larger than host memory trains.
+
 Not built yet (issue 14), each a clear error:
-- tier="nvme";
+- tier="nvme" with params=True (the params on disk too);
 - fp32 masters on the host under mixed_precision without params=True: the params
   stay on the device in their own dtype.
 """
@@ -43,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -52,16 +59,17 @@ from sharded import tree as T
 from sharded.placement import Placement, Tier, map_state, state_leaves
 from sharded.reduce import GradBucket, Reduction
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
+from sharded.transforms._disk_update import DiskTier
 from sharded.transforms._host_update import HostUpdate
 
 __all__ = ["offload"]
 
-_TIERS = {"cpu": Tier.HOST}
+_TIERS = {"cpu": Tier.HOST, "nvme": Tier.DISK}
+DEFAULT_HOST_BUFFER_GB = 2.0  # the nvme tier's two staging sets, together
 _NEEDS_STAGE3 = (
     "offload(params=True) fetches each block's param chunks from the host as ZeRO-3 gathers them, so it needs "
     "shard_zero(stage=3) in the same step; add it, or use offload('cpu') to move only the optimizer state"
 )
-_NOT_BUILT = {"nvme": "tier='nvme' (the state in files on local disk)"}
 
 
 class Offload(Transform):
@@ -69,21 +77,29 @@ class Offload(Transform):
     level = Level.STORAGE
     levels = {"update": Level.HOST}
 
-    def __init__(self, tier: str = "cpu", params: bool = False):
-        if tier in _NOT_BUILT:
-            raise ValueError(f"offload({_NOT_BUILT[tier]}) is not built yet (issue 14); use offload(tier='cpu')")
+    def __init__(self, tier: str = "cpu", params: bool = False, path: str | os.PathLike | None = None, host_buffer_gb: float | None = None):
         if tier not in _TIERS:
-            raise ValueError(f"offload(tier={tier!r}): unknown tier; use tier='cpu' (host memory)")
+            raise ValueError(f"offload(tier={tier!r}): unknown tier; use tier='cpu' (host memory) or tier='nvme' (files on local disk)")
         if not isinstance(params, bool):
             raise ValueError(f"offload(params=...) is True (the params on the host too, under shard_zero(stage=3)) or False; got {params!r}")
+        if tier == "nvme":
+            _check_swap_directory(path)
+            if params:
+                raise ValueError("offload(tier='nvme', params=True), the params on disk too, is not built yet (issue 14); use offload('cpu', params=True) or offload('nvme')")
+            if host_buffer_gb is not None and not (isinstance(host_buffer_gb, (int, float)) and host_buffer_gb > 0):
+                raise ValueError(f"offload(host_buffer_gb=...) is the host memory (GB) the nvme tier stages the update through, a number > 0; got {host_buffer_gb!r}")
+        elif path is not None or host_buffer_gb is not None:
+            raise ValueError("offload(path=..., host_buffer_gb=...) set the nvme tier's swap files and buffers; tier='cpu' keeps the state in host memory and takes neither")
         self.tier, self.params = tier, params
+        self.path, self.host_bytes = (os.fspath(path) if path is not None else None), int((host_buffer_gb or DEFAULT_HOST_BUFFER_GB) * 2**30)
+        self._disk: DiskTier | None = None
         self.handlers = {"update": self._update, "reduce_grads": self._reduce_grads}
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # host copies of grads and params, per layout
         self._streams = False  # whether the update may start during backward (set by require)
         self._live: tuple[Any, HostUpdate] | None = None  # (the step's state, its update in parts)
 
     def describe(self) -> str:
-        return f"offload({self.tier!r}{', params=True' if self.params else ''})"
+        return f"offload({self.tier!r}{', params=True' if self.params else ''}{f', path={self.path!r}' if self.path else ''})"
 
     def require(self, stack: Any) -> None:
         if self.params and not any(Capability.SHARDS_PARAMS in t.capabilities for t in stack):
@@ -120,6 +136,8 @@ class Offload(Transform):
         return path.startswith("opt_state") or (self.params and path.startswith("params") and x.is_floating_point() and x.numel() > 0)
 
     def init(self, state: Any) -> Any:
+        if self.tier == "nvme":
+            return self._init_disk(state)
         if self.params and any(not (state.placements.get(path) and state.placements.get(path).cuts) for path, x in state_leaves(state) if path.startswith("params") and self._offloaded(path, x)):
             raise ValueError(_NEEDS_STAGE3 + " (over 2 or more ranks: on one rank there are no chunks to fetch)")
         _check_host_memory(sum(x.numel() * x.element_size() for path, x in state_leaves(state) if self._offloaded(path, x)))
@@ -128,6 +146,31 @@ class Offload(Transform):
         moved = map_state(state, lambda path, x: _to_host(x, pin) if self._offloaded(path, x) else x)
         placements = {
             path: dataclasses.replace(state.placements.get(path) or Placement(x.shape), tier=_TIERS[self.tier])
+            for path, x in state_leaves(moved)
+            if self._offloaded(path, x)
+        }
+        return moved.replace(placements=moved.placements.update(placements))
+
+    def _init_disk(self, state: Any) -> Any:
+        """[Note: the disk tier] in _disk_update.py: the moments to a swap file, the counts to host memory."""
+        if not state.tx.leafwise:
+            raise ValueError(
+                "offload(tier='nvme') updates the optimizer state group by group through host_buffer_gb of host memory, "
+                "so the optimizer must be leafwise (tx.leafwise); a global-norm clip reads every leaf at once: "
+                "drop clip_by_global_norm, or use offload('cpu')"
+            )
+        _check_host_memory(self.host_bytes)
+        self._device = next((x.device for x in T.leaves(state.params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        if self._disk is None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            self._disk = DiskTier(self.path, self.host_bytes, rank)
+            weakref.finalize(self, self._disk.close)
+        moments = {path: x for path, x in state_leaves(state) if self._offloaded(path, x) and x.dim() > 0}
+        mapped = self._disk.place(moments)
+        pin = torch.cuda.is_available()
+        moved = map_state(state, lambda path, x: mapped[path] if path in mapped else _to_host(x, pin) if self._offloaded(path, x) else x)
+        placements = {
+            path: dataclasses.replace(state.placements.get(path) or Placement(x.shape), tier=Tier.DISK if path in mapped else Tier.HOST)
             for path, x in state_leaves(moved)
             if self._offloaded(path, x)
         }
@@ -147,6 +190,8 @@ class Offload(Transform):
         live, self._live = self._live, None
         if live is not None and live[0] is primitives.step_state():
             return live[1].finish(params, grads)
+        if self._disk is not None:
+            return self._disk.update(tx, grads, opt_state, params, lambda: _threads(_host_threads()))
         leaves, device_grads = T.leaves(params), T.leaves(grads)
         host_params, host_grads = self._on_host("params", leaves), self._on_host("grads", device_grads)
         staged = [(h, x) for h, x in zip(host_params + host_grads, leaves + device_grads) if h is not x]
@@ -181,6 +226,17 @@ class Offload(Transform):
             else:
                 out.append(op)
         return out
+
+
+def _check_swap_directory(path: Any) -> None:
+    """The nvme tier's directory: given, a directory, writable (free space is checked
+    when init knows the state's size)."""
+    if path is None:
+        raise ValueError("offload(tier='nvme') needs path=...: a directory on local disk (NVMe) for this job's swap files")
+    if not os.path.isdir(path):
+        raise ValueError(f"offload(tier='nvme', path={os.fspath(path)!r}): no such directory; create it, or pass a directory on local disk")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"offload(tier='nvme', path={os.fspath(path)!r}): not writable by this process; pass a directory it may write")
 
 
 def _host_threads() -> int:
