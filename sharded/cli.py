@@ -67,8 +67,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3], help="shard_zero stage instead of data_parallel (0: off)")
     p.add_argument("--pp", type=_positive, default=d.pp, help="pipeline stages (1F1B over --accumulate micro-batches; dp = nproc / pp)")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"], help="mixed_precision compute dtype")
-    p.add_argument("--offload", default=d.offload, choices=["none", "cpu"], help="offload: the optimizer state in host memory, the update run there")
-    p.add_argument("--offload-params", action="store_true", default=d.offload_params, help="with --offload and --zero 3: the param chunks in host memory too, fetched per block")
+    p.add_argument("--offload", default=d.offload, choices=["none", "cpu", "nvme"], help="offload: the optimizer state in host memory (cpu) or in files on local disk (nvme), the update run on the host")
+    p.add_argument("--offload-params", action="store_true", default=d.offload_params, help="with --offload cpu and --zero 3: the param chunks in host memory too, fetched per block")
+    p.add_argument("--offload-path", default=d.offload_path, help="with --offload nvme: the directory on local disk for the swap files")
+    p.add_argument("--host-buffer-gb", type=float, default=d.host_buffer_gb, help="with --offload nvme: host memory (GB) the update stages the state through")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
     p.add_argument("--compile", default=d.compile, choices=["none", "inductor", "aot_eager"], help="each block's forward through torch.compile with this backend (sharded.compile)")
     p.add_argument("--data", default=d.data, help="your data: a text file, or a token file (.bin uint16 as nanoGPT writes it, .npy), memory-mapped; the last 10%% is validation")
@@ -83,6 +85,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=_positive_float, default=d.lr)
     p.add_argument("--warmup", type=_non_negative, default=d.warmup, help="learning-rate warmup steps")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global grad norm at this (0: no clipping; --offload nvme needs 0)")
     p.add_argument("--log-every", type=_positive, default=d.log_every, help="metrics every N steps (and, in a log file, a progress line)")
     p.add_argument("--eval-every", type=_positive, default=d.eval_every, help="also the val loss every N steps")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -118,8 +121,9 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="param dtype")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per rank per micro-batch (adds activations)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
-    p.add_argument("--offload", default="none", choices=["none", "cpu"], help="offload: the optimizer state in host memory (reported as host bytes)")
-    p.add_argument("--offload-params", action="store_true", help="with --offload and --zero 3: the param chunks in host memory too")
+    p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"], help="offload: the optimizer state in host memory (reported as host bytes) or on disk (disk bytes)")
+    p.add_argument("--offload-params", action="store_true", help="with --offload cpu and --zero 3: the param chunks in host memory too")
+    p.add_argument("--host-buffer-gb", type=float, default=None, help="with --offload nvme: the host staging buffers (default: offload's)")
     p.set_defaults(run=_run_estimate)
 
 
@@ -135,7 +139,7 @@ def _run_estimate(args: argparse.Namespace) -> None:
     est = sharded.estimate_memory(
         model, stage=args.zero, world_size=args.world_size, optimizer=args.optimizer,
         param_dtype=getattr(torch, args.dtype), batch_size=args.batch_size, seq_len=args.seq_len or cfg.seq_len,
-        offload=None if args.offload == "none" else args.offload, offload_params=args.offload_params,
+        offload=None if args.offload == "none" else args.offload, offload_params=args.offload_params, host_buffer_gb=args.host_buffer_gb,
     )
     print(f"GPT-{args.preset} ({model.num_params() / 1e9:.2f}B params), shard_zero(stage={args.zero}) on {args.world_size} ranks, per rank:")
     print(est)

@@ -157,16 +157,21 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
     bucket = zero.get("reduce_bucket_size", None, "reduce_bucket_size")
     bucket_mb = {} if bucket is None else {"bucket_mb": max(float(bucket) * 4 / 2**20, 1e-6)}
     offloaded = {}  # offload_optimizer / offload_param -> its device
+    nvme_path = None
     for key in ("offload_optimizer", "offload_param"):
         section = zero.get(key, {}) or {}
         device = section.get("device", "none")
-        if device == "cpu":
+        if device == "nvme" and key == "offload_optimizer":
+            nvme_path = section.get("nvme_path")
+            if nvme_path is None:
+                raise ValueError('DeepSpeed config: zero_optimization.offload_optimizer.device "nvme" needs "nvme_path": a directory on local NVMe')
+        if device == "cpu" or (device == "nvme" and key == "offload_optimizer"):
             offloaded[key] = device
-            if set(section) - {"device"}:
-                notes.append(f"zero_optimization.{key}.{sorted(set(section) - {'device'})[0]}: offload pins host memory itself where there is a GPU; the other keys are DeepSpeed's engine's")
+            for extra in sorted(set(section) - {"device", "nvme_path"}):
+                notes.append(f"zero_optimization.{key}.{extra}: offload pins and stages host memory itself (host_buffer_gb for nvme); DeepSpeed's engine reads this key")
         elif device not in (None, "none"):
             raise ValueError(f'DeepSpeed config: zero_optimization.{key}.device "{device}" is not built yet (issue 14, offload); use "cpu" or "none"')
-    if "offload_param" in offloaded and (stage != 3 or "offload_optimizer" not in offloaded):
+    if "offload_param" in offloaded and (stage != 3 or offloaded.get("offload_optimizer") != "cpu"):
         raise ValueError('DeepSpeed config: zero_optimization.offload_param needs stage 3 and offload_optimizer.device "cpu" (offload(params=True) fetches ZeRO-3\'s chunks); set both, or remove offload_param')
     for key, why in _ZERO_ENGINE_ONLY.items():
         if key in zero.section:
@@ -181,7 +186,9 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
     if compressed:
         transforms.insert(0, compress_grads(method="onebit"))
     transforms.insert(1 if compressed else 0, shard_zero(stage=stage, **bucket_mb) if stage else data_parallel(**bucket_mb))
-    if offloaded:
+    if nvme_path is not None:
+        transforms.insert(0, offload(tier="nvme", path=nvme_path))
+    elif offloaded:
         transforms.insert(0, offload(tier="cpu", params="offload_param" in offloaded))
     if accum > 1:
         transforms.append(accumulate(steps=accum))

@@ -33,6 +33,7 @@ class MemoryEstimate:
     optimizer: int
     activations: int | None = None
     host: int = 0
+    disk: int = 0  # offload's nvme tier: this rank's swap file
 
     @property
     def model_state(self) -> int:
@@ -49,6 +50,8 @@ class MemoryEstimate:
         rows.append(("total", self.total))
         if self.host:
             rows.append(("host", self.host))
+        if self.disk:
+            rows.append(("disk", self.disk))
         return "\n".join(f"{name:<12}{n / 2**30:10.3f} GiB" for name, n in rows)
 
 
@@ -62,6 +65,7 @@ def estimate_memory(
     seq_len: int | None = None,
     offload: str | None = None,
     offload_params: bool = False,
+    host_buffer_gb: float | None = None,
 ) -> MemoryEstimate:
     """Per-rank bytes for `model` (a `sharded.Model`) under `shard_zero(stage)` on
     `world_size` dp ranks (stage 0: plain data parallelism).
@@ -71,11 +75,13 @@ def estimate_memory(
     optimizer state to `host`, with the host copies of this rank's grads and params that
     the update runs on. `offload_params=True` (stage 3 only) moves this rank's param
     chunks there too: the device keeps only the blocks gathered at the moment, which,
-    as for stage 3 without it, are not counted.
+    as for stage 3 without it, are not counted. `offload="nvme"` puts the optimizer
+    state in `disk` (this rank's swap file) and its staging buffers (`host_buffer_gb`,
+    offload's default if None) in `host`.
     """
-    if offload not in (None, "cpu"):
-        raise ValueError(f"estimate_memory(offload=...) is None or 'cpu' (the tier offload builds); got {offload!r}")
-    if offload_params and (offload is None or stage != 3):
+    if offload not in (None, "cpu", "nvme"):
+        raise ValueError(f"estimate_memory(offload=...) is None, 'cpu' or 'nvme' (offload's tiers); got {offload!r}")
+    if offload_params and (offload != "cpu" or stage != 3):
         raise ValueError("estimate_memory(offload_params=True) needs offload='cpu' and stage=3 (the chunks ZeRO-3 fetches per block)")
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"estimate_memory(stage=...) must be 0 (no ZeRO), 1, 2 or 3; got {stage!r}")
@@ -93,6 +99,11 @@ def estimate_memory(
     if batch_size is not None and seq_len is not None and cfg is not None:
         activations = int(cfg.n_layers * 34 * seq_len * batch_size * cfg.d_model * b / 2)
     optimizer_bytes = elements(stage >= 1) * (4 * OPTIMIZER_STATES[optimizer] + master)
+    if offload == "nvme":
+        from sharded.transforms.offload import DEFAULT_HOST_BUFFER_GB
+
+        buffers = int((host_buffer_gb or DEFAULT_HOST_BUFFER_GB) * 2**30) // 2 * 2  # two staging sets
+        return MemoryEstimate(params=elements(stage >= 3) * b, grads=elements(stage >= 1) * b, optimizer=0, activations=activations, host=buffers, disk=optimizer_bytes)
     params_bytes = elements(stage >= 3) * b
     copies = 1 if offload_params else 2  # the update's host copies of grads (and params, unless they live there)
     staging = copies * elements(stage >= 1) * b if offload else 0

@@ -50,8 +50,10 @@ class TrainConfig:
     compile: str = "none"  # or a torch.compile backend ("inductor"): each block's forward compiled whole
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
-    offload: str = "none"  # or "cpu": the optimizer state in host memory, the update run there
-    offload_params: bool = False  # with offload and zero=3: the param chunks in host memory too, fetched per block
+    offload: str = "none"  # "cpu": the optimizer state in host memory; "nvme": in files on local disk; the update on the host
+    offload_params: bool = False  # with offload="cpu" and zero=3: the param chunks in host memory too, fetched per block
+    offload_path: str | None = None  # with offload="nvme": the directory for the swap files
+    host_buffer_gb: float | None = None  # with offload="nvme": the host memory the update stages the state through
     data: str | None = None  # a text file, or a token file (.bin uint16 / .npy), instead of the embedded corpus
     data_dtype: str = "uint16"  # a .bin token file's ids: "uint16" (nanoGPT's) or "uint32" (vocabularies past 65,536)
     tokenizer: str | None = None  # a local Hugging Face tokenizer for a text --data (default: bytes)
@@ -62,6 +64,7 @@ class TrainConfig:
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
+    grad_clip: float = 1.0  # the global grad norm's limit (0: no clipping)
     log_every: int = 10
     eval_batches: int = 8
     eval_every: int | None = None  # also evaluate every N steps (the val loss goes in metrics.jsonl)
@@ -117,7 +120,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     if cfg.compress == "onebit":
         step = sharded.compress_grads(method="onebit")(step)
     if cfg.offload != "none":
-        step = sharded.offload(tier=cfg.offload, params=cfg.offload_params)(step)
+        disk = {"path": cfg.offload_path, "host_buffer_gb": cfg.host_buffer_gb} if cfg.offload == "nvme" else {}
+        step = sharded.offload(tier=cfg.offload, params=cfg.offload_params, **disk)(step)
     return sharded.Step(step) if not isinstance(step, sharded.Step) else step
 
 
@@ -214,9 +218,10 @@ def run_rank(cfg: TrainConfig) -> dict:
             print("\n".join([f"{cfg.config}: {', '.join(map(repr, plan.transforms))}; {plan.micro_batch} sequences per rank per micro-batch"] + [f"  note: {n}" for n in plan.notes]))
     elif cfg.compress == "onebit":
         warmup = max(1, round(cfg.compress_warmup * cfg.steps))
-        tx = sharded.optim.onebit_adam(schedule, warmup_steps=warmup, weight_decay=cfg.weight_decay, max_grad_norm=1.0)
+        tx = sharded.optim.onebit_adam(schedule, warmup_steps=warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip or None)
     else:
-        tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(schedule, weight_decay=cfg.weight_decay))
+        tx = sharded.optim.adamw(schedule, weight_decay=cfg.weight_decay)
+        tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip else tx
     step = make_step(model, cfg)
     state = step.init(sharded.TrainState.create(model.params, tx))
     if rank == 0:
@@ -371,6 +376,12 @@ def check(cfg: TrainConfig) -> None:
     """ValueError, in a line, for a configuration that cannot run: checked before any
     rank starts, so a mistake is one message rather than a traceback per rank."""
     world = int(os.environ.get("WORLD_SIZE", cfg.nproc))
+    if cfg.offload == "nvme" and cfg.grad_clip:
+        raise ValueError("--offload nvme updates the optimizer state a group of leaves at a time, so it cannot clip by the global grad norm; add --grad-clip 0")
+    if cfg.offload == "nvme" and cfg.offload_path is None:
+        raise ValueError("--offload nvme needs --offload-path DIR: a directory on local disk for the swap files")
+    if cfg.grad_clip < 0:
+        raise ValueError(f"--grad-clip {cfg.grad_clip}: the global grad norm's limit is > 0, or 0 for none")
     if world % cfg.pp:
         raise ValueError(f"--pp {cfg.pp} does not divide the {world} ranks; use a --pp that divides --nproc")
     dp = world // cfg.pp

@@ -77,6 +77,13 @@ def test_zero_infinity_on_the_host_becomes_offload_with_params():
     assert [repr(t) for t in plan.transforms] == ["offload(tier='cpu', params=True)", "shard_zero(stage=3)"]
 
 
+def test_zero_infinity_on_nvme_becomes_offload_to_disk(tmp_path):
+    config = {"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path), "buffer_count": 4}}}
+    plan = sharded.from_deepspeed_config(config, world_size=2)
+    assert [repr(t) for t in plan.transforms] == [f"offload(tier='nvme', path={str(tmp_path)!r})", "shard_zero(stage=2)"]
+    assert any("buffer_count" in n for n in plan.notes)
+
+
 def test_auto_values_take_what_the_caller_gives_or_say_so():
     config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
               "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}, "gradient_clipping": "auto"}
@@ -90,7 +97,8 @@ def test_auto_values_take_what_the_caller_gives_or_say_so():
      r"Check batch related parameters. train_batch_size is not equal to micro_batch_per_gpu \* gradient_acc_step \* world_size 100 != 8 \* 2 \* 2"),
     ({"train_batch_size": 7}, "make it a multiple of 2"),
     ({"train_batch_size": 8, "bogus_key": 1}, "'bogus_key' is not supported"),
-    ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "offload_optimizer.device \"nvme\" is not built yet"),
+    ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "needs \"nvme_path\""),
+    ({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "offload_param.device \"nvme\" is not built yet"),
     ({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3 and offload_optimizer"),
     ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}}, "offload_param needs stage 3"),
     ({"train_batch_size": 8, "zero_optimization": {"stage": 1, "mystery": True}}, "zero_optimization.mystery is not supported"),

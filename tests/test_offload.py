@@ -2,6 +2,8 @@
 with the plain step, alone and in every pair and drawn triple, is in test_registry.py;
 params=True (which needs ZeRO-3) is drawn here, with where the state lives, what
 checkpoints and gather make of it, and bad input."""
+import errno
+import os
 import sys
 
 import pytest
@@ -102,8 +104,6 @@ def test_a_checkpoint_of_offloaded_state_continues_identically(tmp_path):
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="unknown tier; use tier='cpu'"):
         sharded.offload(tier="gpu")
-    with pytest.raises(ValueError, match="tier='nvme'.*not built yet"):
-        sharded.offload(tier="nvme")
     with pytest.raises(ValueError, match="params=.... is True"):
         sharded.offload(params="yes")
     model = sharded.trace(ToyLM(CFG))
@@ -144,3 +144,131 @@ def test_the_host_update_takes_this_ranks_share_of_the_cores(monkeypatch):
     with module._threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+# -- tier="nvme": the moments in a swap file, the update through bounded host buffers --
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_nvme_tier_equals_the_plain_step(tmp_path, data):
+    """offload('nvme') alone or over ZeRO 1-3, with accumulate and a loss scaler drawn in,
+    in either nesting order, on 1-3 ranks, its buffers small enough for many groups."""
+    draw = data.draw
+    cfg = ToyConfig(vocab=draw(st.integers(3, 13)), width=draw(st.integers(3, 7)), hidden=draw(st.integers(1, 9)),
+                    depth=draw(st.integers(1, 3)), tied=draw(st.booleans()), seed=draw(st.integers(0, 99)))
+    model = sharded.trace(ToyLM(cfg).double())
+    train_step = make_train_step(model)
+    buffer_kib = draw(st.sampled_from([64, 160, 4096]))  # 64 KiB: one leaf per group (each leaf's four tensors take 16 KiB aligned)
+    layers = [sharded.offload("nvme", path=str(tmp_path), host_buffer_gb=buffer_kib / 2**20)]
+    stage = draw(st.integers(0, 3))
+    if stage:
+        layers.append(sharded.shard_zero(stage=stage))
+    steps = draw(st.integers(1, 2))
+    if steps > 1:
+        layers.append(sharded.accumulate(steps=steps))
+    if draw(st.booleans()):
+        layers.append(sharded.mixed_precision(compute=torch.float64, loss_scale=True, init_scale=2.0 ** draw(st.integers(0, 8))))
+    step = train_step
+    for layer in draw(st.permutations(layers)):
+        step = layer(step)
+    world = draw(st.integers(1, 3)) if stage else 1
+    rows = world * steps * draw(st.integers(1, 2))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    seq = draw(st.integers(1, 4))
+    batches = [(torch.randint(0, cfg.vocab, (rows, seq), generator=g), torch.randint(0, cfg.vocab, (rows, seq), generator=g)) for _ in range(3)]
+    tx = sharded.optim.adamw(1e-2, weight_decay=0.1) if draw(st.booleans()) else sharded.optim.sgd(0.1, momentum=0.9)
+    assert_step_equivalent(step, train_step, sharded.TrainState.create(model.params, tx), batches, world_size=world, rtol=1e-7, atol=1e-9)
+
+
+def _on_disk(tmp, buffer_gb):
+    model = sharded.trace(ToyLM(CFG))
+    step = sharded.offload("nvme", path=tmp, host_buffer_gb=buffer_gb)(sharded.shard_zero(stage=3)(make_train_step(model)))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    state, _ = step(state, _batch(0))
+    tiers = {path: state.placements.get(path).tier for path, x in state_leaves(state) if path.startswith("opt_state")}
+    moments = sum(x.numel() * x.element_size() for path, x in state_leaves(state) if path.startswith("opt_state") and x.ndim)
+    (offload,) = [t for t in step.transforms if t.name == "offload"]
+    arenas = sum(x.numel() * x.element_size() for x in offload._disk.arenas)
+    files = [s.file for s in offload._disk.stores]
+    est = sharded.estimate_memory(model, stage=3, world_size=2, optimizer="adamw", offload="nvme", host_buffer_gb=buffer_gb)
+    sizes = [os.path.getsize(f) for f in files]
+    full = step.gather(state)
+    back = [full.placements.get(path) for path, _ in state_leaves(full) if path.startswith("opt_state")]
+    return tiers, moments, arenas, sizes, est, back, len(sharded.tree.leaves(state.params))
+
+
+def test_the_nvme_tier_keeps_the_moments_on_disk_and_its_buffers_bounded(tmp_path):
+    for tiers, moments, arenas, sizes, est, back, leaves in get_pool(2).run(_on_disk, str(tmp_path), 1e-4):
+        assert {t for t in tiers.values()} == {Tier.DISK, Tier.HOST}  # the moments on disk, the counts in memory
+        assert sum(t is Tier.DISK for t in tiers.values()) == 2 * leaves  # both moments of every leaf
+        assert arenas == int(1e-4 * 2**30) // 2 * 2  # two sets, whatever the state's size
+        assert len(sizes) == 1 and sizes[0] >= moments  # this rank's chunks of both moments, 4096-aligned slots
+        assert est.disk == moments and est.optimizer == 0 and est.host == arenas
+        assert all(p is None or p.tier is Tier.DEVICE for p in back)  # gathered: read back from the file, whole
+
+
+def _nvme_resumed(tmp):
+    model = sharded.trace(ToyLM(CFG).double())
+    step = sharded.offload("nvme", path=tmp, host_buffer_gb=1e-4)(sharded.shard_zero(stage=2)(make_train_step(model)))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    state, _ = step(state, _batch(0))
+    sharded.checkpoint.save(state, f"{tmp}/ckpt")
+    fresh = step.init(sharded.TrainState.create(sharded.tree.map(torch.clone, model.params), sharded.optim.adamw(1e-2)))
+    loaded = sharded.checkpoint.load(f"{tmp}/ckpt", like=fresh)
+    a, _ = step(state, _batch(1))
+    b, _ = step(loaded, _batch(1))
+    return all(torch.equal(x, y) for x, y in zip(sharded.tree.leaves((a.params, a.opt_state)), sharded.tree.leaves((b.params, b.opt_state))))
+
+
+def test_a_checkpoint_of_state_on_disk_continues_identically(tmp_path):
+    assert all(get_pool(2).run(_nvme_resumed, str(tmp_path)))
+
+
+def test_bad_nvme_input_is_named(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="needs path="):
+        sharded.offload("nvme")
+    with pytest.raises(ValueError, match="no such directory"):
+        sharded.offload("nvme", path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="takes neither"):
+        sharded.offload("cpu", host_buffer_gb=1)
+    with pytest.raises(ValueError, match="a number > 0"):
+        sharded.offload("nvme", path=str(tmp_path), host_buffer_gb=0)
+    with pytest.raises(ValueError, match="params=True.*not built yet"):
+        sharded.offload("nvme", path=str(tmp_path), params=True)
+    monkeypatch.setattr(sys.modules["sharded.transforms.offload"].os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match="not writable"):
+        sharded.offload("nvme", path=str(tmp_path))
+    monkeypatch.undo()
+    model = sharded.trace(ToyLM(CFG))
+    step = sharded.offload("nvme", path=str(tmp_path))(make_train_step(model))
+    clipped = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2))
+    with pytest.raises(ValueError, match="must be leafwise"):
+        step.init(sharded.TrainState.create(model.params, clipped))
+    small = sharded.offload("nvme", path=str(tmp_path), host_buffer_gb=1e-6)(make_train_step(model))
+    state = small.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    with pytest.raises(ValueError, match="raise host_buffer_gb to at least"):
+        small(state, _batch(0))
+    Usage = type("Usage", (), {"free": 1024, "total": 1 << 40, "used": 0})
+    monkeypatch.setattr(sys.modules["sharded.swap"].shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(ValueError, match="disk"):
+        sharded.offload("nvme", path=str(tmp_path))(make_train_step(model)).init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+
+
+def test_a_full_disk_mid_run_is_named_and_the_last_checkpoint_loads(tmp_path, monkeypatch):
+    model = sharded.trace(ToyLM(CFG).double())
+    step = sharded.offload("nvme", path=str(tmp_path))(make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    state, _ = step(state, _batch(0))
+    sharded.checkpoint.save(state, tmp_path / "ckpt")
+    saved = [x.clone() for x in sharded.tree.leaves(state.opt_state)]
+
+    def full(fd, buffers, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys.modules["sharded.swap"].os, "pwritev", full)
+    with pytest.raises(RuntimeError, match="ENOSPC"):
+        step(state, _batch(1))
+    monkeypatch.undo()
+    fresh = step.init(sharded.TrainState.create(sharded.tree.map(torch.clone, model.params), sharded.optim.adamw(1e-2)))
+    loaded = sharded.checkpoint.load(tmp_path / "ckpt", like=fresh)
+    assert all(torch.equal(a, b) for a, b in zip(sharded.tree.leaves(loaded.opt_state), saved))

@@ -268,3 +268,22 @@ def test_disk_bandwidth(tmp_path):
     bw = swap.disk_bandwidth(tmp_path, 2**20, direct=False)
     assert bw.mode is IOMode.BUFFERED and bw.write_gbps > 0 and bw.read_gbps > 0
     assert os.listdir(tmp_path) == []
+
+
+def test_mapped_slots_show_what_the_store_wrote_and_write_through(tmp_path):
+    """A state holds its disk-tier leaves as `mapped` views: they read what the store
+    wrote (O_DIRECT or not), and a write through them is what the store reads next."""
+    with SwapStore(tmp_path, {"a": (5000, torch.float32), "b": (3, torch.bfloat16), "empty": (0, torch.float32)}) as store:
+        a = torch.randn(5000)
+        store.write("a", a).wait()
+        view = store.mapped("a")
+        assert torch.equal(view, a)
+        b = torch.randn(5000)
+        store.write("a", b).wait()
+        assert torch.equal(view, b)  # the same pages, refreshed by the store's write
+        view.add_(1)
+        back = torch.empty(5000)
+        store.read("a", back).wait()
+        assert torch.equal(back, b + 1)
+        store.write("b", torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)).wait()
+        assert store.mapped("b").tolist() == [1.0, 2.0, 3.0] and store.mapped("empty").numel() == 0
