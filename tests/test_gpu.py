@@ -93,6 +93,26 @@ def test_bf16_zero3_with_params_on_the_host_matches_it_on_the_device():
     torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5)
 
 
+def _nvme_on_cuda(cfg, batches, path):
+    dev = sharded.distributed.device()
+    model = sharded.trace(ToyLM(cfg).to(dev))
+    step = sharded.offload("nvme", path=path, host_buffer_gb=1e-3)(sharded.shard_zero(stage=2, bucket_mb=0.01)(make_train_step(model)))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    for x, y in batches:
+        state, m = step(state, (x.to(dev), y.to(dev)))
+    return {k: v.cpu() for k, v in step.gather(state).params.items()}, m["loss"].cpu()
+
+
+@needs(2)
+def test_the_nvme_tier_over_nccl_matches_one_gpu(tmp_path):
+    """The moments in swap files, staged through 1 MB of pinned buffers: the grads' and
+    params' copies over PCIe and the disk's reads and writes, group by group."""
+    cfg = ToyConfig(tied=True, depth=4, width=64, hidden=96, vocab=50)
+    batches = _batches(cfg.vocab, 8, 4)
+    got, loss = sharded.launch(_nvme_on_cuda, cfg, batches, str(tmp_path), nprocs=2, device="cuda")
+    _assert_matches_one_gpu(cfg, batches, got, loss, sharded.optim.adamw(1e-2))
+
+
 def _assert_matches_one_gpu(cfg, batches, got, loss, tx):
     """The plain step on one GPU ends with `got` params and `loss`."""
     model = sharded.trace(ToyLM(cfg).cuda())
