@@ -85,7 +85,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=_positive_float, default=d.lr)
     p.add_argument("--warmup", type=_non_negative, default=d.warmup, help="learning-rate warmup steps")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global grad norm at this (0: no clipping; --offload nvme needs 0)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global grad norm at this (0: no clipping)")
     p.add_argument("--log-every", type=_positive, default=d.log_every, help="metrics every N steps (and, in a log file, a progress line)")
     p.add_argument("--eval-every", type=_positive, default=d.eval_every, help="also the val loss every N steps")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -376,8 +376,6 @@ def check(cfg: TrainConfig) -> None:
     """ValueError, in a line, for a configuration that cannot run: checked before any
     rank starts, so a mistake is one message rather than a traceback per rank."""
     world = int(os.environ.get("WORLD_SIZE", cfg.nproc))
-    if cfg.offload == "nvme" and cfg.grad_clip:
-        raise ValueError("--offload nvme updates the optimizer state a group of leaves at a time, so it cannot clip by the global grad norm; add --grad-clip 0")
     if cfg.offload == "nvme" and cfg.offload_path is None:
         raise ValueError("--offload nvme needs --offload-path DIR: a directory on local disk for the swap files")
     if cfg.grad_clip < 0:

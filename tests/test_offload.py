@@ -161,14 +161,19 @@ def test_the_host_update_takes_this_ranks_share_of_the_cores(monkeypatch):
 def test_the_nvme_tier_equals_the_plain_step(tmp_path, data):
     """offload('nvme') alone or over ZeRO 1-3, on 1-3 ranks, its buffers small enough for
     many groups (64 KiB: one leaf per group, each leaf's four tensors taking 16 KiB
-    aligned), with AdamW (fused) or momentum SGD (pure)."""
+    aligned), with AdamW (fused), momentum SGD (pure) or a global-norm clip before AdamW
+    (run whole on the device's grads, then the rest in parts)."""
     draw = data.draw
     buffer_kib = draw(st.sampled_from([64, 160, 4096]))
     layers = [sharded.offload("nvme", path=str(tmp_path), host_buffer_gb=buffer_kib / 2**20)]
     stage = draw(st.integers(0, 3))
     if stage:
         layers.append(sharded.shard_zero(stage=stage))
-    tx = sharded.optim.adamw(1e-2, weight_decay=0.1) if draw(st.booleans()) else sharded.optim.sgd(0.1, momentum=0.9)
+    tx = draw(st.sampled_from([
+        sharded.optim.adamw(1e-2, weight_decay=0.1),
+        sharded.optim.sgd(0.1, momentum=0.9),
+        sharded.optim.chain(sharded.optim.clip_by_global_norm(0.05), sharded.optim.adamw(1e-2)),
+    ]))
     _equals_the_plain_step(draw, layers, st.integers(1, 3) if stage else st.just(1), tx)
 
 
@@ -233,9 +238,9 @@ def test_bad_nvme_input_is_named(tmp_path, monkeypatch):
     monkeypatch.undo()
     model = sharded.trace(ToyLM(CFG))
     step = sharded.offload("nvme", path=str(tmp_path))(make_train_step(model))
-    clipped = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2))
-    with pytest.raises(ValueError, match="must be leafwise"):
-        step.init(sharded.TrainState.create(model.params, clipped))
+    clipped_last = sharded.optim.chain(sharded.optim.adamw(1e-2), sharded.optim.clip_by_global_norm(1.0))
+    with pytest.raises(ValueError, match="group by group.*cannot run in parts"):
+        step.init(sharded.TrainState.create(model.params, clipped_last))
     small = sharded.offload("nvme", path=str(tmp_path), host_buffer_gb=1e-6)(make_train_step(model))
     state = small.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     with pytest.raises(ValueError, match="raise host_buffer_gb to at least"):

@@ -277,3 +277,26 @@ def test_an_update_in_parts_refuses_what_it_cannot_do():
         parts.run([0], [torch.ones(2)])
     with pytest.raises(ValueError, match="covered 1 of 2 leaves"):
         parts.finish()
+
+
+@settings(max_examples=10, deadline=None)
+@given(params=f64_trees, seed=st.integers(0, 2**16), max_norm=st.floats(0.01, 10.0), data=st.data())
+def test_a_clipped_chain_runs_its_clip_whole_then_the_rest_in_parts(params, seed, max_norm, data):
+    params = {"x": params} if isinstance(params, torch.Tensor) else params
+    tx = optim.chain(optim.clip_by_global_norm(max_norm), optim.adamw(1e-2, weight_decay=0.1))
+    assert not tx.leafwise
+    grads_seq = grad_sequence(params, seed, steps=3)
+    want, want_state = run_sharded(tx, params, grads_seq, fused=True)
+    got, state = T.map(torch.clone, params), tx.init(T.map(torch.clone, params))
+    n = len(T.leaves(params))
+    for grads in grads_seq:
+        head, tail, tail_state, join = optim.leafwise_tail(tx, state)
+        clipped = T.leaves(head(grads, got))
+        parts = optim.InParts(tail, tail_state, got)
+        order = data.draw(st.permutations(range(n)))
+        for i in order:
+            parts.run([i], [clipped[i]])
+        got, new_tail = parts.finish()
+        state = join(new_tail)
+    for a, b in zip(T.leaves((got, state)), T.leaves((want, want_state))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

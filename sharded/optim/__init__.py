@@ -9,7 +9,7 @@
 from sharded.optim import schedules as schedules
 from sharded.optim.aliases import adamw, lion, onebit_adam, sgd
 from sharded.optim.base import EmptyState, GradientTransformation, apply, apply_updates, chain, identity, states_of
-from sharded.optim.parts import InParts
+from sharded.optim.parts import InParts, leafwise_tail
 from sharded.optim.transforms import (
     ClipState,
     ScaleByAdamState,
@@ -26,7 +26,7 @@ from sharded.optim.transforms import (
 )
 
 __all__ = [
-    "GradientTransformation", "EmptyState", "identity", "chain", "apply_updates", "apply", "states_of", "schedules", "InParts",
+    "GradientTransformation", "EmptyState", "identity", "chain", "apply_updates", "apply", "states_of", "schedules", "InParts", "leafwise_tail",
     "sgd", "adamw", "lion", "onebit_adam",
     "ClipState", "ScaleByAdamState", "ScaleByFrozenAdamState", "ScaleByLionState", "TraceState", "ScheduleState",
     "scale_by_adam", "scale_by_lion", "trace", "add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm",

@@ -42,16 +42,17 @@ class _Fields(NamedTuple):
     update: Callable[[Updates, State, Params], tuple[Updates, State]]
     fused: Callable[[Updates, State, Params], tuple[Params, State]] | None = None
     leafwise: bool = False
+    members: tuple = ()  # a chain's transformations, in order (its state is the tuple of theirs)
 
 
 class GradientTransformation(_Fields):
-    """`(init, update, fused=None, leafwise=False)`; `update` refuses to run beside a
-    transform that owns the update (see the module's docstring)."""
+    """`(init, update, fused=None, leafwise=False, members=())`; `update` refuses to run
+    beside a transform that owns the update (see the module's docstring)."""
 
     __slots__ = ()
 
-    def __new__(cls, init: Callable, update: Callable, fused: Callable | None = None, leafwise: bool = False) -> GradientTransformation:
-        return super().__new__(cls, init, _guarded(update), fused, leafwise)
+    def __new__(cls, init: Callable, update: Callable, fused: Callable | None = None, leafwise: bool = False, members: tuple = ()) -> GradientTransformation:
+        return super().__new__(cls, init, _guarded(update), fused, leafwise, members)
 
 
 def _guarded(update: Callable) -> Callable:
@@ -114,7 +115,7 @@ def chain(*txs: GradientTransformation) -> GradientTransformation:
         params, last = txs[-1].fused(grads, state[-1], params)
         return params, tuple(new_state) + (last,)
 
-    return GradientTransformation(init, update, fused if txs[-1].fused is not None else None, all(tx.leafwise for tx in txs))
+    return GradientTransformation(init, update, fused if txs[-1].fused is not None else None, all(tx.leafwise for tx in txs), tuple(txs))
 
 
 def states_of(opt_state: Any, kind: type) -> list:

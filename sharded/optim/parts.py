@@ -30,9 +30,9 @@ import optree
 import torch
 
 from sharded import tree as T
-from sharded.optim.base import GradientTransformation, apply
+from sharded.optim.base import GradientTransformation, apply, chain
 
-__all__ = ["InParts"]
+__all__ = ["InParts", "leafwise_tail"]
 
 
 class InParts:
@@ -96,3 +96,30 @@ class InParts:
 
 def _copy(x: Any) -> Any:
     return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+def leafwise_tail(tx: GradientTransformation, state: Any) -> tuple[Any, GradientTransformation, Any, Any]:
+    """A chain cut into the members that read every leaf, first, and its leafwise rest:
+    `(head, tail, tail_state, join)`. `head(grads, params)` runs the head on whole grads
+    (a global-norm clip, as `chain(clip_by_global_norm(1.0), adamw(...))` starts) and
+    returns the grads the tail gets; the tail can then run in parts; `join(tail_state)`
+    is the chain's new state. A leafwise `tx` is all tail."""
+    if tx.leafwise:
+        return (lambda grads, params: grads), tx, state, (lambda new: new)
+    members = tx.members
+    cut = next((j for j in range(1, len(members)) if all(m.leafwise for m in members[j:])), None)
+    if cut is None:
+        raise ValueError(
+            "this optimizer's update cannot run in parts: it is not leafwise, and it is not a chain whose "
+            "members after the first few (a global-norm clip) are; reorder the chain, or drop what reads every leaf"
+        )
+    head_states = list(state[:cut])
+    last = cut == len(members) - 1
+
+    def head(grads: Any, params: Any) -> Any:
+        for j, m in enumerate(members[:cut]):
+            grads, head_states[j] = m.update(grads, state[j], params)
+        return grads
+
+    tail = members[cut] if last else chain(*members[cut:])
+    return head, tail, state[cut] if last else tuple(state[cut:]), lambda new: tuple(head_states) + ((new,) if last else tuple(new))

@@ -16,8 +16,10 @@ work at once:
           write its moments back | copy its params back to the device
   set B   meanwhile: group k+1's reads and copies
 
-A set is reused only after its writes and copies back are done. The optimizer must be
-leafwise (`tx.leafwise`); init says so otherwise.
+A set is reused only after its writes and copies back are done. The optimizer runs in
+parts (`optim.InParts`), so it must be leafwise, after a head that reads every leaf (a
+global-norm clip), which runs first on the device's grads (`optim.leafwise_tail`), as
+DeepSpeed clips before its CPUAdam; init refuses any other.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from sharded import tree as T
-from sharded.optim import InParts
+from sharded.optim import InParts, leafwise_tail
 from sharded.swap import ALIGN, SwapStore, Transfer, aligned_empty
 
 __all__ = ["DiskTier"]
@@ -59,7 +61,9 @@ class DiskTier:
         return mapped
 
     def update(self, tx: Any, grads: Any, opt_state: Any, params: Any, threads: Callable) -> tuple[Any, Any]:
-        parts = InParts(tx, opt_state, params)
+        head, tail, tail_state, join = leafwise_tail(tx, opt_state)
+        grads = head(grads, params)  # a global-norm clip, on the device's grads, before any part
+        parts = InParts(tail, tail_state, params)
         moments = parts.mirrored()
         slots = [[self._slot(x) for x in m] for m in moments]
         gs, ps = T.leaves(grads), T.leaves(params)
@@ -81,7 +85,8 @@ class DiskTier:
         for t in writes[0] + writes[1]:
             t.wait()
         _synchronize()
-        return parts.finish()
+        params, new_tail = parts.finish()
+        return params, join(new_tail)
 
     def _slot(self, x: torch.Tensor) -> tuple[SwapStore, str]:
         found = self.slots.get(x.data_ptr())

@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from sharded import primitives
+from sharded.optim import leafwise_tail
 from sharded import tree as T
 from sharded.placement import Placement, Tier, map_state, state_leaves
 from sharded.reduce import GradBucket, Reduction
@@ -153,12 +154,10 @@ class Offload(Transform):
 
     def _init_disk(self, state: Any) -> Any:
         """[Note: the disk tier] in _disk_update.py: the moments to a swap file, the counts to host memory."""
-        if not state.tx.leafwise:
-            raise ValueError(
-                "offload(tier='nvme') updates the optimizer state group by group through host_buffer_gb of host memory, "
-                "so the optimizer must be leafwise (tx.leafwise); a global-norm clip reads every leaf at once: "
-                "drop clip_by_global_norm, or use offload('cpu')"
-            )
+        try:
+            leafwise_tail(state.tx, state.opt_state)
+        except ValueError as err:
+            raise ValueError(f"offload(tier='nvme') updates the optimizer state group by group through host_buffer_gb of host memory: {err}") from None
         _check_host_memory(self.host_bytes)
         self._device = next((x.device for x in T.leaves(state.params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
         if self._disk is None:
