@@ -269,3 +269,35 @@ def test_a_full_disk_mid_run_is_named_and_the_last_checkpoint_loads(tmp_path, mo
     fresh = step.init(sharded.TrainState.create(sharded.tree.map(torch.clone, model.params), sharded.optim.adamw(1e-2)))
     loaded = sharded.checkpoint.load(tmp_path / "ckpt", like=fresh)
     assert all(torch.equal(a, b) for a, b in zip(sharded.tree.leaves(loaded.opt_state), saved))
+
+
+
+def _retried_after_a_failure():
+    model = sharded.trace(ToyLM(CFG).double())
+    fails = [True]
+
+    def loss(params, batch):
+        logits = model.apply(params, batch[0])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(loss)(state.params, batch)
+        if fails[0]:  # backward ran, its grads streamed to the host and updated there; the step fails before its update
+            fails[0] = False
+            raise RuntimeError("the user's step failed")
+        return state.apply_gradients(grads), {"loss": value}
+
+    step = sharded.offload("cpu", params=True)(sharded.shard_zero(stage=3)(train_step))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    with pytest.raises(RuntimeError, match="the user's step failed"):
+        step(state, _batch(0))
+    with pytest.raises(RuntimeError, match="partly updated, so restore them from a checkpoint"):
+        step(state, _batch(0))
+    return True
+
+
+def test_a_step_retried_after_its_host_update_began_is_refused():
+    """offload(params=True) updates on the host during backward: a step that fails after
+    that leaves the state partly updated, and training on from it is an error, not a
+    silent wrong answer."""
+    assert all(get_pool(2).run(_retried_after_a_failure))

@@ -40,12 +40,19 @@ class HostUpdate:
         self.host_grad, self.threads = host_grad, threads  # leaf i's host buffer shaped like a grad; the thread-count context
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sharded-offload")
         self.futures: list[concurrent.futures.Future] = []
+        self.submitted: set[int] = set()  # leaves whose update is queued
         self.copies = torch.cuda.Stream() if torch.cuda.is_available() else None
 
     def reduced(self, bucket: GradBucket) -> None:
         """A group's reduce-scatter was waited: copy this rank's row to the host and
         queue the update of its leaves."""
         out, layout = bucket.out, bucket.layout
+        if self.parts.seen & set(layout.leaves) or self.submitted & set(layout.leaves):
+            raise RuntimeError(
+                "offload(params=True): these leaves' update already ran on the host for this state, in a step that then failed; "
+                "its params and optimizer state are partly updated, so restore them from a checkpoint before training on"
+            )
+        self.submitted |= set(layout.leaves)
         views = layout.chunk_views(out, torch.distributed.get_rank(bucket.group))
         hosts = [self.host_grad(i, v) for i, v in zip(layout.leaves, views)]
         ready = None
@@ -65,6 +72,10 @@ class HostUpdate:
             ready.synchronize()
         with self.threads():
             self.parts.run(indices, grads)
+
+    def abandon(self) -> None:
+        """A step that failed before its update: let the worker finish what it was given, then go."""
+        self.worker.shutdown(wait=False)
 
     def finish(self, params: Any, grads: Any) -> tuple[Any, Any]:
         """Wait for every group's update; update the leaves no group covered (their

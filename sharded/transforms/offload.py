@@ -118,6 +118,8 @@ class Offload(Transform):
         if not (self._streams and bucket.final and bucket.layout is not None and bucket.reduction is Reduction.REDUCE_SCATTER and state is not None and state.tx.leafwise):
             return pending
         if self._live is None or self._live[0] is not state:
+            if self._live is not None:
+                self._live[1].abandon()
             self._live = (state, HostUpdate(state.tx, state.opt_state, state.params, self._host_grad, lambda: _threads(_host_threads())))
         live = self._live[1]
         return pending.then(lambda: live.reduced(bucket))
