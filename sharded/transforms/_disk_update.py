@@ -51,9 +51,8 @@ class DiskTier:
         from it, by the same paths."""
         directory = tempfile.mkdtemp(prefix=f"sharded-offload-rank{self.rank}-", dir=self.path)
         store = SwapStore(directory, {p: (x.numel(), x.dtype) for p, x in leaves.items()}, rank=self.rank)
-        with contextlib.ExitStack() as writes:
-            for p, x in leaves.items():
-                writes.callback(store.write(p, x.detach().to("cpu").contiguous()).wait)
+        for p, x in leaves.items():  # one at a time: host memory holds one leaf's copy, not the state's
+            store.write(p, x.detach().to("cpu").contiguous()).wait()
         self.stores.append(store)
         mapped = {p: store.mapped(p).view(x.shape) for p, x in leaves.items()}
         for p, x in mapped.items():
