@@ -218,14 +218,18 @@ class Offload(Transform):
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
         nbytes = sum(x.numel() * x.element_size() for x in T.leaves(info.params) if x.is_floating_point())
+        where = {"cpu": "host memory", "nvme": f"a swap file under {self.path}, in groups through {self.host_bytes / 2**30:g} GiB of host buffers"}[self.tier]
         out = []
         for op in program:
-            if op.name == "update":
-                out.append(Op("data", "grads and params to the host", "this rank's part of them", nbytes=2 * nbytes))
-                out.append(Op("compute", "update on the host", f"{op.detail}, with its state in {self.tier} memory"))
-                out.append(Op("data", "params to the device", "the updated values, in place", nbytes=nbytes))
-            else:
+            if op.name != "update":
                 out.append(op)
+            elif self.params:  # the params live on the host: only the grads cross, during backward where it can
+                out.append(Op("data", "grads to the host", "each block's as its reduction finishes", nbytes=nbytes, overlaps="backward"))
+                out.append(Op("compute", "update on the host", f"{op.detail}, on the host's params, with its state in {where}"))
+            else:
+                out.append(Op("data", "grads and params to the host", "this rank's part of them", nbytes=2 * nbytes))
+                out.append(Op("compute", "update on the host", f"{op.detail}, with its state in {where}"))
+                out.append(Op("data", "params to the device", "the updated values, in place", nbytes=nbytes))
         return out
 
 
