@@ -10,6 +10,7 @@ pipeline. (`accumulate` twice is allowed: k1·k2 micro-batches.)
 """
 import itertools
 import math
+import tempfile
 
 import pytest
 import torch
@@ -48,8 +49,9 @@ def options(name: str, draw) -> dict:
         return {"method": "onebit"}
     if name == "compile":  # AOTAutograd's graphs run eagerly: the compiled path, without inductor's minutes of C++ builds
         return {"backend": "aot_eager"}
-    if name == "offload":
-        return {"tier": "cpu"}
+    if name == "offload":  # the disk tier with buffers small enough for a group per leaf or two
+        tier = draw(st.sampled_from(["cpu", "nvme"]))
+        return {"tier": "cpu"} if tier == "cpu" else {"tier": "nvme", "path": tempfile.mkdtemp(prefix="sharded-registry-"), "host_buffer_gb": 2e-4}
     raise AssertionError(f"no option strategy for {name}: add one when registering a transform")
 
 
