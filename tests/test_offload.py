@@ -57,28 +57,32 @@ def test_the_offloaded_state_is_placed_on_the_host_and_gathered_back(stage, para
         assert all(p is None or p.tier is Tier.DEVICE for p in back)  # gathered: on the device, whole
 
 
-def _equals_the_plain_step(draw, layers, worlds, tx):
-    """`layers` with accumulate and a loss scaler drawn in, nested in a drawn order, on a
-    drawn number of ranks (`worlds`) over a drawn toy model and batches: the plain step's
-    params and optimizer state."""
+def _equals_the_plain_step(draw, layers, worlds, tx, piped=False):
+    """`layers` with accumulate (or, `piped`, a 2-stage pipeline on its own mesh axis) and
+    a loss scaler drawn in, nested in a drawn order, on a drawn number of dp ranks
+    (`worlds`) over a drawn toy model and batches: the plain step's params and optimizer
+    state."""
     cfg = ToyConfig(vocab=draw(st.integers(3, 13)), width=draw(st.integers(3, 7)), hidden=draw(st.integers(1, 9)),
-                    depth=draw(st.integers(1, 3)), tied=draw(st.booleans()), seed=draw(st.integers(0, 99)))
+                    depth=draw(st.integers(2 if piped else 1, 3)), tied=draw(st.booleans()), seed=draw(st.integers(0, 99)))
     model = sharded.trace(ToyLM(cfg).double())
     train_step = make_train_step(model)
     steps = draw(st.integers(1, 2))
-    if steps > 1:
+    if piped:
+        layers.append(sharded.pipeline(stages=2, microbatches=steps, schedule=draw(st.sampled_from(["1f1b", "gpipe"]))))
+    elif steps > 1:
         layers.append(sharded.accumulate(steps=steps))
     if draw(st.booleans()):
         layers.append(sharded.mixed_precision(compute=torch.float64, loss_scale=True, init_scale=2.0 ** draw(st.integers(0, 8))))
     step = train_step
     for layer in draw(st.permutations(layers)):
         step = layer(step)
-    world = draw(worlds)
-    rows = world * steps * draw(st.integers(1, 2))
+    dp = draw(worlds)
+    rows = dp * steps * draw(st.integers(1, 2))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     seq = draw(st.integers(1, 4))
     batches = [(torch.randint(0, cfg.vocab, (rows, seq), generator=g), torch.randint(0, cfg.vocab, (rows, seq), generator=g)) for _ in range(3)]
-    assert_step_equivalent(step, train_step, sharded.TrainState.create(model.params, tx), batches, world_size=world, rtol=1e-7, atol=1e-9)
+    world, mesh = (2 * dp, dict(pp=2, dp=dp)) if piped else (dp, None)
+    assert_step_equivalent(step, train_step, sharded.TrainState.create(model.params, tx), batches, world_size=world, rtol=1e-7, atol=1e-9, mesh=mesh)
 
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
@@ -88,9 +92,11 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 @given(data=st.data())
 def test_params_on_the_host_under_zero3_equal_the_plain_step(data):
     """offload(params=True) over ZeRO-3 (its update started during backward where nothing
-    drawn rewrites the grads), on 2-4 ranks."""
+    drawn rewrites the grads), on 2-4 ranks, or 2 dp ranks of a 2-stage pipeline."""
     zero = sharded.shard_zero(stage=3, prefetch=data.draw(st.integers(0, 2)), reshard_after_forward=data.draw(st.booleans()))
-    _equals_the_plain_step(data.draw, [sharded.offload("cpu", params=True), zero], st.integers(2, 4), sharded.optim.adamw(1e-2, weight_decay=0.1))
+    piped = data.draw(st.booleans())
+    layers = [sharded.offload("cpu", params=True), zero]
+    _equals_the_plain_step(data.draw, layers, st.just(2) if piped else st.integers(2, 4), sharded.optim.adamw(1e-2, weight_decay=0.1), piped)
 
 
 def _resumed(tmp):
@@ -159,10 +165,11 @@ def test_the_host_update_takes_this_ranks_share_of_the_cores(monkeypatch):
 @settings(max_examples=8, **SETTINGS)
 @given(data=st.data())
 def test_the_nvme_tier_equals_the_plain_step(tmp_path, data):
-    """offload('nvme') alone or over ZeRO 1-3, on 1-3 ranks, its buffers small enough for
-    many groups (64 KiB: one leaf per group, each leaf's four tensors taking 16 KiB
-    aligned), with AdamW (fused), momentum SGD (pure) or a global-norm clip before AdamW
-    (run whole on the device's grads, then the rest in parts)."""
+    """offload('nvme') alone or over ZeRO 1-3, on 1-3 ranks or a 2-stage pipeline's dp
+    ranks, its buffers small enough for many groups (64 KiB: one leaf per group, each
+    leaf's four tensors taking 16 KiB aligned), with AdamW (fused), momentum SGD (pure)
+    or a global-norm clip before AdamW (run whole on the device's grads, then the rest in
+    parts)."""
     draw = data.draw
     buffer_kib = draw(st.sampled_from([64, 160, 4096]))
     layers = [sharded.offload("nvme", path=str(tmp_path), host_buffer_gb=buffer_kib / 2**20)]
@@ -174,7 +181,9 @@ def test_the_nvme_tier_equals_the_plain_step(tmp_path, data):
         sharded.optim.sgd(0.1, momentum=0.9),
         sharded.optim.chain(sharded.optim.clip_by_global_norm(0.05), sharded.optim.adamw(1e-2)),
     ]))
-    _equals_the_plain_step(draw, layers, st.integers(1, 3) if stage else st.just(1), tx)
+    piped = draw(st.booleans())  # a 2-stage pipeline on its own axis (ZeRO beside it needs 2 dp ranks)
+    worlds = (st.just(2) if stage else st.integers(1, 2)) if piped else (st.integers(1, 3) if stage else st.just(1))
+    _equals_the_plain_step(draw, layers, worlds, tx, piped)
 
 
 def _on_disk(tmp, buffer_gb):
