@@ -71,6 +71,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload-params", action="store_true", default=d.offload_params, help="with --offload cpu and --zero 3: the param chunks in host memory too, fetched per block")
     p.add_argument("--offload-path", default=d.offload_path, help="with --offload nvme: the directory on local disk for the swap files")
     p.add_argument("--host-buffer-gb", type=float, default=d.host_buffer_gb, help="with --offload nvme: host memory (GB) the update stages the state through")
+    p.add_argument("--offload-only", default=d.offload_only, metavar="REGEX", help="with --offload cpu: move only the optimizer state of params whose names match (e.g. 'blocks\\.[0-9]\\.'); the rest updates on the device")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
     p.add_argument("--compile", default=d.compile, choices=["none", "inductor", "aot_eager"], help="each block's forward through torch.compile with this backend (sharded.compile)")
     p.add_argument("--data", default=d.data, help="your data: a text file, or a token file (.bin uint16 as nanoGPT writes it, .npy), memory-mapped; the last 10%% is validation")

@@ -13,11 +13,12 @@ import gc
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ class TrainConfig:
     offload_params: bool = False  # with offload="cpu" and zero=3: the param chunks in host memory too, fetched per block
     offload_path: str | None = None  # with offload="nvme": the directory for the swap files
     host_buffer_gb: float | None = None  # with offload="nvme": the host memory the update stages the state through
+    offload_only: str | None = None  # with offload="cpu": a regex; only the params whose names it finds have their state moved
     data: str | None = None  # a text file, or a token file (.bin uint16 / .npy), instead of the embedded corpus
     data_dtype: str = "uint16"  # a .bin token file's ids: "uint16" (nanoGPT's) or "uint32" (vocabularies past 65,536)
     tokenizer: str | None = None  # a local Hugging Face tokenizer for a text --data (default: bytes)
@@ -121,7 +123,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
         step = sharded.compress_grads(method="onebit")(step)
     if cfg.offload != "none":
         disk = {"path": cfg.offload_path, "host_buffer_gb": cfg.host_buffer_gb} if cfg.offload == "nvme" else {}
-        step = sharded.offload(tier=cfg.offload, params=cfg.offload_params, **disk)(step)
+        only = {"where": _matching(cfg.offload_only)} if cfg.offload_only else {}
+        step = sharded.offload(tier=cfg.offload, params=cfg.offload_params, **disk, **only)(step)
     return sharded.Step(step) if not isinstance(step, sharded.Step) else step
 
 
@@ -372,12 +375,30 @@ def _data(cfg: TrainConfig) -> Corpus | TokenData:
     return TokenData.from_path(cfg.data, tokenizer=cfg.tokenizer, vocab_size=vocab, dtype=cfg.data_dtype)
 
 
+def _matching(pattern: str) -> Callable[[str, Any], bool]:
+    """--offload-only's predicate: the params whose names the regex finds."""
+    regex = re.compile(pattern)
+
+    def matching(name: str, leaf: Any) -> bool:
+        return regex.search(name) is not None
+
+    matching.__name__ = f"matching({pattern!r})"
+    return matching
+
+
 def check(cfg: TrainConfig) -> None:
     """ValueError, in a line, for a configuration that cannot run: checked before any
     rank starts, so a mistake is one message rather than a traceback per rank."""
     world = int(os.environ.get("WORLD_SIZE", cfg.nproc))
     if cfg.offload == "nvme" and cfg.offload_path is None:
         raise ValueError("--offload nvme needs --offload-path DIR: a directory on local disk for the swap files")
+    if cfg.offload_only is not None:
+        if cfg.offload != "cpu" or cfg.offload_params:
+            raise ValueError("--offload-only chooses which params' state --offload cpu moves (without --offload-params); add --offload cpu")
+        try:
+            re.compile(cfg.offload_only)
+        except re.error as err:
+            raise ValueError(f"--offload-only {cfg.offload_only!r} is not a regular expression: {err}") from None
     if cfg.grad_clip < 0:
         raise ValueError(f"--grad-clip {cfg.grad_clip}: the global grad norm's limit is > 0, or 0 for none")
     if world % cfg.pp:

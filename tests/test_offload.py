@@ -5,6 +5,7 @@ checkpoints and gather make of it, and bad input."""
 import errno
 import os
 import sys
+import zlib
 
 import pytest
 import torch
@@ -85,6 +86,13 @@ def _equals_the_plain_step(draw, layers, worlds, tx, piped=False):
     assert_step_equivalent(step, train_step, sharded.TrainState.create(model.params, tx), batches, world_size=world, rtol=1e-7, atol=1e-9, mesh=mesh)
 
 
+OPTIMIZERS = [
+    sharded.optim.adamw(1e-2, weight_decay=0.1),  # fused
+    sharded.optim.sgd(0.1, momentum=0.9),  # pure
+    sharded.optim.chain(sharded.optim.clip_by_global_norm(0.05), sharded.optim.adamw(1e-2)),  # a head that reads every leaf, then parts
+]
+
+
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 
 
@@ -120,6 +128,10 @@ def test_bad_input_is_named():
         sharded.offload(tier="gpu")
     with pytest.raises(ValueError, match="params=.... is True"):
         sharded.offload(params="yes")
+    with pytest.raises(ValueError, match=r"where=\.\.\.\) is a predicate"):
+        sharded.offload(where="blocks")
+    with pytest.raises(ValueError, match="where=.*built for tier='cpu' without params=True"):
+        sharded.offload(params=True, where=lambda name, x: True)
     model = sharded.trace(ToyLM(CFG))
     for step in (sharded.offload(params=True)(make_train_step(model)), sharded.offload(params=True)(sharded.shard_zero(stage=2)(make_train_step(model)))):
         with pytest.raises(ValueError, match=r"params=True.*needs shard_zero\(stage=3\)"):
@@ -176,14 +188,43 @@ def test_the_nvme_tier_equals_the_plain_step(tmp_path, data):
     stage = draw(st.integers(0, 3))
     if stage:
         layers.append(sharded.shard_zero(stage=stage))
-    tx = draw(st.sampled_from([
-        sharded.optim.adamw(1e-2, weight_decay=0.1),
-        sharded.optim.sgd(0.1, momentum=0.9),
-        sharded.optim.chain(sharded.optim.clip_by_global_norm(0.05), sharded.optim.adamw(1e-2)),
-    ]))
+    tx = draw(st.sampled_from(OPTIMIZERS))
     piped = draw(st.booleans())  # a 2-stage pipeline on its own axis (ZeRO beside it needs 2 dp ranks)
     worlds = (st.just(2) if stage else st.integers(1, 2)) if piped else (st.integers(1, 3) if stage else st.just(1))
     _equals_the_plain_step(draw, layers, worlds, tx, piped)
+
+
+def _some(seed):
+    """A predicate choosing about half the params, by a hash of `seed` and the name."""
+    return lambda name, x: zlib.crc32(f"{seed}:{name}".encode()) % 2 == 0
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(data=st.data())
+def test_offloading_the_params_a_predicate_chooses_equals_the_plain_step(data):
+    """offload('cpu', where=...): the chosen leaves' update on the host, the rest on the
+    device, alone or over ZeRO 1-3, on 1-3 ranks or a 2-stage pipeline's dp ranks."""
+    draw = data.draw
+    layers = [sharded.offload("cpu", where=_some(draw(st.integers(0, 99))))]
+    stage = draw(st.integers(0, 3))
+    if stage:
+        layers.append(sharded.shard_zero(stage=stage))
+    piped = draw(st.booleans())
+    worlds = (st.just(2) if stage else st.integers(1, 2)) if piped else (st.integers(1, 3) if stage else st.just(1))
+    _equals_the_plain_step(draw, layers, worlds, draw(st.sampled_from(OPTIMIZERS)), piped)
+
+
+def test_where_moves_the_chosen_params_state_and_leaves_the_rest():
+    model = sharded.trace(ToyLM(CFG))
+    blocks = lambda name, x: name.startswith("blocks.")  # noqa: E731
+    step = sharded.offload("cpu", where=blocks)(make_train_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    state, _ = step(state, _batch(0))
+    for path, x in state_leaves(state):
+        if path.startswith("opt_state"):
+            host = "['blocks." in path
+            assert (x.device.type == "cpu" and state.placements.get(path) is not None and state.placements.get(path).tier is Tier.HOST) == host, path
+    assert step.transforms[0].describe() == "offload('cpu', where=<lambda>)"
 
 
 def _on_disk(tmp, buffer_gb):

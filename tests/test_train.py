@@ -18,9 +18,10 @@ def test_train_with_a_pipeline_learns_and_writes_outputs(tmp_path):
     assert (out / "model.safetensors").exists() and (out / "loss.png").exists()
 
 
-@pytest.mark.parametrize("compile,offload", [("none", "cpu"), ("aot_eager", "none"), ("none", "nvme")])
+@pytest.mark.parametrize("compile,offload", [("none", "cpu"), ("aot_eager", "none"), ("none", "nvme"), ("none", "cpu blocks")])
 def test_train_with_zero3_and_remat_learns(tmp_path, compile, offload):
-    disk = dict(offload_path=str(tmp_path)) if offload == "nvme" else {}
+    offload, _, only = offload.partition(" ")
+    disk = dict(offload_path=str(tmp_path)) if offload == "nvme" else dict(offload_only=r"^blocks\.") if only else {}
     cfg = TrainConfig(zero=3, remat="full", compile=compile, offload=offload, nproc=2, steps=25, batch_size=8, seq_len=32, log_every=5, out=str(tmp_path / "run"), **disk)
     summary = main(cfg)
     assert summary["final_train_loss"] < 2.6 and summary["learned"]
@@ -37,6 +38,8 @@ def test_train_help_names_the_pipeline_flag():
     (["--pp", "3", "--nproc", "2"], "--pp 3 does not divide the 2 ranks"),
     (["--batch-size", "30", "--accumulate", "4"], "--batch-size 30 does not split into 2 data-parallel ranks x 4 micro-batches"),
     (["--offload", "nvme"], "--offload nvme needs --offload-path DIR"),
+    (["--offload-only", "blocks"], "--offload-only chooses which params' state --offload cpu moves"),
+    (["--offload", "cpu", "--offload-only", "blocks.(["], "--offload-only 'blocks.([' is not a regular expression"),
     (["--grad-clip", "-1"], "--grad-clip -1.0: the global grad norm's limit is > 0, or 0 for none"),
 ])
 def test_a_users_mistake_is_one_line_and_exit_status_2(args, words):

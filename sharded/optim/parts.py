@@ -60,16 +60,18 @@ class InParts:
         grads: Sequence[torch.Tensor],
         moments: Sequence[Sequence[torch.Tensor]] | None = None,
         params: Sequence[torch.Tensor] | None = None,
+        device: torch.device | str | None = None,
     ) -> list[list[torch.Tensor]]:
         """Update leaves `indices` (each once per update) with their `grads`, in place
         (on `moments`, one list per moment as `mirrored()` orders them, and `params`
-        where given: copies of those leaves); the part's new moments."""
+        where given: copies of those leaves; the counts' copies on `device`, where the
+        part runs, if given); the part's new moments."""
         if self.seen & set(indices):
             raise ValueError(f"an update in parts got leaves {sorted(self.seen & set(indices))} twice")
         self.seen |= set(indices)
         given = iter(moments) if moments is not None else None
         part = [
-            (list(next(given)) if given is not None else [T.leaves(n)[i] for i in indices]) if self._mirrors(n) else _copy(n)
+            (list(next(given)) if given is not None else [T.leaves(n)[i] for i in indices]) if self._mirrors(n) else _copy(n, device)
             for n in self.nodes
         ]
         own = [self.leaves[i] for i in indices] if params is None else list(params)
@@ -86,7 +88,7 @@ class InParts:
         for indices, new, on_copies in self.done:
             for k, node in enumerate(self.nodes):
                 if not self._mirrors(node):
-                    nodes[k] = new[k]
+                    nodes[k] = new[k].to(node.device) if isinstance(node, torch.Tensor) else new[k]
                 elif not on_copies:
                     for i, x in zip(indices, new[k]):
                         nodes[k][i] = x
@@ -94,8 +96,10 @@ class InParts:
         return self.params, optree.tree_unflatten(self.outer, whole)
 
 
-def _copy(x: Any) -> Any:
-    return x.clone() if isinstance(x, torch.Tensor) else x
+def _copy(x: Any, device: torch.device | str | None) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.to(device, copy=True) if device is not None else x.clone()
 
 
 def leafwise_tail(tx: GradientTransformation, state: Any) -> tuple[Any, GradientTransformation, Any, Any]:

@@ -59,9 +59,11 @@ from sharded.optim import leafwise_tail
 from sharded import tree as T
 from sharded.placement import Placement, Tier, map_state, state_leaves
 from sharded.reduce import GradBucket, Reduction
+from sharded.sharding import map_chunked
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.transforms._disk_update import DiskTier
 from sharded.transforms._host_update import HostUpdate
+from sharded.transforms._split_update import update_split
 
 __all__ = ["offload"]
 
@@ -78,7 +80,14 @@ class Offload(Transform):
     level = Level.STORAGE
     levels = {"update": Level.HOST}
 
-    def __init__(self, tier: str = "cpu", params: bool = False, path: str | os.PathLike | None = None, host_buffer_gb: float | None = None):
+    def __init__(
+        self,
+        tier: str = "cpu",
+        params: bool = False,
+        path: str | os.PathLike | None = None,
+        host_buffer_gb: float | None = None,
+        where: Callable[[str, torch.Tensor], bool] | None = None,
+    ):
         if tier not in _TIERS:
             raise ValueError(f"offload(tier={tier!r}): unknown tier; use tier='cpu' (host memory) or tier='nvme' (files on local disk)")
         if not isinstance(params, bool):
@@ -91,7 +100,13 @@ class Offload(Transform):
                 raise ValueError(f"offload(host_buffer_gb=...) is the host memory (GB) the nvme tier stages the update through, a number > 0; got {host_buffer_gb!r}")
         elif path is not None or host_buffer_gb is not None:
             raise ValueError("offload(path=..., host_buffer_gb=...) set the nvme tier's swap files and buffers; tier='cpu' keeps the state in host memory and takes neither")
-        self.tier, self.params = tier, params
+        if where is not None and not callable(where):
+            raise ValueError(f"offload(where=...) is a predicate (name, param) -> bool choosing the params whose optimizer state moves; got {where!r}")
+        if where is not None and (tier != "cpu" or params):
+            raise ValueError("offload(where=...) is built for tier='cpu' without params=True so far (issue 14); drop where=, or use offload('cpu', where=...)")
+        self.tier, self.params, self.where = tier, params, where
+        self._chosen: list[int] | None = None  # with where=: the param leaves whose optimizer state moved (set by init)
+        self._chosen_paths: frozenset[str] = frozenset()
         self.path, self.host_bytes = (os.fspath(path) if path is not None else None), int((host_buffer_gb or DEFAULT_HOST_BUFFER_GB) * 2**30)
         self._disk: DiskTier | None = None
         self.handlers = {"update": self._update, "reduce_grads": self._reduce_grads}
@@ -100,7 +115,8 @@ class Offload(Transform):
         self._live: tuple[Any, HostUpdate] | None = None  # (the step's state, its update in parts)
 
     def describe(self) -> str:
-        return f"offload({self.tier!r}{', params=True' if self.params else ''}{f', path={self.path!r}' if self.path else ''})"
+        chosen = f", where={getattr(self.where, '__name__', 'a predicate')}" if self.where is not None else ""
+        return f"offload({self.tier!r}{', params=True' if self.params else ''}{f', path={self.path!r}' if self.path else ''}{chosen})"
 
     def require(self, stack: Any) -> None:
         if self.params and not any(Capability.SHARDS_PARAMS in t.capabilities for t in stack):
@@ -120,13 +136,14 @@ class Offload(Transform):
         if self._live is None or self._live[0] is not state:
             if self._live is not None:
                 self._live[1].abandon()
-            self._live = (state, HostUpdate(state.tx, state.opt_state, state.params, self._host_grad, lambda: _threads(_host_threads())))
+            self._live = (state, HostUpdate(state.tx, state.opt_state, state.params, lambda i, like: self._host_buffer("grad", i, like), lambda: _threads(_host_threads())))
         live = self._live[1]
         return pending.then(lambda: live.reduced(bucket))
 
-    def _host_grad(self, i: int, like: torch.Tensor) -> torch.Tensor:
-        """Leaf i's host buffer for its grad (pinned beside a GPU), made once."""
-        key = ("grad", i, like.shape, like.dtype)
+    def _host_buffer(self, kind: str, i: int, like: torch.Tensor) -> torch.Tensor:
+        """Leaf i's host buffer for its `kind` ("grad", "param") shaped like `like`
+        (pinned beside a GPU), made once."""
+        key = (kind, i, like.shape, like.dtype)
         if key not in self._buffers:
             self._buffers[key] = [torch.empty(like.shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())]
         return self._buffers[key][0]
@@ -136,11 +153,15 @@ class Offload(Transform):
         params=True, every param ZeRO-3 chunks (floating, non-empty)."""
         if not isinstance(x, torch.Tensor):
             return False
+        if self.where is not None:
+            return path in self._chosen_paths
         return path.startswith("opt_state") or (self.params and path.startswith("params") and x.is_floating_point() and x.numel() > 0)
 
     def init(self, state: Any) -> Any:
         if self.tier == "nvme":
             return self._init_disk(state)
+        if self.where is not None:
+            self._choose(state)
         if self.params and any(not (state.placements.get(path) and state.placements.get(path).cuts) for path, x in state_leaves(state) if path.startswith("params") and self._offloaded(path, x)):
             raise ValueError(_NEEDS_STAGE3 + " (over 2 or more ranks: on one rank there are no chunks to fetch)")
         _check_host_memory(sum(x.numel() * x.element_size() for path, x in state_leaves(state) if self._offloaded(path, x)))
@@ -153,6 +174,19 @@ class Offload(Transform):
             if self._offloaded(path, x)
         }
         return moved.replace(placements=moved.placements.update(placements))
+
+    def _choose(self, state: Any) -> None:
+        """where=: the params it picks (by name, on this rank's part of them) and the
+        optimizer-state leaves that mirror them, which move; the counts stay."""
+        try:
+            leafwise_tail(state.tx, state.opt_state)
+        except ValueError as err:
+            raise ValueError(f"offload(where=...) updates the chosen leaves on the host and the rest on the device: {err}") from None
+        leaves = T.leaves_with_paths(state.params)
+        chosen = tuple(bool(self.where(_name(path), x)) for path, x in leaves)
+        marked = map_chunked(state.opt_state, T.structure(state.params), chosen, lambda x, i: _Chosen())
+        self._chosen = [i for i, c in enumerate(chosen) if c]
+        self._chosen_paths = frozenset("opt_state" + path for path, x in T.leaves_with_paths(marked) if isinstance(x, _Chosen))
 
     def _init_disk(self, state: Any) -> Any:
         """[Note: the disk tier] in _disk_update.py: the moments to a swap file, the counts to host memory."""
@@ -193,6 +227,8 @@ class Offload(Transform):
             return live[1].finish(params, grads)
         if self._disk is not None:
             return self._disk.update(tx, grads, opt_state, params, lambda: _threads(_host_threads()))
+        if self._chosen is not None:
+            return update_split(tx, grads, opt_state, params, self._chosen, self._host_buffer, lambda: _threads(_host_threads()))
         leaves, device_grads = T.leaves(params), T.leaves(grads)
         host_params, host_grads = self._on_host("params", leaves), self._on_host("grads", device_grads)
         staged = [(h, x) for h, x in zip(host_params + host_grads, leaves + device_grads) if h is not x]
@@ -231,6 +267,16 @@ class Offload(Transform):
                 out.append(Op("compute", "update on the host", f"{op.detail}, with its state in {where}"))
                 out.append(Op("data", "params to the device", "the updated values, in place", nbytes=nbytes))
         return out
+
+
+class _Chosen:
+    """A marker for an optimizer-state leaf that where= moves."""
+
+
+def _name(path: str) -> str:
+    """A param's name as where= gets it: the key of a dict of params ("blocks.0.attn.weight"),
+    else its path in the tree."""
+    return path[2:-2] if path.startswith("['") and path.endswith("']") else path
 
 
 def _check_swap_directory(path: Any) -> None:
