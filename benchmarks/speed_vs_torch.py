@@ -28,13 +28,16 @@ sharded_zero3_compile >= 1.10x fsdp2 and >= 1.0x fsdp2_compile.
 Issue 14: sharded_zero3_offload (`offload("cpu", params=True)` over ZeRO-3) against fsdp2_offload
 (CPUOffloadPolicy(pin_memory=True)) and deepspeed_zero3_offload (offload_optimizer and
 offload_param to pinned CPU memory, CPUAdam); sharded_zero3_offload_no_reshard keeps each
-gathered block through backward, so each block's chunks cross PCIe once per step, not twice.
+gathered block through backward, so each block's chunks cross PCIe once per step, not twice;
+sharded_zero3_offload_half moves the optimizer state of the first half of the blocks only
+(`where=`), its update on the host while the rest updates on the device.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 from _harness import common_args, gc_paused, provenance, report, run_each
@@ -47,14 +50,14 @@ from sharded.train import peak_flops
 
 SYSTEMS = [
     "sharded_zero3", "fsdp2", "sharded_zero2", "sharded_zero3_no_reshard", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
-    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "fsdp2_offload", "deepspeed_zero3_offload",
+    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "sharded_zero3_offload_half", "fsdp2_offload", "deepspeed_zero3_offload",
 ]
 PAIRS = [
     ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero3_no_reshard", "fsdp2_no_reshard"),
     ("sharded_zero1", "ddp"), ("sharded_dp", "ddp"),
     ("sharded_zero3_compile", "fsdp2"), ("sharded_zero3_compile", "fsdp2_compile"),
     ("sharded_zero3_offload", "fsdp2_offload"), ("sharded_zero3_offload", "deepspeed_zero3_offload"),
-    ("sharded_zero3_offload_no_reshard", "fsdp2_offload"),
+    ("sharded_zero3_offload_no_reshard", "fsdp2_offload"), ("sharded_zero3_offload_half", "fsdp2_offload"),
 ]
 LR, WD = 1e-4, 0.1
 
@@ -128,7 +131,12 @@ def _deepspeed_offload(cfg: GPTConfig, precision: str, batch: int):
     return run
 
 
-def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None, reshard: bool | None = None, offload: bool = False):
+def _first_half(cfg: GPTConfig):
+    """offload(where=...) for the half-offloaded system: the first half of the blocks."""
+    return lambda name, x: name.startswith("blocks.") and int(name.split(".")[1]) < cfg.n_layers // 2
+
+
+def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None, reshard: bool | None = None, offload: Any = False):
     model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
     device = sharded.distributed.device().type
 
@@ -144,7 +152,7 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
     step = sharded.mixed_precision("bf16", autocast=False)(step) if precision == "bf16" else step
     zero = {"stage": stage} if reshard is None else {"stage": stage, "reshard_after_forward": reshard}
     step = sharded.shard_zero(**zero)(step) if stage else sharded.data_parallel(step)
-    step = sharded.offload("cpu", params=True)(step) if offload else step
+    step = sharded.offload("cpu", **(offload if isinstance(offload, dict) else {"params": True}))(step) if offload else step
     box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD)))]
 
     def run(x, y):
@@ -166,6 +174,7 @@ BUILD = {  # (config, precision, the arguments) -> a step of (x, y)
     "ddp": lambda cfg, p, a: _ddp(cfg, p),
     "sharded_zero3_offload": lambda cfg, p, a: _sharded(cfg, p, 3, offload=True),
     "sharded_zero3_offload_no_reshard": lambda cfg, p, a: _sharded(cfg, p, 3, reshard=False, offload=True),
+    "sharded_zero3_offload_half": lambda cfg, p, a: _sharded(cfg, p, 3, offload={"where": _first_half(cfg)}),
     "fsdp2_offload": lambda cfg, p, a: _fsdp2(cfg, p, offload=True),
     "deepspeed_zero3_offload": lambda cfg, p, a: _deepspeed_offload(cfg, p, a.batch),
 }

@@ -39,8 +39,13 @@ file under `path` instead, `Tier.DISK` in the placements, and the update runs gr
 group through two sets of host buffers that together take `host_buffer_gb` ([Note:
 the disk tier] in _disk_update.py): a state larger than host memory trains.
 
+With where=(name, param) -> bool (tier="cpu", params=False), only the chosen params'
+optimizer state moves; their update runs on the host while the rest runs on the device
+at once ([Note: a split update] in _split_update.py).
+
 Not built yet (issue 14), each a clear error:
 - tier="nvme" with params=True (the params on disk too);
+- where= with params=True or tier="nvme";
 - fp32 masters on the host under mixed_precision without params=True: the params
   stay on the device in their own dtype.
 """
