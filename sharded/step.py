@@ -68,6 +68,7 @@ class Capability(enum.Flag):
     CASTS_PARAMS = enum.auto()  # computes with params in `param_dtype`
     SCALES_LOSS = enum.auto()  # multiplies the loss before backward and skips steps whose grads overflow
     REWRITES_GRADS = enum.auto()  # the update's grads are not the reductions' results (unscaled, exchanged momentum)
+    HOSTS_PARAMS = enum.auto()  # keeps the params off the device between steps: ZeRO-3 fetches them per block, on one rank too
 
 
 @dataclasses.dataclass(frozen=True)

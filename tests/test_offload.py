@@ -100,11 +100,12 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 @given(data=st.data())
 def test_params_on_the_host_under_zero3_equal_the_plain_step(data):
     """offload(params=True) over ZeRO-3 (its update started during backward where nothing
-    drawn rewrites the grads), on 2-4 ranks, or 2 dp ranks of a 2-stage pipeline."""
+    drawn rewrites the grads), on 1-4 ranks (one: ZeRO-Infinity on one GPU, each block
+    fetched whole), or 2 dp ranks of a 2-stage pipeline."""
     zero = sharded.shard_zero(stage=3, prefetch=data.draw(st.integers(0, 2)), reshard_after_forward=data.draw(st.booleans()))
     piped = data.draw(st.booleans())
     layers = [sharded.offload("cpu", params=True), zero]
-    _equals_the_plain_step(data.draw, layers, st.just(2) if piped else st.integers(2, 4), sharded.optim.adamw(1e-2, weight_decay=0.1), piped)
+    _equals_the_plain_step(data.draw, layers, st.just(2) if piped else st.integers(1, 4), sharded.optim.adamw(1e-2, weight_decay=0.1), piped)
 
 
 def _resumed(tmp):
@@ -138,18 +139,6 @@ def test_bad_input_is_named():
             step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     with pytest.raises(ValueError, match="offload_params=True.*needs offload='cpu' and stage=3"):
         sharded.estimate_memory(model, stage=2, world_size=2, offload="cpu", offload_params=True)
-
-
-def _one_rank_params_on_host():
-    model = sharded.trace(ToyLM(CFG))
-    step = sharded.offload(params=True)(sharded.shard_zero(stage=3)(make_train_step(model)))
-    with pytest.raises(ValueError, match="over 2 or more ranks"):
-        step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
-    return True
-
-
-def test_params_on_the_host_on_one_rank_is_named():
-    assert get_pool(1).run(_one_rank_params_on_host) == [True]
 
 
 def test_too_little_host_memory_is_named_before_the_first_step(monkeypatch):

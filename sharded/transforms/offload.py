@@ -16,8 +16,9 @@ to the host. The optimizer runs there, on the host's copies, with this rank's sh
 the host's cores as torch's threads, and the updated params are copied back into the
 device's tensors.
 
-With params=True (ZeRO-Infinity's params off the device; it needs shard_zero(stage=3)),
-this rank's param chunks live on the host too. ZeRO-3 fetches each block's chunks
+With params=True (ZeRO-Infinity's params off the device; it needs shard_zero(stage=3),
+which then gathers per block on one rank too: `Capability.HOSTS_PARAMS`), this rank's
+param chunks live on the host too. ZeRO-3 fetches each block's chunks
 to the device when it gathers the block, on a side stream ahead of use ([Note:
 gathering from the host] in _flat.py), so the device holds only the blocks gathered
 now. The update then runs on the host's params themselves: only the grads cross. It
@@ -110,6 +111,7 @@ class Offload(Transform):
         if where is not None and (tier != "cpu" or params):
             raise ValueError("offload(where=...) is built for tier='cpu' without params=True so far (issue 14); drop where=, or use offload('cpu', where=...)")
         self.tier, self.params, self.where = tier, params, where
+        self.capabilities = Capability.HOSTS_PARAMS if params else Capability.NONE
         self._chosen: list[int] | None = None  # with where=: the param leaves whose optimizer state moved (set by init)
         self._chosen_paths: frozenset[str] = frozenset()
         self.path, self.host_bytes = (os.fspath(path) if path is not None else None), int((host_buffer_gb or DEFAULT_HOST_BUFFER_GB) * 2**30)
@@ -167,8 +169,6 @@ class Offload(Transform):
             return self._init_disk(state)
         if self.where is not None:
             self._choose(state)
-        if self.params and any(not (state.placements.get(path) and state.placements.get(path).cuts) for path, x in state_leaves(state) if path.startswith("params") and self._offloaded(path, x)):
-            raise ValueError(_NEEDS_STAGE3 + " (over 2 or more ranks: on one rank there are no chunks to fetch)")
         _check_host_memory(sum(x.numel() * x.element_size() for path, x in state_leaves(state) if self._offloaded(path, x)))
         self._device = next((x.device for x in T.leaves(state.params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
         pin = torch.cuda.is_available()

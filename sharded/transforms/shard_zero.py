@@ -92,6 +92,7 @@ class ShardZero(Transform):
         self._like: list[torch.Tensor] = []  # a meta tensor per param leaf: its shape and dtype
         self._plans: dict[Any, list[FlatGroup]] = {}
         self.gather_dtype: torch.dtype | None = None  # set by check()
+        self.fetches = False  # set by check(): whether params live off the device (offload(params=True))
         self._order = ReadyOrder()
 
     def describe(self) -> str:
@@ -107,6 +108,9 @@ class ShardZero(Transform):
         # of micro-batches: there a stage's blocks run once per micro-batch, and
         # re-gathering them for each would multiply the all-gathers by m; they stay
         # until their grads are reduced.
+        # Params kept off the device (offload(params=True)) are fetched per block by the
+        # gather, so stage 3 gathers on one rank too, where it would otherwise do nothing.
+        self.fetches = self.stage == 3 and any(Capability.HOSTS_PARAMS in t.capabilities for t in stack)
         self.reshard = self.reshard_after_forward
         if self.reshard is None:
             self.reshard = not any(Capability.RUNS_SCHEDULE in t.capabilities for t in stack)
@@ -258,7 +262,7 @@ class ShardZero(Transform):
 
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
         t = self._topo()
-        if t.dp_size == 1:
+        if t.dp_size == 1 and not self.fetches:
             return next_(fn, has_aux, params, args, kwargs)
         local = rank_rows(args, t.dp_size, t.dp_rank, who=f"shard_zero(stage={self.stage})")
         if self.stage == 3:
@@ -288,7 +292,7 @@ class ShardZero(Transform):
 
     def _apply(self, next_: Callable, model: Any, params: Any, args: tuple, kwargs: dict) -> Any:
         size, rank, group = self._axis()
-        if size == 1:
+        if size == 1 and not self.fetches:
             return next_(model, params, args, kwargs)
         gatherer = _stage3.current()
         if gatherer is None and _differentiated(params):  # torch.func or autograd over the chunks, in the step's code
