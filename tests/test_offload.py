@@ -44,17 +44,22 @@ def _placed(stage, params):
     live += [x for x in staged if not any(x is y for y in live)]
     host_bytes = sum(x.numel() * x.element_size() for x in live)
     est = sharded.estimate_memory(model, stage=stage, world_size=2, optimizer="adamw", offload="cpu", offload_params=params)
+    on_device = sum(  # the model state left on the device between steps (the placements say where each leaf is)
+        x.numel() * x.element_size() for path, x in state_leaves(state)
+        if path.startswith(("params", "opt_state")) and x.ndim and (state.placements.get(path) is None or state.placements.get(path).tier is Tier.DEVICE)
+    )
     full = step.gather(state)
     back = [full.placements.get(path) for path, _ in state_leaves(full) if path.startswith(moved)]
-    return tiers, host_bytes, est, back
+    return tiers, host_bytes, est, back, on_device
 
 
 @pytest.mark.parametrize("stage,params", [(1, False), (3, False), (3, True)])
 def test_the_offloaded_state_is_placed_on_the_host_and_gathered_back(stage, params):
-    for tiers, host_bytes, est, back in get_pool(2).run(_placed, stage, params):
+    for tiers, host_bytes, est, back, on_device in get_pool(2).run(_placed, stage, params):
         assert tiers and set(tiers.values()) == {Tier.HOST}  # every tensor of it, moments and counts (and param chunks)
         assert est.optimizer == 0 and host_bytes == est.host  # this rank's chunks and the update's host copies; none on the device
-        assert (est.params == 0) == params  # params=True: no param chunk stays on the device
+        assert on_device == est.params  # the device keeps the params (stage 1: whole; stage 3: its chunks; params=True: none)
+        assert (est.params == 0) == params
         assert all(p is None or p.tier is Tier.DEVICE for p in back)  # gathered: on the device, whole
 
 
