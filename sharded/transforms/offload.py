@@ -61,8 +61,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from sharded import primitives
-from sharded.optim import leafwise_tail
 from sharded import tree as T
+from sharded.optim import leafwise_tail
 from sharded.placement import Placement, Tier, map_state, state_leaves
 from sharded.reduce import GradBucket, Reduction
 from sharded.sharding import map_chunked
@@ -73,7 +73,7 @@ from sharded.transforms._split_update import update_split
 
 __all__ = ["offload"]
 
-_TIERS = {"cpu": Tier.HOST, "nvme": Tier.DISK}
+_TIERS = ("cpu", "nvme")
 DEFAULT_HOST_BUFFER_GB = 2.0  # the nvme tier's two staging sets, together
 _NEEDS_STAGE3 = (
     "offload(params=True) fetches each block's param chunks from the host as ZeRO-3 gathers them, so it needs "
@@ -156,8 +156,9 @@ class Offload(Transform):
         return self._buffers[key][0]
 
     def _offloaded(self, path: str, x: Any) -> bool:
-        """The leaves kept on the host: every tensor of the optimizer state and, with
-        params=True, every param ZeRO-3 chunks (floating, non-empty)."""
+        """The leaves kept off the device: every tensor of the optimizer state (with
+        where=, those that mirror the chosen params) and, with params=True, every param
+        ZeRO-3 chunks (floating, non-empty)."""
         if not isinstance(x, torch.Tensor):
             return False
         if self.where is not None:
@@ -170,11 +171,16 @@ class Offload(Transform):
         if self.where is not None:
             self._choose(state)
         _check_host_memory(sum(x.numel() * x.element_size() for path, x in state_leaves(state) if self._offloaded(path, x)))
-        self._device = next((x.device for x in T.leaves(state.params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
         pin = torch.cuda.is_available()
-        moved = map_state(state, lambda path, x: _to_host(x, pin) if self._offloaded(path, x) else x)
+        return self._moved(state, lambda path, x: _to_host(x, pin), lambda path: Tier.HOST)
+
+    def _moved(self, state: Any, move: Callable[[str, torch.Tensor], torch.Tensor], tier: Callable[[str], Tier]) -> Any:
+        """`state` with each offloaded leaf replaced by `move(path, x)` and placed on
+        `tier(path)`; the device it came from is remembered for `gather`."""
+        self._device = next((x.device for x in T.leaves(state.params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        moved = map_state(state, lambda path, x: move(path, x) if self._offloaded(path, x) else x)
         placements = {
-            path: dataclasses.replace(state.placements.get(path) or Placement(x.shape), tier=_TIERS[self.tier])
+            path: dataclasses.replace(state.placements.get(path) or Placement(x.shape), tier=tier(path))
             for path, x in state_leaves(moved)
             if self._offloaded(path, x)
         }
@@ -200,7 +206,6 @@ class Offload(Transform):
         except ValueError as err:
             raise ValueError(f"offload(tier='nvme') updates the optimizer state group by group through host_buffer_gb of host memory: {err}") from None
         _check_host_memory(self.host_bytes)
-        self._device = next((x.device for x in T.leaves(state.params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
         if self._disk is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             self._disk = DiskTier(self.path, self.host_bytes, rank)
@@ -208,13 +213,7 @@ class Offload(Transform):
         moments = {path: x for path, x in state_leaves(state) if self._offloaded(path, x) and x.dim() > 0}
         mapped = self._disk.place(moments)
         pin = torch.cuda.is_available()
-        moved = map_state(state, lambda path, x: mapped[path] if path in mapped else _to_host(x, pin) if self._offloaded(path, x) else x)
-        placements = {
-            path: dataclasses.replace(state.placements.get(path) or Placement(x.shape), tier=Tier.DISK if path in mapped else Tier.HOST)
-            for path, x in state_leaves(moved)
-            if self._offloaded(path, x)
-        }
-        return moved.replace(placements=moved.placements.update(placements))
+        return self._moved(state, lambda path, x: mapped[path] if path in mapped else _to_host(x, pin), lambda path: Tier.DISK if path in mapped else Tier.HOST)
 
     def gather(self, state: Any) -> Any:
         moved = map_state(state, lambda path, x: x.to(self._device) if self._offloaded(path, x) else x)
