@@ -23,6 +23,7 @@ __all__ = [
     "path_str",
     "global_norm",
     "sharded_over",
+    "copies_of",
     "reduction_groups",
     "ravel",
     "zeros_like",
@@ -79,6 +80,16 @@ def sharded_over(group: Any, counted_elsewhere: Any = ()) -> Iterator[None]:
         yield
     finally:
         _sharded_over.reset(token)
+
+
+@contextlib.contextmanager
+def copies_of(pairs: Any) -> Iterator[None]:
+    """Within the block, the copy of a leaf that `sharded_over` leaves out is left out
+    too: for each (leaf, copy) of `pairs` (offload hands the optimizer host copies of the
+    grads, and a tied weight's grad must still count once in `global_norm`)."""
+    skip = frozenset().union(*(s for _, s in _sharded_over.get()))
+    with sharded_over(None, [copy for leaf, copy in pairs if id(leaf) in skip]):
+        yield
 
 
 def reduction_groups() -> list[Any]:

@@ -47,7 +47,7 @@ class HostUpdate:
         """A group's reduce-scatter was waited: copy this rank's row to the host and
         queue the update of its leaves."""
         out, layout = bucket.out, bucket.layout
-        if self.parts.seen & set(layout.leaves) or self.submitted & set(layout.leaves):
+        if self.submitted & set(layout.leaves):
             raise RuntimeError(
                 "offload(params=True): these leaves' update already ran on the host for this state, in a step that then failed; "
                 "its params and optimizer state are partly updated, so restore them from a checkpoint before training on"
@@ -65,7 +65,8 @@ class HostUpdate:
             out.record_stream(self.copies)
         else:
             torch._foreach_copy_(hosts, views)
-        self.futures.append(self.worker.submit(self._run, ready, list(layout.leaves), hosts))
+        shaped = [h.view(self.parts.leaves[i].shape) for i, h in zip(layout.leaves, hosts)]  # one rank: whole leaves, not flat chunks
+        self.futures.append(self.worker.submit(self._run, ready, list(layout.leaves), shaped))
 
     def _run(self, ready: torch.cuda.Event | None, indices: Sequence[int], grads: list[torch.Tensor]) -> None:
         if ready is not None:

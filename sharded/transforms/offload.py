@@ -240,7 +240,7 @@ class Offload(Transform):
             torch._foreach_copy_([h for h, _ in staged], [x for _, x in staged], non_blocking=True)
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the host reads them next
-        with _threads(_host_threads()):
+        with _threads(_host_threads()), T.copies_of(zip(device_grads, host_grads)):  # a tied grad still counts once in a clip's norm
             updated, opt_state = next_(tx, T.unflatten(T.structure(grads), host_grads), opt_state, T.unflatten(T.structure(params), host_params))
         back = [(x, u) for x, h, u in zip(leaves, host_params, T.leaves(updated)) if x is not u]
         if back:  # stream-ordered before the next step's copies
