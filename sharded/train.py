@@ -274,6 +274,8 @@ def run_rank(cfg: TrainConfig) -> dict:
                 row["grad_norm"] = norm
             if "loss_scale" in metrics:  # fp16's dynamic loss scale
                 row["loss_scale"] = float(metrics["loss_scale"])
+            if "swap_gbps" in metrics:  # offload's nvme tier: the last update's disk traffic
+                row.update({k: metrics[k] for k in ("swap_read_gb", "swap_write_gb", "swap_gbps")})
             if cfg.eval_every is not None and (i + 1) % cfg.eval_every == 0:
                 row["val_loss"] = evaluate(model, step.gather_params(state), corpus, cfg, seq_len, device)
             log.append(row)

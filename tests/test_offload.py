@@ -225,7 +225,7 @@ def _on_disk(tmp, buffer_gb):
     model = sharded.trace(ToyLM(CFG))
     step = sharded.offload("nvme", path=tmp, host_buffer_gb=buffer_gb)(sharded.shard_zero(stage=3)(make_train_step(model)))
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
-    state, _ = step(state, _batch(0))
+    state, metrics = step(state, _batch(0))
     tiers = {path: state.placements.get(path).tier for path, x in state_leaves(state) if path.startswith("opt_state")}
     moments = sum(x.numel() * x.element_size() for path, x in state_leaves(state) if path.startswith("opt_state") and x.ndim)
     (offload,) = [t for t in step.transforms if t.name == "offload"]
@@ -235,11 +235,13 @@ def _on_disk(tmp, buffer_gb):
     sizes = [os.path.getsize(f) for f in files]
     full = step.gather(state)
     back = [full.placements.get(path) for path, _ in state_leaves(full) if path.startswith("opt_state")]
-    return tiers, moments, arenas, sizes, est, back, len(sharded.tree.leaves(state.params))
+    swapped = (round(metrics["swap_read_gb"] * 1e9), round(metrics["swap_write_gb"] * 1e9))
+    return tiers, moments, arenas, sizes, est, back, len(sharded.tree.leaves(state.params)), swapped
 
 
 def test_the_nvme_tier_keeps_the_moments_on_disk_and_its_buffers_bounded(tmp_path):
-    for tiers, moments, arenas, sizes, est, back, leaves in get_pool(2).run(_on_disk, str(tmp_path), 1e-4):
+    for tiers, moments, arenas, sizes, est, back, leaves, swapped in get_pool(2).run(_on_disk, str(tmp_path), 1e-4):
+        assert swapped == (moments, moments)  # the step's metrics: every moment read and written back once
         assert {t for t in tiers.values()} == {Tier.DISK, Tier.HOST}  # the moments on disk, the counts in memory
         assert sum(t is Tier.DISK for t in tiers.values()) == 2 * leaves  # both moments of every leaf
         assert arenas == int(1e-4 * 2**30) // 2 * 2  # two sets, whatever the state's size

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from typing import Any, Callable
 
 import torch
@@ -45,6 +46,7 @@ class DiskTier:
         self.slots: dict[int, tuple[SwapStore, str]] = {}  # a mapped tensor's data_ptr -> its store and slot
         self.stores: list[SwapStore] = []
         self.arenas: list[torch.Tensor] = []  # the two buffer sets, made at the first update
+        self.last: dict[str, float] = {}  # the last update's swap traffic (offload's metrics)
 
     def place(self, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Write `leaves` ({state path: tensor}) to a new swap file; the tensors mapped
@@ -60,6 +62,7 @@ class DiskTier:
         return mapped
 
     def update(self, tx: Any, grads: Any, opt_state: Any, params: Any, threads: Callable) -> tuple[Any, Any]:
+        began, before = time.perf_counter(), [store.stats() for store in self.stores]
         head, tail, tail_state, join = leafwise_tail(tx, opt_state)
         grads = head(grads, params)  # a global-norm clip, on the device's grads, before any part
         parts = InParts(tail, tail_state, params)
@@ -84,6 +87,10 @@ class DiskTier:
         for t in writes[0] + writes[1]:
             t.wait()
         _synchronize()
+        moved = [store.stats() - b for store, b in zip(self.stores, before)]
+        seconds = time.perf_counter() - began
+        read, written = sum(m.read.bytes for m in moved), sum(m.write.bytes for m in moved)
+        self.last = {"swap_read_gb": read / 1e9, "swap_write_gb": written / 1e9, "swap_gbps": (read + written) / 1e9 / seconds, "update_s": seconds}
         params, new_tail = parts.finish()
         return params, join(new_tail)
 

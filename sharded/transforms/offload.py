@@ -215,6 +215,10 @@ class Offload(Transform):
         pin = torch.cuda.is_available()
         return self._moved(state, lambda path, x: mapped[path] if path in mapped else _to_host(x, pin), lambda path: Tier.DISK if path in mapped else Tier.HOST)
 
+    def metrics(self, state: Any) -> dict:
+        """The nvme tier's last update: GB read and written, their rate over the update, its seconds."""
+        return dict(self._disk.last) if self._disk is not None else {}
+
     def gather(self, state: Any) -> Any:
         moved = map_state(state, lambda path, x: x.to(self._device) if self._offloaded(path, x) else x)
         return moved.replace(placements=moved.placements.map(lambda p: dataclasses.replace(p, tier=Tier.DEVICE)))
