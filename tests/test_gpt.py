@@ -62,7 +62,7 @@ def test_tied_gpt_trains_exactly_like_the_module():
 
 
 def test_presets_have_their_advertised_sizes():
-    expected = {"125m": 124e6, "350m": 354e6, "760m": 757e6, "1.3b": 1.31e9, "2.7b": 2.65e9, "6.7b": 6.66e9}
+    expected = {"125m": 124e6, "350m": 354e6, "760m": 757e6, "1.3b": 1.31e9, "2.7b": 2.65e9, "6.7b": 6.66e9, "13b": 12.85e9, "20b": 20.24e9}
     for name, n in expected.items():
         cfg = PRESETS[name]
         d, L, V, T = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.seq_len

@@ -46,6 +46,8 @@ PRESETS = {
     "1.3b": GPTConfig(n_layers=24, d_model=2048, n_heads=16),
     "2.7b": GPTConfig(n_layers=32, d_model=2560, n_heads=32),
     "6.7b": GPTConfig(n_layers=32, d_model=4096, n_heads=32),
+    "13b": GPTConfig(n_layers=40, d_model=5120, n_heads=40),  # LLaMA-13B's shape
+    "20b": GPTConfig(n_layers=44, d_model=6144, n_heads=64),  # GPT-NeoX-20B's shape
 }
 
 
