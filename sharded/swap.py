@@ -20,6 +20,7 @@ same machinery, for benchmarks to compare against.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -454,7 +455,8 @@ def _allocate(fd: int, nbytes: int) -> None:
 def _close(pool: concurrent.futures.ThreadPoolExecutor, fd: int, file: str) -> None:
     pool.shutdown(wait=True)
     os.close(fd)
-    os.unlink(file)
+    with contextlib.suppress(FileNotFoundError):  # its directory may be gone first (a temporary one, at exit)
+        os.unlink(file)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,11 @@ both orders of a pair must agree; the only refusals are a transform applied twic
 transforms that both average grads over dp, and a micro-batch splitter inside a
 pipeline. (`accumulate` twice is allowed: k1·k2 micro-batches.)
 """
+import atexit
+import functools
 import itertools
 import math
+import shutil
 import tempfile
 
 import pytest
@@ -26,6 +29,15 @@ OPTIMIZERS = {
     "adamw": lambda: sharded.optim.adamw(1e-2, weight_decay=0.1),
     "clipped_adamw": lambda: sharded.optim.chain(sharded.optim.clip_by_global_norm(0.05), sharded.optim.adamw(1e-2)),
 }
+
+
+@functools.cache
+def _swap_directory() -> str:
+    """One directory for this session's nvme draws (each store makes and removes its own
+    subdirectory in it); removed at exit."""
+    path = tempfile.mkdtemp(prefix="sharded-registry-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def options(name: str, draw) -> dict:
@@ -51,7 +63,7 @@ def options(name: str, draw) -> dict:
         return {"backend": "aot_eager"}
     if name == "offload":  # the disk tier with buffers small enough for a group per leaf or two
         tier = draw(st.sampled_from(["cpu", "nvme"]))
-        return {"tier": "cpu"} if tier == "cpu" else {"tier": "nvme", "path": tempfile.mkdtemp(prefix="sharded-registry-"), "host_buffer_gb": 2e-4}
+        return {"tier": "cpu"} if tier == "cpu" else {"tier": "nvme", "path": _swap_directory(), "host_buffer_gb": 2e-4}
     raise AssertionError(f"no option strategy for {name}: add one when registering a transform")
 
 
