@@ -41,7 +41,7 @@ def main() -> None:
 
     step = sharded.offload("nvme", path=args.path, host_buffer_gb=args.host_buffer_gb)(sharded.mixed_precision("bf16", autocast=False)(train_step))
     began = time.perf_counter()
-    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-4, weight_decay=0.1)))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-4, weight_decay=0.1), opt_device="cpu"))
     init_s = time.perf_counter() - began
     (offload,) = [t for t in step.transforms if t.name == "offload"]
     (store,) = offload._disk.stores

@@ -33,7 +33,7 @@ def _step(cfg: GPTConfig, offload: bool):
 
     step = sharded.shard_zero(stage=3)(sharded.mixed_precision("bf16", autocast=False)(train_step))
     step = sharded.offload("cpu", params=True)(step) if offload else step
-    return step, step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD)))
+    return step, step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD), opt_device="cpu" if offload else None))
 
 
 def _timed(fn, steps: int) -> list[float]:

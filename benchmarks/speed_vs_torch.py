@@ -153,7 +153,8 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
     zero = {"stage": stage} if reshard is None else {"stage": stage, "reshard_after_forward": reshard}
     step = sharded.shard_zero(**zero)(step) if stage else sharded.data_parallel(step)
     step = sharded.offload("cpu", **(offload if isinstance(offload, dict) else {"params": True}))(step) if offload else step
-    box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD)))]
+    on_host = offload and not (isinstance(offload, dict) and "where" in offload)  # where= keeps the rest's state on the device
+    box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD), opt_device="cpu" if on_host else None))]
 
     def run(x, y):
         box[0], _ = step(box[0], (x, y))

@@ -8,6 +8,7 @@ import optree
 import torch
 
 from sharded import primitives
+from sharded import tree as T
 from sharded.optim import GradientTransformation
 from sharded.placement import Placements
 from sharded.optim import apply as apply_optimizer
@@ -34,9 +35,12 @@ class TrainState:
     placements: Placements = Placements()
 
     @classmethod
-    def create(cls, params: Any, tx: GradientTransformation, **extra: Any) -> TrainState:
-        """Fresh state: optimizer initialised on `params`, step 0."""
-        return cls(params=params, opt_state=tx.init(params), step=torch.zeros((), dtype=torch.int64), tx=tx, extra=extra)
+    def create(cls, params: Any, tx: GradientTransformation, opt_device: str | torch.device | None = None, **extra: Any) -> TrainState:
+        """Fresh state: optimizer initialised on `params`, step 0. `opt_device="cpu"` makes
+        the optimizer state in host memory (from host copies of the params), for
+        `offload`: a state larger than the accelerator then never lands on it."""
+        on = params if opt_device is None else T.map(lambda p: p.detach().to(opt_device), params)
+        return cls(params=params, opt_state=tx.init(on), step=torch.zeros((), dtype=torch.int64), tx=tx, extra=extra)
 
     def replace(self, **changes: Any) -> TrainState:
         return dataclasses.replace(self, **changes)

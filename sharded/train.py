@@ -226,7 +226,8 @@ def run_rank(cfg: TrainConfig) -> dict:
         tx = sharded.optim.adamw(schedule, weight_decay=cfg.weight_decay)
         tx = sharded.optim.chain(sharded.optim.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip else tx
     step = make_step(model, cfg)
-    state = step.init(sharded.TrainState.create(model.params, tx))
+    on_host = cfg.offload != "none" and cfg.offload_only is None  # the optimizer state never lands on the device
+    state = step.init(sharded.TrainState.create(model.params, tx, opt_device="cpu" if on_host else None))
     if rank == 0:
         print(step.explain(rank=0))
 

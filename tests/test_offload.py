@@ -146,13 +146,39 @@ def test_bad_input_is_named():
         sharded.estimate_memory(model, stage=2, world_size=2, offload="cpu", offload_params=True)
 
 
-def test_too_little_host_memory_is_named_before_the_first_step(monkeypatch):
+def _short_of_host_memory():
     module = sys.modules["sharded.transforms.offload"]
-    monkeypatch.setattr(module, "_available_host_bytes", lambda: 1024)
+    available, module._available_host_bytes = module._available_host_bytes, lambda: 1024
+    try:  # this rank process serves later tests too
+        model = sharded.trace(ToyLM(CFG))
+        step = sharded.offload("cpu", params=True)(sharded.shard_zero(stage=3)(make_train_step(model)))
+        with pytest.raises(ValueError, match=r"moving this rank's state .* needs .* GiB of host memory, and its share .* is 0.00 GiB"):
+            step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    finally:
+        module._available_host_bytes = available
+    return True
+
+
+def test_too_little_host_memory_is_named_before_the_first_step():
+    """What moving allocates (here the param chunks, pinned copies beside a GPU; the
+    optimizer state made on the host already stays) against this rank's share."""
+    assert get_pool(1).run(_short_of_host_memory) == [True]
+
+
+def _made_on_the_host():
     model = sharded.trace(ToyLM(CFG))
-    step = sharded.offload("cpu")(make_train_step(model))
-    with pytest.raises(ValueError, match=r"optimizer state needs .* GiB of host memory, and its share .* is 0.00 GiB"):
-        step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2), opt_device="cpu")
+    moments = [x for x in sharded.tree.leaves(state.opt_state) if x.ndim]
+    laid_out = sharded.offload("cpu")(make_train_step(model)).init(state)
+    return all(x.device.type == "cpu" for x in moments) and all(
+        any(y is x for x in moments) for y in sharded.tree.leaves(laid_out.opt_state) if y.ndim
+    )
+
+
+def test_an_optimizer_state_made_on_the_host_stays_where_it_is():
+    """TrainState.create(..., opt_device="cpu"): the moments never touch the device, and
+    offload keeps those very tensors (no second copy in host memory)."""
+    assert _made_on_the_host()
 
 
 def test_the_host_update_takes_this_ranks_share_of_the_cores(monkeypatch):
@@ -219,6 +245,9 @@ def test_where_moves_the_chosen_params_state_and_leaves_the_rest():
             host = "['blocks." in path
             assert (x.device.type == "cpu" and state.placements.get(path) is not None and state.placements.get(path).tier is Tier.HOST) == host, path
     assert step.transforms[0].describe() == "offload('cpu', where=<lambda>)"
+    elsewhere = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2), opt_device="meta")  # not beside the params
+    with pytest.raises(ValueError, match="must be there too; make the state beside the params"):
+        sharded.offload("cpu", where=blocks)(make_train_step(model)).init(elsewhere)
 
 
 def _on_disk(tmp, buffer_gb):

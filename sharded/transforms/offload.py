@@ -9,7 +9,8 @@ same values; it runs on the CPU (the fused AdamW path: torch's fused CPU kernel)
     step = sharded.offload("cpu", params=True)(sharded.shard_zero(stage=3)(train_step))
 
 Between steps every tensor of this rank's optimizer state (its chunks under ZeRO)
-lives in host memory, pinned where there is a GPU. `state.placements` marks it with
+lives in host memory (not pinned: it never crosses to the device; the grads' and
+params' host buffers are pinned). `state.placements` marks it with
 `Tier.HOST`, so checkpoints and `gather` know where it is. The device keeps the params,
 the grads and the activations. At the update, this rank's grads and params are copied
 to the host. The optimizer runs there, on the host's copies, with this rank's share of
@@ -170,9 +171,11 @@ class Offload(Transform):
             return self._init_disk(state)
         if self.where is not None:
             self._choose(state)
-        _check_host_memory(sum(x.numel() * x.element_size() for path, x in state_leaves(state) if self._offloaded(path, x)))
-        pin = torch.cuda.is_available()
-        return self._moved(state, lambda path, x: _to_host(x, pin), lambda path: Tier.HOST)
+        _check_host_memory(sum(  # what moving allocates: the optimizer state made on the host already stays
+            x.numel() * x.element_size() for path, x in state_leaves(state)
+            if self._offloaded(path, x) and (x.device.type != "cpu" or path.startswith("params"))
+        ))
+        return self._moved(state, lambda path, x: _to_host(x, crosses=path.startswith("params")), lambda path: Tier.HOST)
 
     def _moved(self, state: Any, move: Callable[[str, torch.Tensor], torch.Tensor], tier: Callable[[str], Tier]) -> Any:
         """`state` with each offloaded leaf replaced by `move(path, x)` and placed on
@@ -198,6 +201,12 @@ class Offload(Transform):
         marked = map_chunked(state.opt_state, T.structure(state.params), chosen, lambda x, i: _Chosen())
         self._chosen = [i for i, c in enumerate(chosen) if c]
         self._chosen_paths = frozenset("opt_state" + path for path, x in T.leaves_with_paths(marked) if isinstance(x, _Chosen))
+        device = next((x.device for x in T.leaves(state.params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        if any(x.device != device for path, x in state_leaves(state) if path.startswith("opt_state") and path not in self._chosen_paths and isinstance(x, torch.Tensor)):
+            raise ValueError(
+                f"offload(where=...) updates the params it does not choose on their device ({device}), so their optimizer state "
+                "must be there too; make the state beside the params (TrainState.create without opt_device)"
+            )
 
     def _init_disk(self, state: Any) -> Any:
         """[Note: the disk tier] in _disk_update.py: the moments to a swap file, the counts to host memory."""
@@ -212,8 +221,7 @@ class Offload(Transform):
             weakref.finalize(self, self._disk.close)
         moments = {path: x for path, x in state_leaves(state) if self._offloaded(path, x) and x.dim() > 0}
         mapped = self._disk.place(moments)
-        pin = torch.cuda.is_available()
-        return self._moved(state, lambda path, x: mapped[path] if path in mapped else _to_host(x, pin), lambda path: Tier.DISK if path in mapped else Tier.HOST)
+        return self._moved(state, lambda path, x: mapped[path] if path in mapped else _to_host(x, crosses=False), lambda path: Tier.DISK if path in mapped else Tier.HOST)
 
     def metrics(self, state: Any) -> dict:
         """The nvme tier's last update: GB read and written, their rate over the update, its seconds."""
@@ -338,15 +346,19 @@ def _check_host_memory(needed: int) -> None:
     share = available // max(ranks, 1)
     if needed > share:
         raise ValueError(
-            f"offload('cpu'): this rank's optimizer state needs {needed / 2**30:.2f} GiB of host memory, and its share of "
+            f"offload('cpu'): moving this rank's state (optimizer state, params with params=True) needs {needed / 2**30:.2f} GiB of host memory, and its share of "
             f"the host's available memory is {share / 2**30:.2f} GiB ({available / 2**30:.2f} GiB over {ranks} rank(s) on this host); "
             "cut the state over more ranks with shard_zero(stage=1|2|3), run fewer ranks per host, or use a larger host"
         )
 
 
-def _to_host(x: torch.Tensor, pin: bool) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=pin)
-    return out.copy_(x)
+def _to_host(x: torch.Tensor, crosses: bool) -> torch.Tensor:
+    """`x` in host memory: pinned beside a GPU if it `crosses` PCIe every step (params
+    fetched per block); the optimizer state never leaves the host, so it stays as it
+    is if it is there already (`TrainState.create(..., opt_device="cpu")` made it there)."""
+    if crosses and torch.cuda.is_available():
+        return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)
+    return x if x.device.type == "cpu" else x.to("cpu")
 
 
 offload = transform(Offload)
