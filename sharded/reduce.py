@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import enum
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -41,6 +41,10 @@ class GradBucket:
     group: Any
     layout: Any = None  # the `FlatGroup` of `grads`: which param leaves, where (None: not param grads)
     final: bool = False  # `out` is these leaves' grads as the update gets them: no later reduction adds to it
+    # A final bucket's handler may move the result elsewhere (offload: to host memory) and
+    # free `out`: take(rows, ready) says the grads are now `rows` (out's size and dtype),
+    # valid once the CUDA event `ready` (None: at once) has completed.
+    take: Callable[[torch.Tensor, Any], None] | None = None
 
 
 def _reduce_impl(bucket: GradBucket) -> comm.Pending:

@@ -162,6 +162,7 @@ class GradReducer:
         self.where = {i: (g, k) for g, fg in enumerate(groups) for k, i in enumerate(fg.leaves)}
         self.inputs: list[torch.Tensor | None] = [None] * len(groups)
         self.outputs: list[torch.Tensor] = []
+        self.moved: list[Any] = []  # events after which outputs a handler took are valid
         self.missing = [len(fg.leaves) for fg in groups]
         self.held: list[list[torch.Tensor | None]] = [[None] * len(fg.leaves) for fg in groups]  # grads until their group is full
         self.filled: set[int] = set()
@@ -201,13 +202,20 @@ class GradReducer:
             fg, inp = self.groups[g], self._input(g)
             if self.scatter:
                 out = torch.empty(fg.size, dtype=inp.dtype, device=fg.device)
-                self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, out, Reduction.REDUCE_SCATTER, self.group, fg, self.final))
+                take = functools.partial(self._taken, g) if self.final else None
+                self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, out, Reduction.REDUCE_SCATTER, self.group, fg, self.final, take))
             else:
                 out = fg.rows(inp)[self.rank]
                 self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, inp, Reduction.ALL_REDUCE, self.group, fg, self.final))
             self.outputs.append(out)
             self.started += 1
             self._retire(keep=self.IN_FLIGHT)
+
+    def _taken(self, g: int, rows: torch.Tensor, ready: Any) -> None:
+        """GradBucket.take: group g's result is `rows` now (its device rows may be freed)."""
+        self.outputs[g] = rows
+        if ready is not None:
+            self.moved.append(ready)
 
     def _retire(self, keep: int) -> None:
         """Wait for all but the newest `keep` collectives and free their inputs, so a
@@ -255,6 +263,9 @@ class GradReducer:
         rank), zeros of the leaf's shape for the rest."""
         if self.sums is None:
             self._complete()
+        for ready in self.moved:
+            ready.synchronize()  # a taken result is read (or handed on) from here
+        self.moved = []
         outputs = self.sums if self.sums is not None else self.outputs
         grads: list[torch.Tensor | None] = [None] * len(self.leaves)
         for fg, out in zip(self.groups, outputs):

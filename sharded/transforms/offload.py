@@ -139,18 +139,19 @@ class Offload(Transform):
         update started there (when the step qualifies)."""
         pending = next_(bucket)
         state = primitives.step_state()
-        if not (self._streams and bucket.final and bucket.layout is not None and bucket.reduction is Reduction.REDUCE_SCATTER and state is not None and state.tx.leafwise):
+        if not (self._streams and bucket.take is not None and bucket.layout is not None and bucket.reduction is Reduction.REDUCE_SCATTER and state is not None and state.tx.leafwise):
             return pending
         if self._live is None or self._live[0] is not state:
             if self._live is not None:
                 self._live[1].abandon()
-            self._live = (state, HostUpdate(state.tx, state.opt_state, state.params, lambda i, like: self._host_buffer("grad", i, like), lambda: _threads(_host_threads())))
+            rows = lambda b: self._host_buffer("rows", b.name, b.out)  # noqa: E731
+            self._live = (state, HostUpdate(state.tx, state.opt_state, state.params, rows, lambda i, like: self._host_buffer("grad", i, like), lambda: _threads(_host_threads())))
         live = self._live[1]
         return pending.then(lambda: live.reduced(bucket))
 
-    def _host_buffer(self, kind: str, i: int, like: torch.Tensor) -> torch.Tensor:
-        """Leaf i's host buffer for its `kind` ("grad", "param") shaped like `like`
-        (pinned beside a GPU), made once."""
+    def _host_buffer(self, kind: str, i: Any, like: torch.Tensor) -> torch.Tensor:
+        """Leaf (or bucket) i's host buffer for its `kind` ("grad", "param", "rows")
+        shaped like `like` (pinned beside a GPU), made once."""
         key = (kind, i, like.shape, like.dtype)
         if key not in self._buffers:
             self._buffers[key] = [torch.empty(like.shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())]
