@@ -15,7 +15,10 @@ leaves can run as soon as that group is reduced. For each such group:
                            (`optim.InParts`), with this rank's share of the cores
 
 The update handler then waits for the worker, updates any leaf no group covered,
-and puts the state together.
+and puts the state together. An optimizer with a head that reads every grad (a
+global-norm clip before AdamW, `optim.leafwise_tail`) cannot start early: its groups
+still go to the host and leave the device during backward, and the update runs the
+head and then the rest on the host once backward is done, as DeepSpeed's does.
 
 [Note: grads leave the device] Once a group's rows are on the host, the device's are
 freed (`GradBucket.take` hands the reducer the host rows, which `value_and_grad`
@@ -31,7 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sharded import tree as T
-from sharded.optim import InParts
+from sharded.optim import InParts, leafwise_tail
 from sharded.reduce import GradBucket
 
 __all__ = ["HostUpdate"]
@@ -49,7 +52,9 @@ class HostUpdate:
         host_grad: Callable[[int, torch.Tensor], torch.Tensor],
         threads: Callable,
     ):
-        self.parts = InParts(tx, opt_state, params)
+        self.head, tail, tail_state, self.join = leafwise_tail(tx, opt_state)
+        self.eager = tx.leafwise  # else a head (a global-norm clip) needs every grad first: the update waits for backward
+        self.parts = InParts(tail, tail_state, params)
         self.params = params
         self.host_rows, self.host_grad = host_rows, host_grad  # a bucket's pinned host rows; leaf i's host buffer shaped like a grad
         self.threads = threads  # the thread-count context
@@ -63,7 +68,7 @@ class HostUpdate:
         them to the reducer in place of the device's (`GradBucket.take`: see [Note:
         grads leave the device]) and queue the update of the group's leaves."""
         out, layout = bucket.out, bucket.layout
-        if self.submitted & set(layout.leaves):
+        if self.eager and self.submitted & set(layout.leaves):
             raise RuntimeError(
                 "offload(params=True): these leaves' update already ran on the host for this state, in a step that then failed; "
                 "its params and optimizer state are partly updated, so restore them from a checkpoint before training on"
@@ -82,6 +87,8 @@ class HostUpdate:
             rows.copy_(out)
         bucket.take(rows, ready)
         out.untyped_storage().resize_(0)  # the allocator reuses it once the copy is done (record_stream)
+        if not self.eager:
+            return  # the reducer hands these rows on; the update reads them after the head
         views = layout.chunk_views(rows, torch.distributed.get_rank(bucket.group))
         grads = [v.view(self.parts.leaves[i].shape) for i, v in zip(layout.leaves, views)]  # one rank: whole leaves, not flat chunks
         self.futures.append(self.worker.submit(self._run, ready, list(layout.leaves), grads))
@@ -97,8 +104,9 @@ class HostUpdate:
         self.worker.shutdown(wait=False)
 
     def finish(self, params: Any, grads: Any) -> tuple[Any, Any]:
-        """Wait for every group's update; update the leaves no group covered (their
-        `grads` copied to the host now); (params, opt_state)."""
+        """Wait for every group's update; update the leaves no group covered (all of them
+        where a head needs every grad first), their `grads` on the host (the taken rows,
+        or copied now); (params, opt_state)."""
         try:
             for f in self.futures:
                 f.result()  # a worker's error surfaces here
@@ -106,11 +114,15 @@ class HostUpdate:
             self.worker.shutdown(wait=True)
         if any(a is not b for a, b in zip(T.leaves(params), T.leaves(self.params))):
             raise RuntimeError("offload: the update's params are not the tensors the host update in parts was given (a transform replaced them)")
-        rest = [i for i in range(len(T.leaves(params))) if i not in self.parts.seen]
+        given = T.leaves(grads)
+        rest = [i for i in range(len(given)) if i not in self.parts.seen]
         if rest:
-            device = [T.leaves(grads)[i] for i in rest]
-            hosts = [self.host_grad(i, g) for i, g in zip(rest, device)]
-            torch._foreach_copy_(hosts, device)
+            hosts = {i: given[i] if given[i].device.type == "cpu" else self.host_grad(i, given[i]).copy_(given[i]) for i in rest}
+            if not self.eager:  # rest is every leaf: the head (a clip) first, on the host's grads
+                copies = [(given[i], hosts[i]) for i in rest if hosts[i] is not given[i]]
+                with T.copies_of(copies):  # a tied grad still counts once in the clip's norm
+                    hosts = dict(enumerate(T.leaves(self.head(T.unflatten(T.structure(grads), [hosts[i] for i in rest]), params))))
             with self.threads():
-                self.parts.run(rest, hosts)
-        return self.parts.finish()
+                self.parts.run(rest, [hosts[i] for i in rest])
+        params, new_tail = self.parts.finish()
+        return params, self.join(new_tail)

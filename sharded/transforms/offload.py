@@ -139,15 +139,22 @@ class Offload(Transform):
         update started there (when the step qualifies)."""
         pending = next_(bucket)
         state = primitives.step_state()
-        if not (self._streams and bucket.take is not None and bucket.layout is not None and bucket.reduction is Reduction.REDUCE_SCATTER and state is not None and state.tx.leafwise):
+        if not (self._streams and bucket.take is not None and bucket.layout is not None and bucket.reduction is Reduction.REDUCE_SCATTER and state is not None):
             return pending
         if self._live is None or self._live[0] is not state:
-            if self._live is not None:
+            if self._live is not None and self._live[1] is not None:
                 self._live[1].abandon()
-            rows = lambda b: self._host_buffer("rows", b.name, b.out)  # noqa: E731
-            self._live = (state, HostUpdate(state.tx, state.opt_state, state.params, rows, lambda i, like: self._host_buffer("grad", i, like), lambda: _threads(_host_threads())))
+            self._live = (state, self._host_update(state))
         live = self._live[1]
-        return pending.then(lambda: live.reduced(bucket))
+        return pending if live is None else pending.then(lambda: live.reduced(bucket))
+
+    def _host_update(self, state: Any) -> HostUpdate | None:
+        """This step's update in parts, or None where the optimizer cannot run in parts."""
+        try:
+            rows = lambda b: self._host_buffer("rows", b.name, b.out)  # noqa: E731
+            return HostUpdate(state.tx, state.opt_state, state.params, rows, lambda i, like: self._host_buffer("grad", i, like), lambda: _threads(_host_threads()))
+        except ValueError:  # not leafwise, not even after a head: the whole update, as before
+            return None
 
     def _host_buffer(self, kind: str, i: Any, like: torch.Tensor) -> torch.Tensor:
         """Leaf (or bucket) i's host buffer for its `kind` ("grad", "param", "rows")
@@ -240,7 +247,7 @@ class Offload(Transform):
         asynchronous copies each way and one wait, not a wait per tensor. Where the
         update already started during backward, it is finished instead."""
         live, self._live = self._live, None
-        if live is not None and live[0] is primitives.step_state():
+        if live is not None and live[1] is not None and live[0] is primitives.step_state():
             return live[1].finish(params, grads)
         if self._disk is not None:
             return self._disk.update(tx, grads, opt_state, params, lambda: _threads(_host_threads()))
