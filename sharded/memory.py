@@ -75,7 +75,8 @@ def estimate_memory(
     optimizer state to `host`, with the host copies of this rank's grads and params that
     the update runs on. `offload_params=True` (stage 3 only) moves this rank's param
     chunks there too: the device keeps only the blocks gathered at the moment, which,
-    as for stage 3 without it, are not counted. `offload="nvme"` puts the optimizer
+    as for stage 3 without it, are not counted, and the grads leave it group by group
+    as backward reduces them (not under a loss scaler, which keeps them until the update). `offload="nvme"` puts the optimizer
     state in `disk` (this rank's swap file) and its staging buffers (`host_buffer_gb`,
     offload's default if None) in `host`.
     """
@@ -109,7 +110,7 @@ def estimate_memory(
     staging = copies * elements(stage >= 1) * b if offload else 0
     return MemoryEstimate(
         params=0 if offload_params else params_bytes,
-        grads=elements(stage >= 1) * b,
+        grads=0 if offload_params else elements(stage >= 1) * b,  # streamed to the host as backward reduces them
         optimizer=0 if offload else optimizer_bytes,
         activations=activations,
         host=optimizer_bytes + staging + (params_bytes if offload_params else 0) if offload else 0,
