@@ -104,13 +104,13 @@ class ShardZero(Transform):
         # (half the bytes for bf16) and reduces their grads back to the masters' dtype.
         casts = [t.param_dtype for t in stack if Capability.CASTS_PARAMS in t.capabilities]
         self.gather_dtype = casts[0] if casts and self.stage == 3 else None
+        # Params kept off the device (offload(params=True)) are fetched per block by the
+        # gather, so stage 3 gathers on one rank too, where it would otherwise do nothing.
+        self.fetches = self.stage == 3 and any(Capability.HOSTS_PARAMS in t.capabilities for t in stack)
         # By default stage 3 frees a block after its forward, except under a schedule
         # of micro-batches: there a stage's blocks run once per micro-batch, and
         # re-gathering them for each would multiply the all-gathers by m; they stay
         # until their grads are reduced.
-        # Params kept off the device (offload(params=True)) are fetched per block by the
-        # gather, so stage 3 gathers on one rank too, where it would otherwise do nothing.
-        self.fetches = self.stage == 3 and any(Capability.HOSTS_PARAMS in t.capabilities for t in stack)
         self.reshard = self.reshard_after_forward
         if self.reshard is None:
             self.reshard = not any(Capability.RUNS_SCHEDULE in t.capabilities for t in stack)
