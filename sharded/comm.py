@@ -370,7 +370,8 @@ def broadcast(t: torch.Tensor, src: int, group: Any = None) -> None:
         return
     what = (f"broadcast from rank {src}", t, size)
     # NCCL moves only CUDA tensors; a CPU leaf (TrainState.step, say) goes via the GPU.
-    staged = t.cuda() if t.device.type == "cpu" and dist.get_backend(group) == "nccl" else t
+    device = _backend_device(group)
+    staged = t.to(device) if device is not None and t.device.type == "cpu" else t
     _start(what, lambda: dist.broadcast(staged, src=src, group=group, async_op=True), async_op=False)
     if staged is not t:
         t.copy_(staged)

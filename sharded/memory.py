@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from sharded.swap import DEFAULT_HOST_BUFFER_GB
+
 __all__ = ["MemoryEstimate", "estimate_memory", "OPTIMIZER_STATES"]
 
 #: fp32 tensors of optimizer state per param.
@@ -101,8 +103,6 @@ def estimate_memory(
         activations = int(cfg.n_layers * 34 * seq_len * batch_size * cfg.d_model * b / 2)
     optimizer_bytes = elements(stage >= 1) * (4 * OPTIMIZER_STATES[optimizer] + master)
     if offload == "nvme":
-        from sharded.transforms.offload import DEFAULT_HOST_BUFFER_GB
-
         buffers = int((host_buffer_gb or DEFAULT_HOST_BUFFER_GB) * 2**30) // 2 * 2  # two staging sets
         return MemoryEstimate(params=elements(stage >= 3) * b, grads=elements(stage >= 1) * b, optimizer=0, activations=activations, host=buffers, disk=optimizer_bytes)
     params_bytes = elements(stage >= 3) * b

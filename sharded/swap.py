@@ -53,6 +53,8 @@ __all__ = [
 ALIGN = 4096
 #: The most bytes one `preadv`/`pwritev` call moves; a transfer is cut into such chunks.
 CHUNK_BYTES = 16 * 2**20
+#: Host memory offload's nvme tier stages a swapped state through by default (its two buffer sets together).
+DEFAULT_HOST_BUFFER_GB = 2.0
 
 
 class IOMode(enum.Enum):

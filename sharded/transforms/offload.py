@@ -65,8 +65,9 @@ from sharded import primitives
 from sharded import tree as T
 from sharded.optim import leafwise_tail
 from sharded.placement import Placement, Tier, map_state, state_leaves
-from sharded.reduce import GradBucket, Reduction
+from sharded.reduce import GradBucket
 from sharded.sharding import map_chunked
+from sharded.swap import DEFAULT_HOST_BUFFER_GB
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.transforms._disk_update import DiskTier
 from sharded.transforms._host_update import HostUpdate
@@ -75,7 +76,6 @@ from sharded.transforms._split_update import update_split
 __all__ = ["offload"]
 
 _TIERS = ("cpu", "nvme")
-DEFAULT_HOST_BUFFER_GB = 2.0  # the nvme tier's two staging sets, together
 _NEEDS_STAGE3 = (
     "offload(params=True) fetches each block's param chunks from the host as ZeRO-3 gathers them, so it needs "
     "shard_zero(stage=3) in the same step; add it, or use offload('cpu') to move only the optimizer state"
@@ -139,7 +139,7 @@ class Offload(Transform):
         update started there (when the step qualifies)."""
         pending = next_(bucket)
         state = primitives.step_state()
-        if not (self._streams and bucket.take is not None and bucket.layout is not None and bucket.reduction is Reduction.REDUCE_SCATTER and state is not None):
+        if not (self._streams and bucket.take is not None and state is not None):  # take: a final reduce-scatter of param grads
             return pending
         if self._live is None or self._live[0] is not state:
             if self._live is not None and self._live[1] is not None:
@@ -152,7 +152,7 @@ class Offload(Transform):
         """This step's update in parts, or None where the optimizer cannot run in parts."""
         try:
             rows = lambda b: self._host_buffer("rows", b.name, b.out)  # noqa: E731
-            return HostUpdate(state.tx, state.opt_state, state.params, rows, lambda i, like: self._host_buffer("grad", i, like), lambda: _threads(_host_threads()))
+            return HostUpdate(state.tx, state.opt_state, state.params, rows, lambda i, like: self._host_buffer("grad", i, like), _on_host_cores)
         except ValueError:  # not leafwise, not even after a head: the whole update, as before
             return None
 
@@ -250,9 +250,9 @@ class Offload(Transform):
         if live is not None and live[1] is not None and live[0] is primitives.step_state():
             return live[1].finish(params, grads)
         if self._disk is not None:
-            return self._disk.update(tx, grads, opt_state, params, lambda: _threads(_host_threads()))
+            return self._disk.update(tx, grads, opt_state, params, _on_host_cores)
         if self._chosen is not None:
-            return update_split(tx, grads, opt_state, params, self._chosen, self._host_buffer, lambda: _threads(_host_threads()))
+            return update_split(tx, grads, opt_state, params, self._chosen, self._host_buffer, _on_host_cores)
         leaves, device_grads = T.leaves(params), T.leaves(grads)
         host_params, host_grads = self._on_host("params", leaves), self._on_host("grads", device_grads)
         staged = [(h, x) for h, x in zip(host_params + host_grads, leaves + device_grads) if h is not x]
@@ -260,7 +260,7 @@ class Offload(Transform):
             torch._foreach_copy_([h for h, _ in staged], [x for _, x in staged], non_blocking=True)
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the host reads them next
-        with _threads(_host_threads()), T.copies_of(zip(device_grads, host_grads)):  # a tied grad still counts once in a clip's norm
+        with _on_host_cores(), T.copies_of(zip(device_grads, host_grads)):  # a tied grad still counts once in a clip's norm
             updated, opt_state = next_(tx, T.unflatten(T.structure(grads), host_grads), opt_state, T.unflatten(T.structure(params), host_params))
         back = [(x, u) for x, h, u in zip(leaves, host_params, T.leaves(updated)) if x is not u]
         if back:  # stream-ordered before the next step's copies
@@ -312,6 +312,11 @@ def _check_swap_directory(path: Any) -> None:
         raise ValueError(f"offload(tier='nvme', path={os.fspath(path)!r}): no such directory; create it, or pass a directory on local disk")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"offload(tier='nvme', path={os.fspath(path)!r}): not writable by this process; pass a directory it may write")
+
+
+def _on_host_cores() -> contextlib.AbstractContextManager:
+    """torch's threads set to this rank's share of the host's cores, for a host update."""
+    return _threads(_host_threads())
 
 
 def _host_threads() -> int:
