@@ -50,6 +50,23 @@ def _timed(fn, steps: int) -> list[float]:
     return times
 
 
+def _parts_timed(cls) -> list[float]:
+    """The seconds each part of the host update in parts takes on its worker (after its
+    grads arrived), in the real step: recorded from here on."""
+    seconds: list[float] = []
+    run = cls._run
+
+    def timed(self, ready, indices, grads):
+        if ready is not None:
+            ready.synchronize()
+        began = time.perf_counter()
+        run(self, None, indices, grads)
+        seconds.append(time.perf_counter() - began)
+
+    cls._run = timed
+    return seconds
+
+
 def measure(name: str, args) -> dict:
     offload_module = importlib.import_module("sharded.transforms.offload")
 
@@ -69,7 +86,9 @@ def measure(name: str, args) -> dict:
         one()
     if name == "offload":
         (t,) = [t for t in step.transforms if t.name == "offload"]
+        parts = _parts_timed(importlib.import_module("sharded.transforms._host_update").HostUpdate)
         out["streamed_step_s"] = _timed(one, args.steps)
+        out["part_update_s"] = {"count": len(parts), "median": statistics.median(parts), "sum_per_step": sum(parts) / args.steps}
         t._streams = False  # the whole update after backward, as before the update in parts
         one()
         out["whole_update_step_s"] = _timed(one, args.steps)
