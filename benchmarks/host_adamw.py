@@ -2,7 +2,9 @@
 state, every rank of the host at once (as offload runs it), run whole from the main
 thread, in parts (one per block, as the update in parts cuts it) from the main thread,
 in parts from one worker thread (what `HostUpdate` does), and in parts sliced over a
-pool of single-threaded workers.
+pool of single-threaded workers; with each of three placements of the state in memory:
+params and grads pinned (as offload's are) or all pageable, and pinned with each rank
+bound to one NUMA node's cores (its memory then allocated there).
 
     python benchmarks/host_adamw.py --ranks 2 --params 0.66e9 --parts 26 --out benchmarks/results/host_adamw.json
 """
@@ -20,6 +22,22 @@ import torch
 
 LR, WD = 1e-4, 0.1
 MODES = ("whole_main", "parts_main", "parts_worker", "parts_worker_fewer_threads", "parts_pool")
+PLACEMENTS = ("pinned", "pageable", "pinned_node_bound")
+
+
+def numa_nodes() -> list[set[int]]:
+    """Each NUMA node's CPUs (from sysfs), or one node of every CPU where sysfs says nothing."""
+    import glob
+
+    nodes = []
+    for path in sorted(glob.glob("/sys/devices/system/node/node[0-9]*/cpulist")):
+        cpus: set[int] = set()
+        for span in open(path).read().strip().split(","):
+            if span:
+                a, _, b = span.partition("-")
+                cpus |= set(range(int(a), int(b or a) + 1))
+        nodes.append(cpus)
+    return [n for n in nodes if n] or [set(os.sched_getaffinity(0))]
 
 
 def _state(params: int, parts: int, pin: bool) -> list[list[torch.Tensor]]:
@@ -52,8 +70,18 @@ def _sliced(part: list[torch.Tensor], k: int, n: int, count: torch.Tensor) -> No
 
 
 def _rank(rank: int, args, barrier, results) -> None:
-    pin = torch.cuda.is_available()
-    threads = max(1, len(os.sched_getaffinity(0)) // args.ranks)
+    for placement in PLACEMENTS:
+        results[(rank, placement)] = _placed(rank, placement, args, barrier)
+
+
+def _placed(rank: int, placement: str, args, barrier) -> dict:
+    pin = torch.cuda.is_available() and placement != "pageable"
+    if placement == "pinned_node_bound":
+        nodes = numa_nodes()
+        os.sched_setaffinity(0, nodes[rank % len(nodes)])
+        threads = max(1, len(os.sched_getaffinity(0)) // -(-args.ranks // len(nodes)))
+    else:
+        threads = max(1, len(os.sched_getaffinity(0)) // args.ranks)
     state = _state(int(args.params), args.parts, pin)
     count = torch.tensor(1.0)
     worker = concurrent.futures.ThreadPoolExecutor(1)
@@ -81,7 +109,9 @@ def _rank(rank: int, args, barrier, results) -> None:
             began = time.perf_counter()
             run(mode)
             times[mode].append(time.perf_counter() - began)
-    results[rank] = {"threads": threads, **{m: t[1:] for m, t in times.items()}}
+    worker.shutdown()
+    pool.shutdown()
+    return {"threads": threads, **{m: t[1:] for m, t in times.items()}}
 
 
 def main() -> None:
@@ -100,13 +130,19 @@ def main() -> None:
         p.start()
     for p in procs:
         p.join()
-    slowest = {m: [max(results[r][m][i] for r in range(args.ranks)) for i in range(args.repeats)] for m in MODES}
+    placements = {}
+    for placement in PLACEMENTS:
+        slowest = {m: [max(results[(r, placement)][m][i] for r in range(args.ranks)) for i in range(args.repeats)] for m in MODES}
+        placements[placement] = {
+            "threads_per_rank": results[(0, placement)]["threads"],
+            "seconds_slowest_rank": {m: {"min": min(t), "median": statistics.median(t), "max": max(t)} for m, t in slowest.items()},
+            "gparams_per_s_per_rank": {m: args.params / statistics.median(t) / 1e9 for m, t in slowest.items()},
+        }
     result = {
         "benchmark": "host_adamw", "commit": args.commit, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "host_cores": len(os.sched_getaffinity(0)), "ranks": args.ranks, "params_per_rank": int(args.params), "parts": args.parts,
-        "threads_per_rank": results[0]["threads"],
-        "seconds_slowest_rank": {m: {"min": min(t), "median": statistics.median(t), "max": max(t)} for m, t in slowest.items()},
-        "gparams_per_s_per_rank": {m: args.params / statistics.median(t) / 1e9 for m, t in slowest.items()},
+        "host_cores": len(os.sched_getaffinity(0)), "numa_nodes": [len(n) for n in numa_nodes()],
+        "ranks": args.ranks, "params_per_rank": int(args.params), "parts": args.parts,
+        "placements": placements,
     }
     print(json.dumps(result, indent=2))
     if args.out:

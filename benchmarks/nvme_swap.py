@@ -8,6 +8,9 @@ swap's bandwidth against the disk's.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
 import time
 
 import torch
@@ -16,6 +19,24 @@ from _harness import provenance, report
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
 from sharded.swap import disk_bandwidth
+
+
+def dd_bandwidth(path: str, gb: float) -> dict:
+    """The disk's O_DIRECT write and read rates as `dd` reports them (GB/s), the
+    reference the swap's rates are held to."""
+    target = os.path.join(path, "dd-probe")
+    count = max(1, int(gb * 16))  # 64 MiB blocks
+    try:
+        rates = {}
+        for kind, cmd in (("write_gbps", ["dd", "if=/dev/zero", f"of={target}", "bs=64M", f"count={count}", "oflag=direct"]),
+                          ("read_gbps", ["dd", f"if={target}", "of=/dev/null", "bs=64M", "iflag=direct"])):
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+            seconds, nbytes = float(re.search(r"copied, ([\d.]+) s", out).group(1)), int(out.split(" bytes")[0].split()[-1])
+            rates[kind] = nbytes / seconds / 1e9
+        return rates
+    finally:
+        if os.path.exists(target):
+            os.remove(target)
 
 
 def main() -> None:
@@ -30,6 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default=None)
     args = ap.parse_args()
+    dd = dd_bandwidth(args.path, args.probe_gb)
     disk = disk_bandwidth(args.path, nbytes=int(args.probe_gb * 2**30))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = GPTConfig.preset(args.preset, seq_len=args.seq)
@@ -56,12 +78,13 @@ def main() -> None:
         seconds, moved = time.perf_counter() - began, store.stats() - before
         steps.append({"step_s": seconds, "loss": loss, "read_gb": moved.read.bytes / 1e9, "write_gb": moved.write.bytes / 1e9,
                       "read_gbps_while_reading": moved.read.gbps, "write_gbps_while_writing": moved.write.gbps,
-                      "swap_gbps_over_step": (moved.read.bytes + moved.write.bytes) / 1e9 / seconds})
+                      "swap_gbps_over_step": (moved.read.bytes + moved.write.bytes) / 1e9 / seconds,
+                      "read_vs_dd": moved.read.gbps / dd["read_gbps"], "write_vs_dd": moved.write.gbps / dd["write_gbps"]})
         print(steps[-1])
     result = {
         **provenance("nvme_swap", torch.cuda.get_device_name(0) if dev.type == "cuda" else "CPU", args.commit),
         "model": f"GPT-{args.preset} ({model.num_params() / 1e9:.2f}B params), seq {args.seq}, {args.batch} sequences, bf16 (autocast=False), AdamW",
-        "disk": {"path": args.path, "mode": disk.mode.value, "write_gbps": disk.write_gbps, "read_gbps": disk.read_gbps},
+        "disk": {"path": args.path, "mode": disk.mode.value, "write_gbps": disk.write_gbps, "read_gbps": disk.read_gbps, "dd": dd},
         "store": {"file_gb": store.size / 1e9, "mode": store.mode.value, "host_buffer_gb": args.host_buffer_gb},
         "init_s": init_s,
         "steps": steps,
