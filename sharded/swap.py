@@ -295,18 +295,23 @@ class SwapStore:
         and dtype); its values are valid once `wait()` returns."""
         return self._start(name, dst, Direction.READ)
 
-    def mapped(self, name: str) -> torch.Tensor:
-        """Slot `name` as a CPU tensor mapped from the file (its pages read from disk when
-        touched, not held in memory): how a state holds what lives on disk, so that
-        checkpoints, `gather` and a user's reads see its values. The kernel keeps the
-        mapping coherent with this store's reads and writes (a direct read first writes
-        back pages changed through the mapping). Call it only while no transfer of the
-        slot is in flight."""
-        slot = self._slots[name]
-        if not slot.numel:
-            return torch.empty(0, dtype=slot.dtype)
-        pages = numpy.memmap(self.file, dtype=numpy.uint8, mode="r+", offset=slot.offset, shape=(slot.nbytes,))
-        return torch.from_numpy(pages).view(slot.dtype)
+    def mapped(self, *names: str) -> torch.Tensor:
+        """Slots `names` as one CPU tensor mapped from the file (its pages read from disk
+        when touched, not held in memory): how a state holds what lives on disk, so that
+        checkpoints, `gather` and a user's reads see its values. Several slots must be
+        adjacent in the file and of one dtype (each but the last a whole number of ALIGN
+        bytes): the pieces of one tensor. The kernel keeps the mapping coherent with this
+        store's reads and writes (a direct read first writes back pages changed through
+        the mapping). Call it only while no transfer of these slots is in flight."""
+        slots = [self._slots[n] for n in names]
+        for (a, x), (b, y) in zip(zip(names, slots), zip(names[1:], slots[1:])):
+            if y.offset != x.offset + x.nbytes or y.dtype != x.dtype:
+                raise ValueError(f"slots {a!r} and {b!r} are not adjacent pieces of one tensor in {self.file}")
+        nbytes = sum(s.nbytes for s in slots)
+        if not nbytes:
+            return torch.empty(0, dtype=slots[0].dtype)
+        pages = numpy.memmap(self.file, dtype=numpy.uint8, mode="r+", offset=slots[0].offset, shape=(nbytes,))
+        return torch.from_numpy(pages).view(slots[0].dtype)
 
     def stats(self) -> SwapStats:
         """Bytes moved and seconds spent per direction since the store opened (transfers

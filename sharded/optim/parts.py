@@ -20,7 +20,11 @@ must be in exactly one part.
 
 A part may also run on copies of its leaves (`moments=`, `params=`: offload's disk
 tier stages them through host buffers): `run` returns the part's new moments for the
-caller to store back, and `finish` keeps the whole state's own moment tensors.
+caller to store back, and `finish` keeps the whole state's own moment tensors. Copies
+may be pieces of leaves (`spans=`: flat element ranges, each leaf's in order), as a
+leaf too large for the disk tier's buffers goes through them: a leafwise optimizer
+reads each element's grad, state and param alone, the property ZeRO already relies on
+when it runs the optimizer on this rank's flat chunk of each leaf.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ class InParts:
         self.treespec, self.leaves = T.structure(params), T.leaves(params)
         self.nodes, self.outer = optree.tree_flatten(state, is_leaf=self._mirrors, none_is_leaf=False, namespace="sharded")
         self.done: list[tuple[Sequence[int], list, bool]] = []  # (indices, that part's new state nodes, whether it ran on copies)
-        self.seen: set[int] = set()
+        self.seen: set[int] = set()  # leaves a part has updated, whole or in part
+        self.covered: dict[int, int] = {}  # for each leaf in self.seen: how many of its flat elements, from the first
 
     def _mirrors(self, x: Any) -> bool:
         return not isinstance(x, torch.Tensor) and x is not None and T.structure(x) == self.treespec
@@ -61,14 +66,26 @@ class InParts:
         moments: Sequence[Sequence[torch.Tensor]] | None = None,
         params: Sequence[torch.Tensor] | None = None,
         device: torch.device | str | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
     ) -> list[list[torch.Tensor]]:
         """Update leaves `indices` (each once per update) with their `grads`, in place
         (on `moments`, one list per moment as `mirrored()` orders them, and `params`
         where given: copies of those leaves; the counts' copies on `device`, where the
-        part runs, if given); the part's new moments."""
-        if self.seen & set(indices):
-            raise ValueError(f"an update in parts got leaves {sorted(self.seen & set(indices))} twice")
-        self.seen |= set(indices)
+        part runs, if given); the part's new moments. With `spans`, entry j is the flat
+        elements [start, stop) of leaf indices[j] that its copies hold; a leaf's spans
+        come in order, over one or more parts, until they cover it."""
+        if spans is None:
+            spans = [(0, self.leaves[i].numel()) for i in indices]
+        elif moments is None or params is None:
+            raise ValueError("an update in parts runs pieces of leaves (spans=) only on copies of them: pass moments= and params=")
+        for i, (start, stop) in zip(indices, spans):
+            if self.covered.get(i, 0) != start or not start <= stop <= self.leaves[i].numel() or (i in self.seen and start == 0):
+                raise ValueError(
+                    f"an update in parts got elements [{start}, {stop}) of leaf {i} after [0, {self.covered.get(i, 0)}): "
+                    "it updates each element once, not twice, and a leaf's pieces in order"
+                )
+            self.covered[i] = stop
+            self.seen.add(i)
         given = iter(moments) if moments is not None else None
         part = [
             (list(next(given)) if given is not None else [T.leaves(n)[i] for i in indices]) if self._mirrors(n) else _copy(n, device)
@@ -82,8 +99,9 @@ class InParts:
 
     def finish(self) -> tuple[Any, Any]:
         """(params, state) once every leaf has been in a part."""
-        if len(self.seen) != len(self.leaves):
-            raise ValueError(f"an update in parts covered {len(self.seen)} of {len(self.leaves)} leaves")
+        whole = sum(self.covered.get(i, -1) == x.numel() for i, x in enumerate(self.leaves))
+        if whole != len(self.leaves):
+            raise ValueError(f"an update in parts covered {whole} of {len(self.leaves)} leaves")
         nodes = [list(T.leaves(n)) if self._mirrors(n) else n for n in self.nodes]
         for indices, new, on_copies in self.done:
             for k, node in enumerate(self.nodes):

@@ -7,9 +7,13 @@ filesystem allows), and the state holds them as tensors mapped from that file
 (`SwapStore.mapped`): checkpoints, `gather` and a user's reads see their values, and
 host memory does not hold them. The counts stay in host memory.
 
-The update cuts the leaves into groups whose moments, grads and params fit half of
-`host_buffer_gb`, and runs them through two buffer sets, so the disk and the CPU
-work at once:
+Each moment is stored as pieces (one slot each, adjacent in the file, so one mapping
+covers the leaf) of at most an eighth of a buffer set, cut at the same elements for
+every moment. The update runs over units, a whole leaf or one piece of it with its
+grads and params cut alike (`InParts`' spans), and cuts them into groups that fit half
+of `host_buffer_gb`, so a leaf larger than the buffers (a 50k x 4096 embedding's four
+tensors take 3.1 GiB) still goes through them. It runs the groups through two buffer
+sets, so the disk and the CPU work at once:
 
   set A   read group k's moments from disk | copy its grads and params from the device
           update group k on the host (`optim.InParts` on these copies)
@@ -24,6 +28,7 @@ DeepSpeed clips before its CPUAdam; init refuses any other.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -43,23 +48,34 @@ class DiskTier:
 
     def __init__(self, path: str, host_bytes: int, rank: int):
         self.path, self.host_bytes, self.rank = path, host_bytes, rank
-        self.slots: dict[int, tuple[SwapStore, str]] = {}  # a mapped tensor's data_ptr -> its store and slot
+        self.slots: dict[int, tuple[SwapStore, list[str], int]] = {}  # a mapped tensor's data_ptr -> its store, its pieces' slots, their numel
         self.stores: list[SwapStore] = []
         self.arenas: list[torch.Tensor] = []  # the two buffer sets, made at the first update
         self.last: dict[str, float] = {}  # the last update's swap traffic (offload's metrics)
 
     def place(self, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Write `leaves` ({state path: tensor}) to a new swap file; the tensors mapped
-        from it, by the same paths."""
+        """Write `leaves` ({state path: tensor}) to a new swap file, each as pieces; the
+        tensors mapped from it, by the same paths."""
         directory = tempfile.mkdtemp(prefix=f"sharded-offload-rank{self.rank}-", dir=self.path)
-        store = SwapStore(directory, {p: (x.numel(), x.dtype) for p, x in leaves.items()}, rank=self.rank)
+        piece = self._piece_numel(list(leaves.values()))
+        pieces = {p: [(f"{p}@{a}", a, min(a + piece, x.numel())) for a in range(0, max(x.numel(), 1), piece)] for p, x in leaves.items()}
+        store = SwapStore(directory, {name: (b - a, x.dtype) for p, x in leaves.items() for name, a, b in pieces[p]}, rank=self.rank)
         for p, x in leaves.items():  # one at a time: host memory holds one leaf's copy, not the state's
-            store.write(p, x.detach().to("cpu").contiguous()).wait()
+            flat = x.detach().to("cpu").contiguous().view(-1)
+            for t in [store.write(name, flat[a:b]) for name, a, b in pieces[p]]:
+                t.wait()
         self.stores.append(store)
-        mapped = {p: store.mapped(p).view(x.shape) for p, x in leaves.items()}
+        mapped = {p: store.mapped(*[name for name, _, _ in pieces[p]]).view(x.shape) for p, x in leaves.items()}
         for p, x in mapped.items():
-            self.slots[x.data_ptr()] = (store, p)
+            self.slots[x.data_ptr()] = (store, [name for name, _, _ in pieces[p]], piece)
         return mapped
+
+    def _piece_numel(self, leaves: list[torch.Tensor]) -> int:
+        """Elements per stored piece: an eighth of a buffer set for the widest moment,
+        and a whole number of ALIGN bytes for the narrowest (O_DIRECT offsets)."""
+        widest = max((x.element_size() for x in leaves), default=1)
+        step = ALIGN // min((x.element_size() for x in leaves), default=1)
+        return max(step, (self.host_bytes // 2 // 8 // widest) // step * step)
 
     def update(self, tx: Any, grads: Any, opt_state: Any, params: Any, threads: Callable) -> tuple[Any, Any]:
         began, before = time.perf_counter(), [store.stats() for store in self.stores]
@@ -67,11 +83,11 @@ class DiskTier:
         grads = head(grads, params)  # a global-norm clip, on the device's grads, before any part
         parts = InParts(tail, tail_state, params)
         moments = parts.mirrored()
-        slots = [[self._slot(x) for x in m] for m in moments]
         gs, ps = T.leaves(grads), T.leaves(params)
-        groups = self._groups([[m[i] for m in moments] + [gs[i], ps[i]] for i in range(len(ps))])
+        units = self._units(moments, ps)
+        groups = self._groups(units, moments, gs, ps)
         writes: list[list[Transfer]] = [[], []]
-        stage = lambda k: self._stage(groups[k], k % 2, moments, slots, gs, ps, writes)  # noqa: E731
+        stage = lambda k: self._stage(groups[k], k % 2, moments, gs, ps, writes)  # noqa: E731
         staged = stage(0) if groups else None
         for k, group in enumerate(groups):
             following = stage(k + 1) if k + 1 < len(groups) else None
@@ -80,9 +96,9 @@ class DiskTier:
                 t.wait()
             _synchronize()  # the grads' and params' copies to the host are done
             with threads():
-                new = parts.run(group, grads_here, moments=mine, params=params_here)
-            writes[k % 2] = [slot[0].write(slot[1], x) for m, row in zip(new, slots) for x, slot in zip(m, [row[i] for i in group])]
-            torch._foreach_copy_([ps[i] for i in group], params_here, non_blocking=True)
+                new = parts.run([u.leaf for u in group], grads_here, moments=mine, params=params_here, spans=[(u.start, u.stop) for u in group])
+            writes[k % 2] = [store.write(name, x) for j, m in enumerate(new) for u, x in zip(group, m) for store, name in [u.slots[j]]]
+            torch._foreach_copy_([_flat(ps[u.leaf], u) for u in group], params_here, non_blocking=True)
             staged = following
         for t in writes[0] + writes[1]:
             t.wait()
@@ -94,7 +110,23 @@ class DiskTier:
         params, new_tail = parts.finish()
         return params, join(new_tail)
 
-    def _slot(self, x: torch.Tensor) -> tuple[SwapStore, str]:
+    def _units(self, moments: list[list[torch.Tensor]], ps: list[torch.Tensor]) -> list[_Unit]:
+        """Each leaf's pieces as stored (the whole leaf where it has no moments), with
+        every moment's slot for each."""
+        units = []
+        for i, p in enumerate(ps):
+            found = [self._slot(m[i]) for m in moments]
+            if not found:
+                units.append(_Unit(i, 0, p.numel(), []))
+                continue
+            store, names, piece = found[0]
+            if any(len(f[1]) != len(names) or f[2] != piece for f in found):
+                raise ValueError("offload(tier='nvme'): a leaf's moments are stored in pieces that do not match; pass the state this step's init made")
+            for k in range(len(names)):
+                units.append(_Unit(i, k * piece, min((k + 1) * piece, p.numel()), [(f[0], f[1][k]) for f in found]))
+        return units
+
+    def _slot(self, x: torch.Tensor) -> tuple[SwapStore, list[str], int]:
         found = self.slots.get(x.data_ptr())
         if found is None:
             raise ValueError(
@@ -103,24 +135,24 @@ class DiskTier:
             )
         return found
 
-    def _groups(self, per_leaf: list[list[torch.Tensor]]) -> list[list[int]]:
-        """Leaves in order, cut into groups whose buffers fit one set (half the budget)."""
+    def _groups(self, units: list[_Unit], moments: list, gs: list, ps: list) -> list[list[_Unit]]:
+        """Units in order, cut into groups whose buffers fit one set (half the budget)."""
         budget, groups, used = self.host_bytes // 2, [], 0
-        for i, tensors in enumerate(per_leaf):
-            need = sum(_aligned(x) for x in tensors)
+        for u in units:
+            need = sum(_aligned(u.stop - u.start, x[u.leaf]) for x in [*moments, gs, ps])
             if need > budget:
                 raise ValueError(
-                    f"offload(tier='nvme'): one leaf's moments, grad and param need {need / 2**20:.2f} MiB of host buffer, "
+                    f"offload(tier='nvme'): one piece's moments, grad and param need {need / 2**20:.2f} MiB of host buffer, "
                     f"more than half of host_buffer_gb ({budget / 2**20:.2f} MiB); raise host_buffer_gb to at least {2 * need / 2**30:.6f}"
                 )
             if not groups or used + need > budget:
                 groups.append([])
                 used = 0
-            groups[-1].append(i)
+            groups[-1].append(u)
             used += need
         return groups
 
-    def _stage(self, group: list[int], s: int, moments: list, slots: list, gs: list, ps: list, writes: list) -> tuple:
+    def _stage(self, group: list[_Unit], s: int, moments: list, gs: list, ps: list, writes: list) -> tuple:
         """Set s's buffers for `group`, once its last writes are done: the moments' reads
         started, the grads' and params' copies from the device queued."""
         for t in writes[s]:
@@ -128,22 +160,24 @@ class DiskTier:
         writes[s] = []
         _synchronize()  # its params' copies back to the device are done
         carve = self._carver(s)
-        mine = [[carve(m[i]) for i in group] for m in moments]
-        reads = [row[i][0].read(row[i][1], buf) for row, bufs in zip(slots, mine) for i, buf in zip(group, bufs)]
-        grads_here = [carve(gs[i]) for i in group]
-        params_here = [carve(ps[i]) for i in group]
-        torch._foreach_copy_(grads_here + params_here, [gs[i] for i in group] + [ps[i] for i in group], non_blocking=True)
+        mine = [[carve(u.stop - u.start, m[u.leaf].dtype) for u in group] for m in moments]
+        reads = [store.read(name, buf) for j, bufs in enumerate(mine) for u, buf in zip(group, bufs) for store, name in [u.slots[j]]]
+        grads_here = [carve(u.stop - u.start, gs[u.leaf].dtype) for u in group]
+        params_here = [carve(u.stop - u.start, ps[u.leaf].dtype) for u in group]
+        sources = [gs[u.leaf].reshape(-1)[u.start : u.stop] for u in group] + [_flat(ps[u.leaf], u) for u in group]
+        torch._foreach_copy_(grads_here + params_here, sources, non_blocking=True)
         return reads, mine, grads_here, params_here
 
     def _carver(self, s: int) -> Callable:
-        """Hands out ALIGN-aligned views of set s's arena, like a given tensor or slot."""
+        """Hands out ALIGN-aligned flat views of set s's arena, of a numel and dtype."""
         if not self.arenas:
             self.arenas = [aligned_empty(self.host_bytes // 2) for _ in range(2)]
         arena, at = self.arenas[s], [0]
 
-        def carve(like: torch.Tensor) -> torch.Tensor:
-            view = arena[at[0] : at[0] + like.numel() * like.element_size()].view(like.dtype).view(like.shape)
-            at[0] += _aligned(like)
+        def carve(numel: int, dtype: torch.dtype) -> torch.Tensor:
+            nbytes = numel * dtype.itemsize
+            view = arena[at[0] : at[0] + nbytes].view(dtype)
+            at[0] += -(-nbytes // ALIGN) * ALIGN
             return view
 
         return carve
@@ -155,9 +189,24 @@ class DiskTier:
                 os.rmdir(os.path.dirname(store.file))
 
 
-def _aligned(x: torch.Tensor) -> int:
-    n = x.numel() * x.element_size()
-    return -(-n // ALIGN) * ALIGN
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+    """What one part of the update takes: leaf `leaf`'s flat elements [start, stop),
+    and each moment's (store, slot) holding them."""
+
+    leaf: int
+    start: int
+    stop: int
+    slots: list[tuple[SwapStore, str]]
+
+
+def _flat(x: torch.Tensor, u: _Unit) -> torch.Tensor:
+    """Unit u's elements of param x, a flat view (the update's copy goes back through it)."""
+    return x.view(-1)[u.start : u.stop]
+
+
+def _aligned(numel: int, like: torch.Tensor) -> int:
+    return -(-numel * like.element_size() // ALIGN) * ALIGN
 
 
 def _synchronize() -> None:
