@@ -64,6 +64,7 @@ import torch
 from sharded import primitives
 from sharded import tree as T
 from sharded.optim import leafwise_tail
+from sharded.pinned import PinnedSlabs
 from sharded.placement import Placement, Tier, map_state, state_leaves
 from sharded.reduce import GradBucket
 from sharded.sharding import map_chunked
@@ -119,6 +120,7 @@ class Offload(Transform):
         self._disk: DiskTier | None = None
         self.handlers = {"update": self._update, "reduce_grads": self._reduce_grads}
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # host copies of grads and params, per layout
+        self._pinned = PinnedSlabs()  # where what crosses PCIe lives on the host ([Note: pinned slabs])
         self._streams = False  # whether the update may start during backward (set by require)
         self._live: tuple[Any, HostUpdate] | None = None  # (the step's state, its update in parts)
 
@@ -161,8 +163,16 @@ class Offload(Transform):
         shaped like `like` (pinned beside a GPU), made once."""
         key = (kind, i, like.shape, like.dtype)
         if key not in self._buffers:
-            self._buffers[key] = [torch.empty(like.shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())]
+            self._buffers[key] = [self._pinned.empty(like.shape, like.dtype)]
         return self._buffers[key][0]
+
+    def _to_host(self, x: torch.Tensor, crosses: bool) -> torch.Tensor:
+        """`x` in host memory: pinned beside a GPU if it `crosses` PCIe every step (params
+        fetched per block); the optimizer state never leaves the host, so it stays as it
+        is if it is there already (`TrainState.create(..., opt_device="cpu")` made it there)."""
+        if crosses and torch.cuda.is_available():
+            return self._pinned.copy(x)
+        return x if x.device.type == "cpu" else x.to("cpu")
 
     def _offloaded(self, path: str, x: Any) -> bool:
         """The leaves kept off the device: every tensor of the optimizer state (with
@@ -183,7 +193,7 @@ class Offload(Transform):
             x.numel() * x.element_size() for path, x in state_leaves(state)
             if self._offloaded(path, x) and (x.device.type != "cpu" or path.startswith("params"))
         ))
-        return self._moved(state, lambda path, x: _to_host(x, crosses=path.startswith("params")), lambda path: Tier.HOST)
+        return self._moved(state, lambda path, x: self._to_host(x, crosses=path.startswith("params")), lambda path: Tier.HOST)
 
     def _moved(self, state: Any, move: Callable[[str, torch.Tensor], torch.Tensor], tier: Callable[[str], Tier]) -> Any:
         """`state` with each offloaded leaf replaced by `move(path, x)` and placed on
@@ -229,7 +239,7 @@ class Offload(Transform):
             weakref.finalize(self, self._disk.close)
         moments = {path: x for path, x in state_leaves(state) if self._offloaded(path, x) and x.dim() > 0}
         mapped = self._disk.place(moments)
-        return self._moved(state, lambda path, x: mapped[path] if path in mapped else _to_host(x, crosses=False), lambda path: Tier.DISK if path in mapped else Tier.HOST)
+        return self._moved(state, lambda path, x: mapped[path] if path in mapped else self._to_host(x, crosses=False), lambda path: Tier.DISK if path in mapped else Tier.HOST)
 
     def metrics(self, state: Any) -> dict:
         """The nvme tier's last update: GB read and written, their rate over the update, its seconds."""
@@ -272,8 +282,7 @@ class Offload(Transform):
         (made once per layout)."""
         key = (what, tuple((x.shape, x.dtype, x.device) for x in like))
         if key not in self._buffers:
-            pin = torch.cuda.is_available()
-            self._buffers[key] = [x if x.device.type == "cpu" else torch.empty(x.shape, dtype=x.dtype, pin_memory=pin) for x in like]
+            self._buffers[key] = [x if x.device.type == "cpu" else self._pinned.empty(x.shape, x.dtype) for x in like]
         return self._buffers[key]
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
@@ -363,15 +372,6 @@ def _check_host_memory(needed: int) -> None:
             f"the host's available memory is {share / 2**30:.2f} GiB ({available / 2**30:.2f} GiB over {ranks} rank(s) on this host); "
             "cut the state over more ranks with shard_zero(stage=1|2|3), run fewer ranks per host, or use a larger host"
         )
-
-
-def _to_host(x: torch.Tensor, crosses: bool) -> torch.Tensor:
-    """`x` in host memory: pinned beside a GPU if it `crosses` PCIe every step (params
-    fetched per block); the optimizer state never leaves the host, so it stays as it
-    is if it is there already (`TrainState.create(..., opt_device="cpu")` made it there)."""
-    if crosses and torch.cuda.is_available():
-        return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)
-    return x if x.device.type == "cpu" else x.to("cpu")
 
 
 offload = transform(Offload)
