@@ -68,7 +68,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=_positive, default=d.pp, help="pipeline stages (1F1B over --accumulate micro-batches; dp = nproc / pp)")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"], help="mixed_precision compute dtype")
     p.add_argument("--offload", default=d.offload, choices=["none", "cpu", "nvme"], help="offload: the optimizer state in host memory (cpu) or in files on local disk (nvme), the update run on the host")
-    p.add_argument("--offload-params", action="store_true", default=d.offload_params, help="with --offload cpu and --zero 3: the param chunks in host memory too, fetched per block")
+    p.add_argument("--offload-params", action="store_true", default=d.offload_params, help="with --offload cpu|nvme and --zero 3: the param chunks in host memory (cpu) or the swap file (nvme) too, fetched per block")
     p.add_argument("--offload-path", default=d.offload_path, help="with --offload nvme: the directory on local disk for the swap files")
     p.add_argument("--host-buffer-gb", type=float, default=d.host_buffer_gb, help="with --offload nvme: host memory (GB) the update stages the state through")
     p.add_argument("--offload-only", default=d.offload_only, metavar="REGEX", help="with --offload cpu: move only the optimizer state of params whose names match (e.g. 'blocks\\.[0-9]\\.'); the rest updates on the device")
@@ -123,7 +123,7 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per rank per micro-batch (adds activations)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
     p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"], help="offload: the optimizer state in host memory (reported as host bytes) or on disk (disk bytes)")
-    p.add_argument("--offload-params", action="store_true", help="with --offload cpu and --zero 3: the param chunks in host memory too")
+    p.add_argument("--offload-params", action="store_true", help="with --offload cpu|nvme and --zero 3: the param chunks in host memory or on disk too")
     p.add_argument("--host-buffer-gb", type=float, default=None, help="with --offload nvme: the host staging buffers (default: offload's)")
     p.set_defaults(run=_run_estimate)
 

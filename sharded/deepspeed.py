@@ -161,18 +161,24 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
     for key in ("offload_optimizer", "offload_param"):
         section = zero.get(key, {}) or {}
         device = section.get("device", "none")
-        if device == "nvme" and key == "offload_optimizer":
-            nvme_path = section.get("nvme_path")
-            if nvme_path is None:
-                raise ValueError('DeepSpeed config: zero_optimization.offload_optimizer.device "nvme" needs "nvme_path": a directory on local NVMe')
-        if device == "cpu" or (device == "nvme" and key == "offload_optimizer"):
+        if device == "nvme":
+            path = section.get("nvme_path")
+            if path is None:
+                raise ValueError(f'DeepSpeed config: zero_optimization.{key}.device "nvme" needs "nvme_path": a directory on local NVMe')
+            if nvme_path is not None and path != nvme_path:
+                notes.append(f"zero_optimization.{key}.nvme_path: the params go to offload_optimizer's nvme_path ({nvme_path}), in each rank's one swap file beside the moments")
+            nvme_path = nvme_path or path
+        if device in ("cpu", "nvme"):
             offloaded[key] = device
             for extra in sorted(set(section) - {"device", "nvme_path"}):
                 notes.append(f"zero_optimization.{key}.{extra}: offload pins and stages host memory itself (host_buffer_gb for nvme); DeepSpeed's engine reads this key")
         elif device not in (None, "none"):
-            raise ValueError(f'DeepSpeed config: zero_optimization.{key}.device "{device}" is not built yet (issue 14, offload); use "cpu" or "none"')
-    if "offload_param" in offloaded and (stage != 3 or offloaded.get("offload_optimizer") != "cpu"):
-        raise ValueError('DeepSpeed config: zero_optimization.offload_param needs stage 3 and offload_optimizer.device "cpu" (offload(params=True) fetches ZeRO-3\'s chunks); set both, or remove offload_param')
+            raise ValueError(f'DeepSpeed config: zero_optimization.{key}.device "{device}" is not one offload has; use "cpu", "nvme" or "none"')
+    if "offload_param" in offloaded and (stage != 3 or offloaded.get("offload_optimizer") != offloaded["offload_param"]):
+        raise ValueError(
+            'DeepSpeed config: zero_optimization.offload_param needs stage 3 and offload_optimizer on the same device ("cpu" or "nvme"): '
+            "offload(params=True) keeps ZeRO-3's chunks beside the optimizer state; set both, or remove offload_param"
+        )
     for key, why in _ZERO_ENGINE_ONLY.items():
         if key in zero.section:
             zero.get(key)
@@ -187,7 +193,7 @@ def from_deepspeed_config(config: str | os.PathLike | Mapping, world_size: int |
         transforms.insert(0, compress_grads(method="onebit"))
     transforms.insert(1 if compressed else 0, shard_zero(stage=stage, **bucket_mb) if stage else data_parallel(**bucket_mb))
     if nvme_path is not None:
-        transforms.insert(0, offload(tier="nvme", path=nvme_path))
+        transforms.insert(0, offload(tier="nvme", path=nvme_path, **({"params": True} if "offload_param" in offloaded else {})))
     elif offloaded:
         transforms.insert(0, offload(tier="cpu", params="offload_param" in offloaded))
     if accum > 1:

@@ -80,12 +80,13 @@ def estimate_memory(
     as for stage 3 without it, are not counted, and the grads leave it group by group
     as backward reduces them (not under a loss scaler, which keeps them until the update). `offload="nvme"` puts the optimizer
     state in `disk` (this rank's swap file) and its staging buffers (`host_buffer_gb`,
-    offload's default if None) in `host`.
+    offload's default if None) in `host`; with `offload_params=True` the param chunks
+    go to `disk` too, and the grads stay on the device until the update.
     """
     if offload not in (None, "cpu", "nvme"):
         raise ValueError(f"estimate_memory(offload=...) is None, 'cpu' or 'nvme' (offload's tiers); got {offload!r}")
-    if offload_params and (offload != "cpu" or stage != 3):
-        raise ValueError("estimate_memory(offload_params=True) needs offload='cpu' and stage=3 (the chunks ZeRO-3 fetches per block)")
+    if offload_params and (offload is None or stage != 3):
+        raise ValueError("estimate_memory(offload_params=True) needs offload='cpu' or 'nvme' and stage=3 (the chunks ZeRO-3 fetches per block)")
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"estimate_memory(stage=...) must be 0 (no ZeRO), 1, 2 or 3; got {stage!r}")
     if optimizer not in OPTIMIZER_STATES:
@@ -102,10 +103,13 @@ def estimate_memory(
     if batch_size is not None and seq_len is not None and cfg is not None:
         activations = int(cfg.n_layers * 34 * seq_len * batch_size * cfg.d_model * b / 2)
     optimizer_bytes = elements(stage >= 1) * (4 * OPTIMIZER_STATES[optimizer] + master)
+    params_bytes = elements(stage >= 3) * b
     if offload == "nvme":
         buffers = int((host_buffer_gb or DEFAULT_HOST_BUFFER_GB) * 2**30) // 2 * 2  # two staging sets
-        return MemoryEstimate(params=elements(stage >= 3) * b, grads=elements(stage >= 1) * b, optimizer=0, activations=activations, host=buffers, disk=optimizer_bytes)
-    params_bytes = elements(stage >= 3) * b
+        return MemoryEstimate(
+            params=0 if offload_params else params_bytes, grads=elements(stage >= 1) * b, optimizer=0, activations=activations,
+            host=buffers, disk=optimizer_bytes + (params_bytes if offload_params else 0),
+        )
     copies = 1 if offload_params else 2  # the update's host copies of grads (and params, unless they live there)
     staging = copies * elements(stage >= 1) * b if offload else 0
     return MemoryEstimate(

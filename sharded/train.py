@@ -52,7 +52,7 @@ class TrainConfig:
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
     offload: str = "none"  # "cpu": the optimizer state in host memory; "nvme": in files on local disk; the update on the host
-    offload_params: bool = False  # with offload="cpu" and zero=3: the param chunks in host memory too, fetched per block
+    offload_params: bool = False  # with offload="cpu"|"nvme" and zero=3: the param chunks in host memory or the swap file too, fetched per block
     offload_path: str | None = None  # with offload="nvme": the directory for the swap files
     host_buffer_gb: float | None = None  # with offload="nvme": the host memory the update stages the state through
     offload_only: str | None = None  # with offload="cpu": a regex; only the params whose names it finds have their state moved

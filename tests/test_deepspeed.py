@@ -82,6 +82,11 @@ def test_zero_infinity_on_nvme_becomes_offload_to_disk(tmp_path):
     plan = sharded.from_deepspeed_config(config, world_size=2)
     assert [repr(t) for t in plan.transforms] == [f"offload(tier='nvme', path={str(tmp_path)!r})", "shard_zero(stage=2)"]
     assert any("buffer_count" in n for n in plan.notes)
+    both = {"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)},
+                                                         "offload_param": {"device": "nvme", "nvme_path": str(tmp_path / "elsewhere")}}}
+    plan = sharded.from_deepspeed_config(both, world_size=2)
+    assert [repr(t) for t in plan.transforms] == [f"offload(tier='nvme', path={str(tmp_path)!r}, params=True)", "shard_zero(stage=3)"]
+    assert any("offload_param.nvme_path" in n for n in plan.notes)
 
 
 def test_auto_values_take_what_the_caller_gives_or_say_so():
@@ -98,8 +103,9 @@ def test_auto_values_take_what_the_caller_gives_or_say_so():
     ({"train_batch_size": 7}, "make it a multiple of 2"),
     ({"train_batch_size": 8, "bogus_key": 1}, "'bogus_key' is not supported"),
     ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "needs \"nvme_path\""),
-    ({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "offload_param.device \"nvme\" is not built yet"),
-    ({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3 and offload_optimizer"),
+    ({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "offload_param.device \"nvme\" needs \"nvme_path\""),
+    ({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "disk"}}}, "is not one offload has"),
+    ({"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3 and offload_optimizer on the same device"),
     ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}}, "offload_param needs stage 3"),
     ({"train_batch_size": 8, "zero_optimization": {"stage": 1, "mystery": True}}, "zero_optimization.mystery is not supported"),
     ({"train_batch_size": 8, "optimizer": {"type": "ZeroOneAdam", "params": {}}}, "decision 35"),

@@ -113,10 +113,11 @@ def test_params_on_the_host_on_one_gpu_match_the_plain_step():
     _assert_matches_one_gpu(cfg, batches, got, loss, sharded.optim.adamw(1e-2))
 
 
-def _nvme_on_cuda(cfg, batches, path):
+def _nvme_on_cuda(cfg, batches, path, params):
     dev = sharded.distributed.device()
     model = sharded.trace(ToyLM(cfg).to(dev))
-    step = sharded.offload("nvme", path=path, host_buffer_gb=1e-3)(sharded.shard_zero(stage=2, bucket_mb=0.01)(make_train_step(model)))
+    zero = sharded.shard_zero(stage=3 if params else 2, bucket_mb=0.01)
+    step = sharded.offload("nvme", path=path, host_buffer_gb=1e-3, params=params)(zero(make_train_step(model)))
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     for x, y in batches:
         state, m = step(state, (x.to(dev), y.to(dev)))
@@ -124,12 +125,14 @@ def _nvme_on_cuda(cfg, batches, path):
 
 
 @needs(2)
-def test_the_nvme_tier_over_nccl_matches_one_gpu(tmp_path):
-    """The moments in swap files, staged through 1 MB of pinned buffers: the grads' and
-    params' copies over PCIe and the disk's reads and writes, group by group."""
+@pytest.mark.parametrize("params", [False, True])
+def test_the_nvme_tier_over_nccl_matches_one_gpu(tmp_path, params):
+    """The moments (and with params=True ZeRO-3's param chunks, fetched per block
+    through their mapping) in swap files, staged through 1 MB of pinned buffers: the
+    grads' and params' copies over PCIe and the disk's reads and writes, group by group."""
     cfg = ToyConfig(tied=True, depth=4, width=64, hidden=96, vocab=50)
     batches = _batches(cfg.vocab, 8, 4)
-    got, loss = sharded.launch(_nvme_on_cuda, cfg, batches, str(tmp_path), nprocs=2, device="cuda")
+    got, loss = sharded.launch(_nvme_on_cuda, cfg, batches, str(tmp_path), params, nprocs=2, device="cuda")
     _assert_matches_one_gpu(cfg, batches, got, loss, sharded.optim.adamw(1e-2))
 
 

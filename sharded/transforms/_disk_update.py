@@ -20,6 +20,10 @@ sets, so the disk and the CPU work at once:
           write its moments back | copy its params back to the device
   set B   meanwhile: group k+1's reads and copies
 
+Under params=True the param chunks are in the file too, cut like the moments: a unit's
+param piece is read from disk and written back like its moments, not copied from and to
+the device.
+
 A set is reused only after its writes and copies back are done. The optimizer runs in
 parts (`optim.InParts`), so it must be leafwise, after a head that reads every leaf (a
 global-norm clip), which runs first on the device's grads (`optim.leafwise_tail`), as
@@ -77,14 +81,16 @@ class DiskTier:
         step = ALIGN // min((x.element_size() for x in leaves), default=1)
         return max(step, (self.host_bytes // 2 // 8 // widest) // step * step)
 
-    def update(self, tx: Any, grads: Any, opt_state: Any, params: Any, threads: Callable) -> tuple[Any, Any]:
+    def update(self, tx: Any, grads: Any, opt_state: Any, params: Any, threads: Callable, params_stored: bool = False) -> tuple[Any, Any]:
+        """The update through the buffers; `params_stored`: the params are in the swap
+        file too (offload(params=True)), else on the device."""
         began, before = time.perf_counter(), [store.stats() for store in self.stores]
         head, tail, tail_state, join = leafwise_tail(tx, opt_state)
         grads = head(grads, params)  # a global-norm clip, on the device's grads, before any part
         parts = InParts(tail, tail_state, params)
         moments = parts.mirrored()
         gs, ps = T.leaves(grads), T.leaves(params)
-        units = self._units(moments, ps)
+        units = self._units(moments, ps, params_stored)
         groups = self._groups(units, moments, gs, ps)
         writes: list[list[Transfer]] = [[], []]
         stage = lambda k: self._stage(groups[k], k % 2, moments, gs, ps, writes)  # noqa: E731
@@ -98,7 +104,10 @@ class DiskTier:
             with threads():
                 new = parts.run([u.leaf for u in group], grads_here, moments=mine, params=params_here, spans=[(u.start, u.stop) for u in group])
             writes[k % 2] = [store.write(name, x) for j, m in enumerate(new) for u, x in zip(group, m) for store, name in [u.slots[j]]]
-            torch._foreach_copy_([_flat(ps[u.leaf], u) for u in group], params_here, non_blocking=True)
+            writes[k % 2] += [u.param[0].write(u.param[1], x) for u, x in zip(group, params_here) if u.param is not None]
+            back = [(_flat(ps[u.leaf], u), x) for u, x in zip(group, params_here) if u.param is None]
+            if back:
+                torch._foreach_copy_([d for d, _ in back], [x for _, x in back], non_blocking=True)
             staged = following
         for t in writes[0] + writes[1]:
             t.wait()
@@ -110,27 +119,29 @@ class DiskTier:
         params, new_tail = parts.finish()
         return params, join(new_tail)
 
-    def _units(self, moments: list[list[torch.Tensor]], ps: list[torch.Tensor]) -> list[_Unit]:
-        """Each leaf's pieces as stored (the whole leaf where it has no moments), with
-        every moment's slot for each."""
+    def _units(self, moments: list[list[torch.Tensor]], ps: list[torch.Tensor], params_stored: bool) -> list[_Unit]:
+        """Each leaf's pieces as stored (the whole leaf where nothing of it is), with
+        every moment's slot for each, and the param's where the params are stored too."""
         units = []
         for i, p in enumerate(ps):
             found = [self._slot(m[i]) for m in moments]
-            if not found:
-                units.append(_Unit(i, 0, p.numel(), []))
+            stored = self._slot(p) if params_stored and p.is_floating_point() and p.numel() and p.dim() else None
+            if not found and stored is None:
+                units.append(_Unit(i, 0, p.numel(), [], None))
                 continue
-            store, names, piece = found[0]
-            if any(len(f[1]) != len(names) or f[2] != piece for f in found):
-                raise ValueError("offload(tier='nvme'): a leaf's moments are stored in pieces that do not match; pass the state this step's init made")
+            store, names, piece = (found or [stored])[0]
+            if any(len(f[1]) != len(names) or f[2] != piece for f in found + ([stored] if stored else [])):
+                raise ValueError("offload(tier='nvme'): a leaf's moments and param are stored in pieces that do not match; pass the state this step's init made")
             for k in range(len(names)):
-                units.append(_Unit(i, k * piece, min((k + 1) * piece, p.numel()), [(f[0], f[1][k]) for f in found]))
+                param = (stored[0], stored[1][k]) if stored else None
+                units.append(_Unit(i, k * piece, min((k + 1) * piece, p.numel()), [(f[0], f[1][k]) for f in found], param))
         return units
 
     def _slot(self, x: torch.Tensor) -> tuple[SwapStore, list[str], int]:
         found = self.slots.get(x.data_ptr())
         if found is None:
             raise ValueError(
-                "offload(tier='nvme'): this state's optimizer moments are not in any of its swap files; "
+                "offload(tier='nvme'): this state's optimizer moments (and param chunks, with params=True) are not in any of its swap files; "
                 "pass the state this step's init (or checkpoint.load into it) made"
             )
         return found
@@ -164,8 +175,10 @@ class DiskTier:
         reads = [store.read(name, buf) for j, bufs in enumerate(mine) for u, buf in zip(group, bufs) for store, name in [u.slots[j]]]
         grads_here = [carve(u.stop - u.start, gs[u.leaf].dtype) for u in group]
         params_here = [carve(u.stop - u.start, ps[u.leaf].dtype) for u in group]
-        sources = [gs[u.leaf].reshape(-1)[u.start : u.stop] for u in group] + [_flat(ps[u.leaf], u) for u in group]
-        torch._foreach_copy_(grads_here + params_here, sources, non_blocking=True)
+        reads += [u.param[0].read(u.param[1], x) for u, x in zip(group, params_here) if u.param is not None]
+        copies = [(x, gs[u.leaf].reshape(-1)[u.start : u.stop]) for u, x in zip(group, grads_here)]
+        copies += [(x, _flat(ps[u.leaf], u)) for u, x in zip(group, params_here) if u.param is None]
+        torch._foreach_copy_([x for x, _ in copies], [y for _, y in copies], non_blocking=True)
         return reads, mine, grads_here, params_here
 
     def _carver(self, s: int) -> Callable:
@@ -192,12 +205,13 @@ class DiskTier:
 @dataclasses.dataclass(frozen=True)
 class _Unit:
     """What one part of the update takes: leaf `leaf`'s flat elements [start, stop),
-    and each moment's (store, slot) holding them."""
+    each moment's (store, slot) holding them, and the param's where it is stored too."""
 
     leaf: int
     start: int
     stop: int
     slots: list[tuple[SwapStore, str]]
+    param: tuple[SwapStore, str] | None
 
 
 def _flat(x: torch.Tensor, u: _Unit) -> torch.Tensor:

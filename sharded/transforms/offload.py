@@ -39,14 +39,17 @@ step never reaches it.
 With tier="nvme" (`path=`, `host_buffer_gb=`), the optimizer's moments live in a swap
 file under `path` instead, `Tier.DISK` in the placements, and the update runs group by
 group through two sets of host buffers that together take `host_buffer_gb` ([Note:
-the disk tier] in _disk_update.py): a state larger than host memory trains.
+the disk tier] in _disk_update.py): a state larger than host memory trains. With
+params=True too, ZeRO-3's param chunks (the fp32 masters) are in the file beside the
+moments: the update reads and writes them there as it does the moments, and ZeRO-3
+fetches each block's chunks through their mapping (the page cache), so neither the
+device nor host memory holds the params between uses.
 
 With where=(name, param) -> bool (tier="cpu", params=False), only the chosen params'
 optimizer state moves; their update runs on the host while the rest runs on the device
 at once ([Note: a split update] in _split_update.py).
 
 Not built yet (issue 14), each a clear error:
-- tier="nvme" with params=True (the params on disk too);
 - where= with params=True or tier="nvme";
 - fp32 masters on the host under mixed_precision without params=True: the params
   stay on the device in their own dtype.
@@ -102,8 +105,6 @@ class Offload(Transform):
             raise ValueError(f"offload(params=...) is True (the params on the host too, under shard_zero(stage=3)) or False; got {params!r}")
         if tier == "nvme":
             _check_swap_directory(path)
-            if params:
-                raise ValueError("offload(tier='nvme', params=True), the params on disk too, is not built yet (issue 14); use offload('cpu', params=True) or offload('nvme')")
             if host_buffer_gb is not None and not (isinstance(host_buffer_gb, (int, float)) and host_buffer_gb > 0):
                 raise ValueError(f"offload(host_buffer_gb=...) is the host memory (GB) the nvme tier stages the update through, a number > 0; got {host_buffer_gb!r}")
         elif path is not None or host_buffer_gb is not None:
@@ -134,7 +135,7 @@ class Offload(Transform):
         # [Note: the host update in parts] in _host_update.py: only where the params live
         # on the host and no transform changes the grads after their reduction
         rewrites = Capability.REWRITES_GRADS | Capability.MICROBATCHES
-        self._streams = self.params and not any(t is not self and rewrites & t.capabilities for t in stack)
+        self._streams = self.params and self.tier == "cpu" and not any(t is not self and rewrites & t.capabilities for t in stack)
 
     def _reduce_grads(self, next_: Callable, bucket: GradBucket) -> Any:
         """A final group of this rank's grads: once reduced, to the host, and its leaves'
@@ -227,7 +228,8 @@ class Offload(Transform):
             )
 
     def _init_disk(self, state: Any) -> Any:
-        """[Note: the disk tier] in _disk_update.py: the moments to a swap file, the counts to host memory."""
+        """[Note: the disk tier] in _disk_update.py: the moments (and with params=True the
+        param chunks) to a swap file, the counts to host memory."""
         try:
             leafwise_tail(state.tx, state.opt_state)
         except ValueError as err:
@@ -237,8 +239,7 @@ class Offload(Transform):
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             self._disk = DiskTier(self.path, self.host_bytes, rank)
             weakref.finalize(self, self._disk.close)
-        moments = {path: x for path, x in state_leaves(state) if self._offloaded(path, x) and x.dim() > 0}
-        mapped = self._disk.place(moments)
+        mapped = self._disk.place({path: x for path, x in state_leaves(state) if self._offloaded(path, x) and x.dim() > 0})
         return self._moved(state, lambda path, x: mapped[path] if path in mapped else self._to_host(x, crosses=False), lambda path: Tier.DISK if path in mapped else Tier.HOST)
 
     def metrics(self, state: Any) -> dict:
@@ -260,7 +261,7 @@ class Offload(Transform):
         if live is not None and live[1] is not None and live[0] is primitives.step_state():
             return live[1].finish(params, grads)
         if self._disk is not None:
-            return self._disk.update(tx, grads, opt_state, params, _on_host_cores)
+            return self._disk.update(tx, grads, opt_state, params, _on_host_cores, params_stored=self.params)
         if self._chosen is not None:
             return update_split(tx, grads, opt_state, params, self._chosen, self._host_buffer, _on_host_cores)
         leaves, device_grads = T.leaves(params), T.leaves(grads)
