@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import multiprocessing as mp
 import os
 import statistics
 import time
 
 import torch
+from _harness import provenance, report
 
 LR, WD = 1e-4, 0.1
 MODES = ("whole_main", "parts_main", "parts_worker", "parts_worker_fewer_threads", "parts_pool")
@@ -139,15 +139,11 @@ def main() -> None:
             "gparams_per_s_per_rank": {m: args.params / statistics.median(t) / 1e9 for m, t in slowest.items()},
         }
     result = {
-        "benchmark": "host_adamw", "commit": args.commit, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "host_cores": len(os.sched_getaffinity(0)), "numa_nodes": [len(n) for n in numa_nodes()],
-        "ranks": args.ranks, "params_per_rank": int(args.params), "parts": args.parts,
+        **provenance("host_adamw", f"host of {len(os.sched_getaffinity(0))} cores", args.commit),
+        "numa_nodes": [len(n) for n in numa_nodes()], "ranks": args.ranks, "params_per_rank": int(args.params), "parts": args.parts,
         "placements": placements,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

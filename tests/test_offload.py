@@ -262,7 +262,7 @@ def test_a_leaf_larger_than_the_nvme_buffers_goes_through_them_in_pieces(tmp_pat
     buffer_gb = 64 / 2**20  # 32 KiB a set: 512 float64s a piece, four tensors of 4 KiB each
     tx = sharded.optim.adamw(1e-2, weight_decay=0.1)
     step = sharded.offload("nvme", path=str(tmp_path), host_buffer_gb=buffer_gb)(make_train_step(model))
-    state = step.init(sharded.TrainState.create(model.params, tx))
+    step.init(sharded.TrainState.create(model.params, tx))  # writes the moments to the swap file
     (offload,) = step.transforms
     leaves = sharded.tree.leaves(model.params)
     assert len(offload._disk.stores[0]._slots) == 2 * sum(-(-x.numel() // 512) for x in leaves)  # each moment in 512-element pieces

@@ -121,7 +121,7 @@ class Offload(Transform):
         self._disk: DiskTier | None = None
         self.handlers = {"update": self._update, "reduce_grads": self._reduce_grads}
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # host copies of grads and params, per layout
-        self._pinned = PinnedSlabs()  # where what crosses PCIe lives on the host ([Note: pinned slabs])
+        self._pinned = PinnedSlabs()  # the host buffers of grads and params that cross PCIe ([Note: pinned slabs])
         self._streams = False  # whether the update may start during backward (set by require)
         self._live: tuple[Any, HostUpdate] | None = None  # (the step's state, its update in parts)
 
@@ -167,14 +167,6 @@ class Offload(Transform):
             self._buffers[key] = [self._pinned.empty(like.shape, like.dtype)]
         return self._buffers[key][0]
 
-    def _to_host(self, x: torch.Tensor, crosses: bool) -> torch.Tensor:
-        """`x` in host memory: pinned beside a GPU if it `crosses` PCIe every step (params
-        fetched per block); the optimizer state never leaves the host, so it stays as it
-        is if it is there already (`TrainState.create(..., opt_device="cpu")` made it there)."""
-        if crosses and torch.cuda.is_available():
-            return self._pinned.copy(x)
-        return x if x.device.type == "cpu" else x.to("cpu")
-
     def _offloaded(self, path: str, x: Any) -> bool:
         """The leaves kept off the device: every tensor of the optimizer state (with
         where=, those that mirror the chosen params) and, with params=True, every param
@@ -194,7 +186,8 @@ class Offload(Transform):
             x.numel() * x.element_size() for path, x in state_leaves(state)
             if self._offloaded(path, x) and (x.device.type != "cpu" or path.startswith("params"))
         ))
-        return self._moved(state, lambda path, x: self._to_host(x, crosses=path.startswith("params")), lambda path: Tier.HOST)
+        fetched = PinnedSlabs()  # the params' chunks, fetched every step; this state's alone, freed with it
+        return self._moved(state, lambda path, x: _to_host(x, fetched if path.startswith("params") else None), lambda path: Tier.HOST)
 
     def _moved(self, state: Any, move: Callable[[str, torch.Tensor], torch.Tensor], tier: Callable[[str], Tier]) -> Any:
         """`state` with each offloaded leaf replaced by `move(path, x)` and placed on
@@ -240,7 +233,7 @@ class Offload(Transform):
             self._disk = DiskTier(self.path, self.host_bytes, rank)
             weakref.finalize(self, self._disk.close)
         mapped = self._disk.place({path: x for path, x in state_leaves(state) if self._offloaded(path, x) and x.dim() > 0})
-        return self._moved(state, lambda path, x: mapped[path] if path in mapped else self._to_host(x, crosses=False), lambda path: Tier.DISK if path in mapped else Tier.HOST)
+        return self._moved(state, lambda path, x: mapped[path] if path in mapped else _to_host(x, None), lambda path: Tier.DISK if path in mapped else Tier.HOST)
 
     def metrics(self, state: Any) -> dict:
         """The nvme tier's last update: GB read and written, their rate over the update, its seconds."""
@@ -373,6 +366,16 @@ def _check_host_memory(needed: int) -> None:
             f"the host's available memory is {share / 2**30:.2f} GiB ({available / 2**30:.2f} GiB over {ranks} rank(s) on this host); "
             "cut the state over more ranks with shard_zero(stage=1|2|3), run fewer ranks per host, or use a larger host"
         )
+
+
+def _to_host(x: torch.Tensor, pinned: PinnedSlabs | None) -> torch.Tensor:
+    """`x` in host memory: copied into `pinned` beside a GPU where it crosses PCIe every
+    step (params fetched per block); the optimizer state never leaves the host, so it
+    stays as it is if it is there already (`TrainState.create(..., opt_device="cpu")`
+    made it there)."""
+    if pinned is not None and torch.cuda.is_available():
+        return pinned.copy(x)
+    return x if x.device.type == "cpu" else x.to("cpu")
 
 
 offload = transform(Offload)
