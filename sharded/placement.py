@@ -3,8 +3,8 @@
 [Note: placements] `state.placements` maps a leaf's path in the state (as checkpoints
 name it: "params['wte.weight']", "opt_state[1][0].mu['wte.weight']", "extra['ef']") to
 its `Placement`: the whole leaf's shape, the cuts that give this rank its piece
-(outermost first: each cuts the flattened piece the previous one left, as [Note: chunk
-layout] in sharding.py says, over one mesh axis), the tier that holds it, its storage
+(outermost first: each cuts the piece the previous one left, over one mesh axis, as
+its flattened chunk ([Note: chunk layout] in sharding.py) or a slice along a dim), the tier that holds it, its storage
 dtype, and whether it is this rank's own (a per-rank buffer, such as error feedback,
 that no other rank has a part of). A leaf without an entry is whole, the same on every
 rank of its group, on the compute device. Transforms write the entries of the leaves
@@ -36,12 +36,17 @@ class Tier(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Cut:
-    """One cut over a mesh axis: rank `rank` of `ranks` in `group` keeps its chunk."""
+    """One cut over a mesh axis: rank `rank` of `ranks` in `group` keeps its chunk: of
+    the flattened piece (`dim` None: ZeRO's [Note: chunk layout]), or its even slice
+    along `dim` of each of `blocks` equal parts of that dim (tensor parallelism: a
+    fused q, k, v weight is 3 blocks along dim 0)."""
 
     axis: str
     group: Any
     ranks: int
     rank: int
+    dim: int | None = None
+    blocks: int = 1
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -102,9 +102,26 @@ def as_dtensors(state: Any) -> Any:
             axes = [c.axis for c in p.cuts]
             raise NotImplementedError(f"as_dtensors: {path} is cut over {axes}; one cut per leaf is supported")
         cut = p.cuts[0]
-        return x if cut.ranks == 1 else to_dtensor(x, p.shape.numel(), cut.group)
+        if cut.ranks == 1:
+            return x
+        if cut.dim is None:
+            return to_dtensor(x, p.shape.numel(), cut.group)
+        if cut.blocks > 1:
+            raise NotImplementedError(f"as_dtensors: {path} is cut in {cut.blocks} blocks along dim {cut.dim} (a fused q, k, v weight); DTensor has no such placement yet (issue 16)")
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(x, DeviceMesh.from_group(cut.group, x.device.type), [Shard(cut.dim)], run_check=False, shape=p.shape, stride=_contiguous_strides(p.shape))
 
     return map_state(state, view)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 class _Whole(torch.autograd.Function):

@@ -47,6 +47,7 @@ class Level(enum.IntEnum):
 
     STORAGE = 5  # where the state's tensors live between steps: offload (laid out last, gathered first)
     PARALLEL = 10  # which rows and shards this rank holds, how grads travel: data_parallel, shard_zero, compress_grads
+    MODEL = 15  # how the model's own tensors are split over ranks: tensor_parallel (laid out before ZeRO chunks its slices)
     SCHEDULE = 20  # how this rank's rows are cut into micro-batches and ordered: pipeline, accumulate
     MEMORY = 30  # what is kept between forward and backward: remat
     PRECISION = 40  # the dtype compute runs in: mixed_precision

@@ -8,6 +8,7 @@ from sharded.transforms.offload import offload
 from sharded.transforms.pipeline import pipeline
 from sharded.transforms.remat import remat
 from sharded.transforms.shard_zero import shard_zero
+from sharded.transforms.tensor_parallel import tensor_parallel
 
 #: Every transform, by name: `sharded` exports each, and the property tests run over all of them.
 REGISTRY = {
@@ -20,6 +21,7 @@ REGISTRY = {
     "compress_grads": compress_grads,
     "compile": compile,
     "offload": offload,
+    "tensor_parallel": tensor_parallel,
 }
 
 __all__ = ["REGISTRY", *REGISTRY]

@@ -1,0 +1,414 @@
+"""`tensor_parallel(plan=None)`: Megatron's tensor parallelism over the mesh's tp axis.
+
+Reference semantics: the plain step, exactly (up to the order of float additions).
+
+    sharded.distributed.init(mesh=sharded.Mesh(tp=2))
+    step = sharded.tensor_parallel()(train_step)
+
+Each tp rank holds a slice of every weight the plan names, and computes with it:
+
+  colwise      Linear: weight and bias split over output features (dim 0). Its input
+               is whole on every rank; in backward that input's grad is summed over
+               the tp ranks (each rank's is the part from its own output features).
+  colwise_qkv  the same for a Linear whose outputs are q, k and v stacked (GPT's fused
+               qkv): each third split, so a rank's slice is its heads of q, k and v.
+  rowwise      Linear: weight split over input features (dim 1), its input the slice a
+               colwise layer left; the output is summed over the tp ranks, then the
+               bias (whole on every rank) added once.
+  vocab_embedding  Embedding: rows (the vocabulary) split; a rank looks up the ids in
+               its rows, zeros for the rest, and the lookups are summed over tp.
+  vocab_head   Linear head: rows (the vocabulary) split, as colwise; the logits are
+               all-gathered, so the loss sees the whole vocabulary (every rank
+               computes the same loss).
+
+So attention runs on each rank's heads and the MLP on its slice of the hidden
+features, with one all-reduce of activations after each in forward and one in
+backward, as Megatron-LM's. Every other param (norms, position embeddings) is whole on
+every rank, and its grads are equal there.
+
+A plan maps module paths (fnmatch patterns) to a style, as data. `plan=None` finds the
+built-in one for the traced model: `sharded.models.GPT`, and the Llama family of
+Hugging Face (Llama, Mistral, Qwen2: q/k/v/o, gate/up/down, embed_tokens, lm_head).
+
+[Note: where tensor parallelism acts] It is a property of modules, not of blocks: its
+`apply` handler gives each planned module a forward of its style for the duration of
+the model's forward, and its `block` handler does the same for a block's modules
+whenever the block runs (a remat recompute in backward too), inside every other
+transform's block work. The traced model's params are this rank's slices between
+steps; `state.placements` records each as a cut over tp along its dim.
+
+Not built yet (issue 16), each a clear error: sequence parallelism, a vocab-parallel
+cross-entropy (the logits are gathered), Hugging Face GPT-2's transposed Conv1D,
+composition with pipeline, and checkpoints of the fused qkv's blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import fnmatch
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sharded import comm
+from sharded import tree as T
+from sharded.mesh import Mesh
+from sharded.placement import Cut, Placement, state_leaves
+from sharded.sharding import map_chunked
+from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
+
+__all__ = ["tensor_parallel", "Style", "plan_for"]
+
+
+class Style(enum.Enum):
+    COLWISE = "colwise"
+    COLWISE_QKV = "colwise_qkv"
+    ROWWISE = "rowwise"
+    VOCAB_EMBEDDING = "vocab_embedding"
+    VOCAB_HEAD = "vocab_head"
+
+
+# {param name in its module: (dim, blocks)} per style; a param a style does not name is whole
+_CUTS = {
+    Style.COLWISE: {"weight": (0, 1), "bias": (0, 1)},
+    Style.COLWISE_QKV: {"weight": (0, 3), "bias": (0, 3)},
+    Style.ROWWISE: {"weight": (1, 1)},
+    Style.VOCAB_EMBEDDING: {"weight": (0, 1)},
+    Style.VOCAB_HEAD: {"weight": (0, 1), "bias": (0, 1)},
+}
+_MODULE = {Style.VOCAB_EMBEDDING: nn.Embedding}  # every other style: nn.Linear
+
+GPT_PLAN = {
+    "wte": Style.VOCAB_EMBEDDING, "head": Style.VOCAB_HEAD,
+    "blocks.*.attn.qkv": Style.COLWISE_QKV, "blocks.*.attn.proj": Style.ROWWISE,
+    "blocks.*.mlp.fc": Style.COLWISE, "blocks.*.mlp.proj": Style.ROWWISE,
+}
+LLAMA_PLAN = {
+    "model.embed_tokens": Style.VOCAB_EMBEDDING, "lm_head": Style.VOCAB_HEAD,
+    "model.layers.*.self_attn.q_proj": Style.COLWISE, "model.layers.*.self_attn.k_proj": Style.COLWISE,
+    "model.layers.*.self_attn.v_proj": Style.COLWISE, "model.layers.*.self_attn.o_proj": Style.ROWWISE,
+    "model.layers.*.mlp.gate_proj": Style.COLWISE, "model.layers.*.mlp.up_proj": Style.COLWISE,
+    "model.layers.*.mlp.down_proj": Style.ROWWISE,
+}
+
+
+def plan_for(module: nn.Module) -> tuple[dict[str, Style], dict[str, int]]:
+    """The built-in plan for `module`, and the head counts it splits ({"heads": n,
+    "kv_heads": m}), or a clear error where there is none."""
+    from sharded.models import GPT
+
+    if isinstance(module, GPT):
+        return GPT_PLAN, {"heads": module.cfg.n_heads}
+    config = getattr(module, "config", None)
+    if getattr(config, "model_type", None) in ("llama", "mistral", "qwen2"):
+        return LLAMA_PLAN, {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
+    kind = getattr(config, "model_type", type(module).__name__)
+    raise ValueError(
+        f"tensor_parallel(plan=None): no built-in plan for {kind}; built in: sharded.models.GPT, Hugging Face llama, mistral, qwen2. "
+        "Pass plan={module path pattern: sharded.tensor_parallel.Style...}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """A module the plan names, and the cut of each of its params (by full name)."""
+
+    path: str
+    module: nn.Module
+    style: Style
+    cuts: dict[str, tuple[int, int]]  # {param name in the model: (dim, blocks)}
+
+
+class TensorParallel(Transform):
+    name = "tensor_parallel"
+    level = Level.MODEL
+    levels = {"block": Level.PRECISION}  # [Note: where tensor parallelism acts]: inside remat, so a recompute is styled too
+    capabilities = Capability.NONE
+
+    def __init__(self, plan: Mapping[str, Style | str] | None = None, sequence_parallel: bool = False, mesh: Mesh | None = None, axis: str = "tp"):
+        if sequence_parallel:
+            raise ValueError("tensor_parallel(sequence_parallel=True) is not built yet (issue 16); pass sequence_parallel=False")
+        if plan is not None:
+            if not isinstance(plan, Mapping) or not plan:
+                raise ValueError(f"tensor_parallel(plan=...) is a non-empty dict {{module path pattern: Style}}; got {plan!r}")
+            try:
+                plan = {str(k): Style(v) for k, v in plan.items()}
+            except ValueError as err:
+                raise ValueError(f"tensor_parallel(plan=...): {err}; the styles are {', '.join(s.value for s in Style)}") from None
+        self.plan, self.mesh, self.axis = plan, mesh, axis
+        self.handlers = {"apply": self._apply, "block": self._block, "update": self._update}
+        self._planned: list[_Planned] = []
+        self._shapes: dict[str, torch.Size] = {}  # the whole shapes of the params cut
+        self._whole: list[str] = []  # the params every tp rank holds whole
+
+    def describe(self) -> str:
+        return f"tensor_parallel({self.axis}={self._mesh().size(self.axis)})"
+
+    def _mesh(self) -> Mesh:
+        return self.mesh if self.mesh is not None else Mesh.current()
+
+    def _group(self) -> tuple[int, int, Any]:
+        mesh = self._mesh()
+        return mesh.size(self.axis), mesh.rank(self.axis), mesh.group(self.axis)
+
+    def check(self, stack: Sequence[Transform]) -> None:
+        if any(Capability.RUNS_SCHEDULE in t.capabilities for t in stack):
+            raise ValueError("tensor_parallel with pipeline is not built yet (issue 16); drop one of them")
+
+    # -- layout ----------------------------------------------------------------------
+
+    def init(self, state: Any) -> Any:
+        from sharded.trace import model_of
+
+        size, rank, group = self._group()
+        if size == 1:
+            raise ValueError(f"tensor_parallel: the mesh's {self.axis} axis has one rank; make one with sharded.Mesh({self.axis}=2) (or more) and launch that many ranks")
+        model = model_of(state.params)
+        if model is None:
+            raise ValueError("tensor_parallel: these params are not a traced model's (sharded.trace(module).params); trace the model first")
+        plan, heads = (self.plan, {}) if self.plan is not None else plan_for(model.module)
+        self._planned = _resolve(model, plan)
+        _check_divisible(self._planned, size, heads, state.params)
+        cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
+        names = _names(state.params)
+        self._shapes = {n: state.params[n].shape for n in cuts}
+        self._whole = [n for n in names if n not in cuts]
+        chunked = tuple(n in cuts for n in names)
+        spec = T.structure(state.params)
+
+        def cut(x: torch.Tensor, i: int) -> torch.Tensor:
+            dim, blocks = cuts[names[i]]
+            return _slice(x, dim, blocks, size, rank).clone()
+
+        opt_state = map_chunked(state.opt_state, spec, chunked, cut)
+        params = map_chunked(state.params, spec, chunked, cut)
+        for n in cuts:  # donated (decision 1): the whole params' memory goes back now
+            state.params[n].untyped_storage().resize_(0)
+        entries = {}
+        for path, x in state_leaves(state.replace(params=params, opt_state=opt_state)):
+            name = _param_name(path)
+            if name in cuts and isinstance(x, torch.Tensor) and x.dim() > 0:
+                dim, blocks = cuts[name]
+                whole = state.placements.get(path) or Placement(self._shapes[name])
+                entries[path] = whole.cut(Cut(self.axis, group, size, rank, dim=dim, blocks=blocks))
+        return state.replace(params=params, opt_state=opt_state, placements=state.placements.update(entries))
+
+    def gather(self, state: Any) -> Any:
+        size, rank, group = self._group()
+        names = _names(state.params)
+        chunked = tuple(n in self._shapes for n in names)
+        cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
+
+        def whole(x: torch.Tensor, i: int) -> torch.Tensor:
+            dim, blocks = cuts[names[i]]
+            return _gather(x, dim, blocks, size, group)
+
+        spec = T.structure(state.params)
+        params, opt_state = map_chunked(state.params, spec, chunked, whole), map_chunked(state.opt_state, spec, chunked, whole)
+        placements = state.placements.map(lambda p: p.uncut(self.axis))
+        return state.replace(params=params, opt_state=opt_state, placements=placements)
+
+    def gather_params(self, params: Any) -> Any:
+        size, rank, group = self._group()
+        cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
+        return {n: _gather(x, *cuts[n], size, group) if n in cuts else x for n, x in params.items()}
+
+    # -- the step --------------------------------------------------------------------
+
+    def _apply(self, next_: Callable, model: Any, params: Any, args: tuple, kwargs: dict) -> Any:
+        with self._styled(self._planned):
+            return next_(model, params, args, kwargs)
+
+    def _block(self, next_: Callable, call: Any, params: Any, buffers: Any, args: tuple, kwargs: dict) -> Any:
+        inside = [p for p in self._planned if p.path == call.name or p.path.startswith(call.name + ".")]
+        with self._styled(inside):
+            return next_(call, params, buffers, args, kwargs)
+
+    @contextlib.contextmanager
+    def _styled(self, planned: list[_Planned]) -> Iterator[None]:
+        """Each module of `planned` runs its style's forward in the body (unless it does already)."""
+        size, rank, group = self._group()
+        mine = [p for p in planned if "forward" not in vars(p.module)]
+        for p in mine:
+            p.module.forward = _FORWARDS[p.style](p.module, size, rank, group)
+        try:
+            yield
+        finally:
+            for p in mine:
+                del p.module.forward
+
+    def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
+        """The optimizer on this rank's slices; a global norm sums the slices over tp and
+        counts the whole params' grads (equal on every tp rank) on tp rank 0 only."""
+        size, rank, group = self._group()
+        whole = [grads[n] for n in self._whole if n in grads] if rank else []
+        with T.sharded_over(group, counted_elsewhere=whole):
+            return next_(tx, grads, opt_state, params)
+
+    def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
+        size = self._mesh().size(self.axis)
+        out = [Op("data", "tp slices", f"{len(self._shapes)} params cut over tp={size}; activations summed over tp after each rowwise layer and the embedding")]
+        for op in program:
+            out.append(op)
+            if op.name == "forward":
+                for p in self._planned:
+                    out.append(Op("collective", _COLLECTIVE[p.style], f"{p.path} ({p.style.value}), over tp={size}"))
+        return out
+
+
+def _names(params: dict) -> list[str]:
+    """The params' names in their flatten order (the order `map_chunked` counts leaves in)."""
+    return [_param_name(path) for path, _ in T.leaves_with_paths(params)]
+
+
+def _param_name(path: str) -> str | None:
+    """The param name a state path ends with ("params['blocks.0.attn.qkv.weight']"), if any."""
+    return path[path.rindex("['") + 2 : -2] if path.endswith("']") and "['" in path else None
+
+
+def _resolve(model: Any, plan: Mapping[str, Style]) -> list[_Planned]:
+    """The modules `plan` names, with the model's names of the params they cut."""
+    modules = dict(model.module.named_modules())
+    names = {id(p): n for n, p in model.module.named_parameters()}  # the first name of each (a tied weight's too)
+    out, used = [], set()
+    for path, module in modules.items():
+        style = next((s for pattern, s in plan.items() if fnmatch.fnmatchcase(path, pattern)), None)
+        if style is None:
+            continue
+        used |= {pattern for pattern in plan if fnmatch.fnmatchcase(path, pattern)}
+        kind = _MODULE.get(style, nn.Linear)
+        if type(module) is not kind:
+            raise ValueError(f"tensor_parallel: {path} is a {type(module).__name__}; style {style.value} splits an {kind.__name__}")
+        cuts = {names[id(p)]: _CUTS[style][local] for local, p in module.named_parameters(recurse=False) if local in _CUTS[style]}
+        out.append(_Planned(path, module, style, cuts))
+    missing = [pattern for pattern in plan if pattern not in used]
+    if missing:
+        raise ValueError(f"tensor_parallel: the plan names {missing}, which match no module of the model; fix the pattern or drop it")
+    seen: dict[str, tuple[int, int]] = {}
+    for p in out:
+        for name, cut in p.cuts.items():
+            if seen.setdefault(name, cut) != cut:
+                raise ValueError(f"tensor_parallel: {name} is tied across modules the plan splits differently ({seen[name]} and {cut}); give them one style")
+    return out
+
+
+def _check_divisible(planned: list[_Planned], size: int, heads: dict[str, int], params: dict) -> None:
+    for key, n in heads.items():
+        if n % size:
+            raise ValueError(f"tensor_parallel: the model has {n} {key.replace('_', ' ')}, not divisible by tp={size}; pick a tp that divides {n}")
+    for p in planned:
+        for name, (dim, blocks) in p.cuts.items():
+            n = params[name].shape[dim]
+            if n % (blocks * size):
+                fix = "pad the vocabulary to a multiple of tp" if p.style in (Style.VOCAB_EMBEDDING, Style.VOCAB_HEAD) else "pick a tp that divides it"
+                raise ValueError(f"tensor_parallel: {p.path} ({p.style.value}) splits {name}'s dim {dim} of {n}{f' in {blocks} blocks' if blocks > 1 else ''} over tp={size}, which does not divide it; {fix}")
+
+
+def _slice(x: torch.Tensor, dim: int, blocks: int, size: int, rank: int) -> torch.Tensor:
+    """This rank's slice of each of `blocks` parts of `x` along `dim`, joined."""
+    parts = x.chunk(blocks, dim)
+    return torch.cat([part.chunk(size, dim)[rank] for part in parts], dim)
+
+
+def _gather(x: torch.Tensor, dim: int, blocks: int, size: int, group: Any) -> torch.Tensor:
+    """The whole tensor from every rank's `_slice` of it."""
+    slices = _all_gather(x.contiguous(), group, size)
+    per_rank = [s.chunk(blocks, dim) for s in slices]
+    return torch.cat([torch.cat([r[b] for r in per_rank], dim) for b in range(blocks)], dim)
+
+
+def _all_gather(x: torch.Tensor, group: Any, size: int) -> list[torch.Tensor]:
+    out = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
+    comm.all_gather_into_tensor(out.view(-1), x.reshape(-1), group=group)
+    return list(out.unbind(0))
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Forward: x as it is. Backward: its grad summed over tp (each rank's is the part
+    its own slice of the next layer saw)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        grad = grad.contiguous().clone()
+        comm.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumOverTP(torch.autograd.Function):
+    """Forward: x summed over tp (each rank's partial result). Backward: the grad as it
+    is (the sum's grad reaches every rank's part whole)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        out = x.contiguous().clone()
+        comm.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad, None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """Forward: every rank's x joined along the last dim. Backward: this rank's slice of
+    the grad (every rank computes the same function of the whole)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, rank: int) -> torch.Tensor:
+        ctx.rank, ctx.width = rank, x.shape[-1]
+        return torch.cat(_all_gather(x.contiguous(), group, size), dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad[..., ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width], None, None, None
+
+
+def _colwise(m: nn.Linear, size: int, rank: int, group: Any) -> Callable:
+    return lambda x: F.linear(_CopyToTP.apply(x, group), m.weight, m.bias)
+
+
+def _rowwise(m: nn.Linear, size: int, rank: int, group: Any) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = _SumOverTP.apply(F.linear(x, m.weight), group)
+        return y if m.bias is None else y + m.bias
+
+    return forward
+
+
+def _vocab_embedding(m: nn.Embedding, size: int, rank: int, group: Any) -> Callable:
+    if m.max_norm is not None:
+        raise ValueError("tensor_parallel: an Embedding with max_norm renormalises rows in place across the vocabulary; it cannot be split")
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        rows = m.weight.shape[0]
+        first = rank * rows
+        outside = (ids < first) | (ids >= first + rows)
+        pad = m.padding_idx - first if m.padding_idx is not None and first <= m.padding_idx < first + rows else None
+        out = F.embedding((ids - first).masked_fill(outside, 0), m.weight, padding_idx=pad, scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse)
+        return _SumOverTP.apply(out.masked_fill(outside.unsqueeze(-1), 0), group)
+
+    return forward
+
+
+def _vocab_head(m: nn.Linear, size: int, rank: int, group: Any) -> Callable:
+    return lambda x: _GatherLastDim.apply(F.linear(_CopyToTP.apply(x, group), m.weight, m.bias), group, size, rank)
+
+
+_FORWARDS = {
+    Style.COLWISE: _colwise, Style.COLWISE_QKV: _colwise, Style.ROWWISE: _rowwise,
+    Style.VOCAB_EMBEDDING: _vocab_embedding, Style.VOCAB_HEAD: _vocab_head,
+}
+_COLLECTIVE = {
+    Style.COLWISE: "all_reduce (backward)", Style.COLWISE_QKV: "all_reduce (backward)", Style.ROWWISE: "all_reduce (forward)",
+    Style.VOCAB_EMBEDDING: "all_reduce (forward)", Style.VOCAB_HEAD: "all_gather logits (forward)",
+}
+
+tensor_parallel = transform(TensorParallel)
