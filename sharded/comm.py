@@ -277,6 +277,34 @@ def all_reduce(t: torch.Tensor, group: Any = None, op: str = "sum", async_op: bo
     return _start(what, lambda: dist.all_reduce(t, op=reduce_op, group=group, async_op=True), async_op, then)
 
 
+def summed(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """`t` summed over the group's ranks, as a new tensor, through torch's functional
+    collectives: what `torch.compile` traces inside a compiled block without a graph
+    break (c10d's async handles it cannot), for collectives between a block's own ops
+    (tensor parallelism's)."""
+    if _recorders:
+        _record("all_reduce", t, _group_size(group), False, "sum")
+    if _group_size(group) == 1:
+        return t.clone()
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+
+
+def gathered(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Every rank's `t` stacked along a new first dim, through torch's functional
+    collectives (traced by `torch.compile` as `summed` is)."""
+    size = _group_size(group)
+    if _recorders:
+        _record("all_gather", t, size, False)
+    if size == 1:
+        return t.unsqueeze(0).clone()
+    from torch.distributed import _functional_collectives as funcol
+
+    flat = funcol.wait_tensor(funcol.all_gather_tensor(t.contiguous().reshape(-1), 0, group))
+    return flat.view(size, *t.shape)
+
+
 def done() -> Pending:
     """A collective that has already completed (what a handler that finished the work itself returns)."""
     return _DONE

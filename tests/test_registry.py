@@ -64,7 +64,12 @@ def options(name: str, draw) -> dict:
     if name == "offload":  # the disk tier with buffers small enough for a group per leaf or two
         tier = draw(st.sampled_from(["cpu", "nvme"]))
         return {"tier": "cpu"} if tier == "cpu" else {"tier": "nvme", "path": _swap_directory(), "host_buffer_gb": 2e-4}
+    if name == "tensor_parallel":  # the toy model's layers in Megatron's styles; its widths drawn divisible by tp=2
+        return {"plan": TOY_PLAN}
     raise AssertionError(f"no option strategy for {name}: add one when registering a transform")
+
+
+TOY_PLAN = {"embed": "vocab_embedding", "head": "vocab_head", "blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
 
 
 def build(stack: list[tuple[str, dict]], fn):
@@ -96,6 +101,8 @@ def refusal(stack: list[tuple[str, dict]]) -> str | None:
             return "drop data_parallel"
         if "pipeline" in names and "accumulate" in names[names.index("pipeline") :]:
             return "put it outside: accumulate"
+        if {"pipeline", "tensor_parallel"} <= set(names):
+            return "tensor_parallel with pipeline is not built yet"
     return None
 
 
@@ -103,8 +110,10 @@ def check(stack: list[tuple[str, dict]], draw) -> None:
     names = [n for n, _ in stack]
     piped = "pipeline" in names
     interleaved = piped and dict(stack)["pipeline"]["schedule"] == "interleaved"
+    tp = 2 if "tensor_parallel" in names else 1
     cfg = ToyConfig(
-        vocab=draw(st.integers(3, 13)), width=draw(st.integers(3, 7)), hidden=draw(st.integers(1, 9)),
+        vocab=tp * draw(st.integers(2, 6)) if tp > 1 else draw(st.integers(3, 13)), width=draw(st.integers(3, 7)),
+        hidden=tp * draw(st.integers(1, 4)) if tp > 1 else draw(st.integers(1, 9)),
         depth=draw(st.integers(4 if interleaved else 2, 4)), tied=draw(st.booleans()), seed=draw(st.integers(0, 99)),
     )
     model = sharded.trace(ToyLM(cfg).double())
@@ -127,8 +136,9 @@ def check(stack: list[tuple[str, dict]], draw) -> None:
         return
     event("ran on ranks")
     # ZeRO on a pipeline needs a dp axis of its own (it refuses dp=1 beside pp=2 at init).
-    dp = (2 if "shard_zero" in names else draw(st.sampled_from([1, 2]))) if piped else draw(st.integers(1, 4))
-    world, mesh = (2 * dp, dict(pp=2, dp=dp)) if piped else (dp, None)
+    # So does ZeRO beside tp=2 (on at most 4 ranks).
+    dp = (2 if "shard_zero" in names else draw(st.sampled_from([1, 2]))) if piped or tp > 1 else draw(st.integers(1, 4))
+    world, mesh = (2 * dp, dict(pp=2, dp=dp)) if piped else (tp * dp, dict(tp=tp, dp=dp) if tp > 1 else None)
     parts = dp * math.prod(o.get("steps", 1) * o.get("microbatches", 1) for _, o in stack)
     rows = parts * draw(st.integers(1, 2))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))

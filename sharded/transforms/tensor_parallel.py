@@ -321,9 +321,7 @@ def _gather(x: torch.Tensor, dim: int, blocks: int, size: int, group: Any) -> to
 
 
 def _all_gather(x: torch.Tensor, group: Any, size: int) -> list[torch.Tensor]:
-    out = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
-    comm.all_gather_into_tensor(out.view(-1), x.reshape(-1), group=group)
-    return list(out.unbind(0))
+    return list(comm.gathered(x, group).unbind(0))
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -337,9 +335,7 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        grad = grad.contiguous().clone()
-        comm.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return comm.summed(grad.contiguous(), ctx.group), None
 
 
 class _SumOverTP(torch.autograd.Function):
@@ -348,9 +344,7 @@ class _SumOverTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        out = x.contiguous().clone()
-        comm.all_reduce(out, group=group)
-        return out
+        return comm.summed(x.contiguous(), group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
