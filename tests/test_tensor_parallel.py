@@ -1,0 +1,183 @@
+"""tensor_parallel: Megatron's tensor parallelism equals the plain step (float64, gloo),
+for sharded's GPT over drawn shapes and for Hugging Face Llama-family models; its
+slices are what each rank holds; bad input is named."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sharded
+from sharded.models import GPT, GPTConfig
+from sharded.placement import state_leaves
+from sharded.testing import assert_step_equivalent, get_pool
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+OPTIMIZERS = [
+    lambda: sharded.optim.adamw(1e-2, weight_decay=0.1),
+    lambda: sharded.optim.sgd(0.1, momentum=0.9),
+    lambda: sharded.optim.chain(sharded.optim.clip_by_global_norm(0.05), sharded.optim.adamw(1e-2)),  # a norm over tp's slices
+]
+
+
+def _gpt_step(cfg: GPTConfig):
+    torch.manual_seed(cfg.seq_len)
+    model = sharded.trace(GPT(cfg).double())
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(lambda p, b: _loss(model.apply(p, b[0]), b[1]))(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    return model, train_step
+
+
+def _loss(logits, targets):
+    """Cross-entropy in the logits' dtype (`models.loss_fn` computes in float32)."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _batches(vocab, rows, seq, seed, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, (rows, seq), generator=g), torch.randint(0, vocab, (rows, seq), generator=g)) for _ in range(n)]
+
+
+@settings(max_examples=10, **SETTINGS)
+@given(data=st.data())
+def test_gpt_under_tensor_parallelism_equals_the_plain_step(data):
+    """tp in {2, 4} alone, or tp=2 beside dp=2 (data_parallel or ZeRO 1-3), with a loss
+    scaler or accumulate drawn in, over drawn GPT shapes (tied or not, biases or not)."""
+    draw = data.draw
+    tp = draw(st.sampled_from([2, 4]))
+    dp = 1 if tp == 4 else draw(st.sampled_from([1, 2]))
+    heads = tp * draw(st.integers(1, 2))
+    cfg = GPTConfig(vocab_size=tp * draw(st.integers(3, 8)), seq_len=draw(st.integers(4, 9)), n_layers=draw(st.integers(1, 2)),
+                    n_heads=heads, d_model=heads * draw(st.sampled_from([2, 4])), dropout=0.0, tied=draw(st.booleans()), bias=draw(st.booleans()))
+    model, train_step = _gpt_step(cfg)
+    layers = [sharded.tensor_parallel()]
+    if dp > 1:
+        stage = draw(st.integers(0, 3))
+        layers.append(sharded.shard_zero(stage=stage) if stage else sharded.data_parallel())
+    steps = draw(st.integers(1, 2))
+    if steps > 1:
+        layers.append(sharded.accumulate(steps=steps))
+    if draw(st.booleans()):
+        layers.append(sharded.mixed_precision(compute=torch.float64, loss_scale=True, init_scale=2.0 ** draw(st.integers(0, 8))))
+    step = train_step
+    for layer in draw(st.permutations(layers)):
+        step = layer(step)
+    batches = _batches(cfg.vocab_size, dp * steps * draw(st.integers(1, 2)), cfg.seq_len, draw(st.integers(0, 99)))
+    state = sharded.TrainState.create(model.params, draw(st.sampled_from(OPTIMIZERS))())
+    assert_step_equivalent(step, train_step, state, batches, world_size=tp * dp, rtol=1e-7, atol=1e-9, mesh=dict(tp=tp, dp=dp))
+
+
+def _hf(kind: str):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=16)
+    config, cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[kind]
+    torch.manual_seed(0)
+    module = cls(config(**common)).double()
+    model = sharded.trace(module)
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(lambda p, b: model.apply(p, b[0], labels=b[1], use_cache=False).loss)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    return model, train_step
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_hugging_face_llama_family_under_tensor_parallelism_equals_the_plain_step(kind):
+    """Their built-in plan (grouped-query attention: 4 heads, 2 kv heads over tp=2;
+    Qwen2's q/k/v biases split with them), float64 params; RMSNorm computes in float32,
+    so the tolerance is float32-sized."""
+    model, train_step = _hf(kind)
+    state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2, weight_decay=0.1))
+    assert_step_equivalent(sharded.tensor_parallel()(train_step), train_step, state, _batches(48, 2, 6, 0), world_size=2, rtol=1e-5, atol=1e-6, mesh=dict(tp=2))
+
+
+def _on_mesh(**axes):
+    """This rank's default mesh set to `axes` (the pool's ranks keep the last test's)."""
+    sharded.Mesh.set_current(sharded.Mesh(**axes))
+
+
+def _held(tp):
+    _on_mesh(tp=tp)
+    model, train_step = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=2, n_heads=4, d_model=16, dropout=0.0))
+    whole = {n: x.numel() * x.element_size() for n, x in model.params.items()}
+    step = sharded.tensor_parallel()(train_step) if tp > 1 else sharded.Step(train_step)
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    params = sum(x.numel() * x.element_size() for x in sharded.tree.leaves(state.params))
+    moments = sum(x.numel() * x.element_size() for path, x in state_leaves(state) if path.startswith("opt_state") and x.ndim)
+    cut = sum(b for n, b in whole.items() if n.endswith(("qkv.weight", "qkv.bias", "fc.weight", "fc.bias", "proj.weight", "wte.weight", "head.weight")))
+    replicated = sum(whole.values()) - cut  # norms, position embeddings, rowwise biases
+    cuts = {path: [(c.axis, c.dim, c.blocks) for c in p.cuts] for path, p in state.placements.items()}
+    return params, moments, cut, replicated, cuts
+
+
+def test_each_rank_holds_its_slices_and_the_whole_norms():
+    """Model-state bytes per rank at tp=t: 1/t of the split params (and their moments),
+    plus the params every rank holds whole (norms, position embeddings, rowwise biases)."""
+    (one,) = get_pool(1).run(_held, 1)
+    for tp in (2, 4):
+        for params, moments, cut, replicated, cuts in get_pool(tp).run(_held, tp):
+            assert params == cut // tp + replicated
+            assert moments == 2 * params  # AdamW's two moments mirror the slices
+            assert cuts["params['blocks.0.attn.qkv.weight']"] == [("tp", 0, 3)]
+            assert cuts["params['blocks.0.attn.proj.weight']"] == [("tp", 1, 1)]
+            assert "params['blocks.0.ln_1.weight']" not in cuts
+    assert one[0] == one[2] + one[3]
+
+
+def _refused(cfg_kwargs, plan, words, tp=2):
+    _on_mesh(tp=tp)
+    model, train_step = _gpt_step(GPTConfig(**{"vocab_size": 16, "seq_len": 8, "n_layers": 1, "n_heads": 4, "d_model": 16, "dropout": 0.0, **cfg_kwargs}))
+    step = sharded.tensor_parallel(plan=plan)(train_step)
+    try:
+        step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    except ValueError as err:
+        return words in str(err), str(err)
+    return False, "no error"
+
+
+@pytest.mark.parametrize("cfg_kwargs, plan, words", [
+    ({"n_heads": 3, "d_model": 12}, None, "3 heads, not divisible by tp=2"),
+    ({"vocab_size": 15}, None, "pad the vocabulary to a multiple of tp"),
+    ({}, {"blocks.*.attn.nothing": "colwise"}, "match no module of the model"),
+    ({}, {"blocks.*.ln_1": "colwise"}, "is a LayerNorm; style colwise splits an Linear"),
+])
+def test_bad_shapes_and_plans_are_named(cfg_kwargs, plan, words):
+    for ok, message in get_pool(2).run(_refused, cfg_kwargs, plan, words):
+        assert ok, message
+
+
+def _one_rank_axis():
+    return _refused({}, None, "axis has one rank", tp=1)
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="sequence_parallel=True.*not built yet"):
+        sharded.tensor_parallel(sequence_parallel=True)
+    with pytest.raises(ValueError, match="the styles are"):
+        sharded.tensor_parallel(plan={"wte": "diagonal"})
+    with pytest.raises(ValueError, match="with pipeline is not built yet"):
+        sharded.tensor_parallel()(sharded.pipeline(stages=2)(lambda state, batch: (state, {})))
+    for ok, message in get_pool(2).run(_one_rank_axis):  # a mesh without a tp axis: every rank on dp
+        assert ok, message
+
+
+def _explained():
+    _on_mesh(tp=2)
+    model, train_step = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=1, n_heads=4, d_model=16, dropout=0.0))
+    step = sharded.tensor_parallel()(train_step)
+    step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    return str(step.explain())
+
+
+def test_explain_names_each_layers_collective():
+    (text, _) = get_pool(2).run(_explained)
+    assert "tensor_parallel(tp=2)" in text
+    assert "blocks.0.attn.proj (rowwise)" in text and "all_gather logits" in text
