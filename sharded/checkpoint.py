@@ -32,7 +32,7 @@ import torch.distributed.checkpoint as dcp
 
 from sharded import comm
 from sharded.placement import state_leaves
-from sharded.sharding import as_dtensors
+from sharded.sharding import flat_views
 
 __all__ = ["save", "load", "export_safetensors", "UnsafeCheckpoint"]
 
@@ -50,17 +50,19 @@ def _barrier() -> None:
         comm.barrier()
 
 
-def _flat_views(state: Any) -> dict[str, Any]:
+def _flat_views(state: Any) -> tuple[dict[str, Any], Any]:
     """{path: flattened leaf}, with this rank's chunks as DTensor shards and its own
-    (per-rank) buffers under "<path>@rank<r>"."""
+    (per-rank) buffers under "<path>@rank<r>"; and what writes loaded copies back
+    (`sharding.flat_views`)."""
     placements = state.placements
+    views, write_back = flat_views(state)
     out = {}
-    for path, x in state_leaves(as_dtensors(state)):  # params first: a mismatch is named where users look
+    for path, x in state_leaves(views):  # params first: a mismatch is named where users look
         if isinstance(x, torch.Tensor) and not hasattr(x, "placements"):
             x = x.view(-1)
         p = placements.get(path)
         out[f"{path}@rank{_rank()}" if p is not None and p.per_rank else path] = x
-    return out
+    return out, write_back
 
 
 def save(state: Any, path: str | os.PathLike) -> None:
@@ -72,7 +74,7 @@ def save(state: Any, path: str | os.PathLike) -> None:
     if _rank() == 0 and partial.exists():
         shutil.rmtree(partial)
     _barrier()
-    dcp.save(_flat_views(state), storage_writer=dcp.FileSystemWriter(partial))
+    dcp.save(_flat_views(state)[0], storage_writer=dcp.FileSystemWriter(partial))
     _barrier()
     if _rank() == 0:
         old = path.with_name(path.name + ".old")
@@ -143,9 +145,10 @@ def load(path: str | os.PathLike, like: Any) -> Any:
     if not (path / ".metadata").exists():
         raise FileNotFoundError(f"no checkpoint at {path} (no .metadata); was the save interrupted? see {path}.partial")
     reader = _SafeReader(path)
-    views = _flat_views(like)
+    views, write_back = _flat_views(like)
     _check_matches(path, views, reader.read_metadata())
     dcp.load(views, storage_reader=reader)
+    write_back()
     return like
 
 

@@ -20,7 +20,8 @@ from sharded import tree as T
 from sharded.placement import map_state
 
 __all__ = [
-    "ChunkLayout", "as_dtensors", "chunk_size", "bounds", "local_chunk", "map_chunked", "to_dtensor", "whole", "sum_over_shards",
+    "ChunkLayout", "as_dtensors", "chunk_size", "bounds", "dim_slice", "flat_views", "gather_slices", "local_chunk", "map_chunked",
+    "to_dtensor", "whole", "sum_over_shards",
 ]
 
 
@@ -82,8 +83,9 @@ def to_dtensor(chunk: torch.Tensor, numel: int, group: Any) -> Any:
 
 
 def as_dtensors(state: Any) -> Any:
-    """`state` with every cut leaf as a DTensor of its flattened leaf (no copy): code
-    over params or optimizer state outside the step sees global values, as on one device.
+    """`state` with every cut leaf as a DTensor (no copy): a chunk as a shard of its
+    flattened leaf, a slice along a dim as a shard of the leaf along that dim. Code over
+    params or optimizer state outside the step sees global values, as on one device.
 
         view = sharded.sharding.as_dtensors(state)
         l2 = sum((p.float() ** 2).sum() for p in sharded.tree.leaves(view.params))
@@ -95,25 +97,78 @@ def as_dtensors(state: Any) -> Any:
         return state
 
     def view(path: str, x: Any) -> Any:
-        p = placements.get(path)
-        if p is None or not p.cuts or not isinstance(x, torch.Tensor):
+        cut = _one_cut(placements, path, x)
+        if cut is None:
             return x
-        if len(p.cuts) > 1:
-            axes = [c.axis for c in p.cuts]
-            raise NotImplementedError(f"as_dtensors: {path} is cut over {axes}; one cut per leaf is supported")
-        cut = p.cuts[0]
-        if cut.ranks == 1:
-            return x
+        shape = placements.get(path).shape
         if cut.dim is None:
-            return to_dtensor(x, p.shape.numel(), cut.group)
+            return to_dtensor(x, shape.numel(), cut.group)
         if cut.blocks > 1:
-            raise NotImplementedError(f"as_dtensors: {path} is cut in {cut.blocks} blocks along dim {cut.dim} (a fused q, k, v weight); DTensor has no such placement yet (issue 16)")
+            raise NotImplementedError(f"as_dtensors: {path} is cut in {cut.blocks} blocks along dim {cut.dim} (a fused q, k, v weight); DTensor has no such placement")
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Shard
 
-        return DTensor.from_local(x, DeviceMesh.from_group(cut.group, x.device.type), [Shard(cut.dim)], run_check=False, shape=p.shape, stride=_contiguous_strides(p.shape))
+        return DTensor.from_local(x, DeviceMesh.from_group(cut.group, x.device.type), [Shard(cut.dim)], run_check=False, shape=shape, stride=_contiguous_strides(shape))
 
     return map_state(state, view)
+
+
+def flat_views(state: Any) -> tuple[Any, Callable[[], None]]:
+    """`state` as checkpoints read and write it: every cut leaf as a DTensor of its
+    flattened leaf, so any layout of a state reshards into any other. A chunk is a
+    view; a slice along a dim (tensor parallelism) is a copy of this rank's chunk of the
+    flattened leaf over the same ranks, and the function returned writes such copies
+    back into the slices (after a load)."""
+    placements = getattr(state, "placements", None)
+    if not placements:
+        return state, lambda: None
+    copies: list[tuple[torch.Tensor, torch.Tensor, Any, torch.Size]] = []
+
+    def view(path: str, x: Any) -> Any:
+        cut = _one_cut(placements, path, x)
+        if cut is None:
+            return x
+        shape = placements.get(path).shape
+        if cut.dim is not None:
+            whole = gather_slices(x, cut.dim, cut.blocks, cut.ranks, cut.group)
+            chunk = local_chunk(whole.contiguous(), cut.ranks, cut.rank).clone()
+            copies.append((x, chunk, cut, shape))
+            x = chunk
+        return to_dtensor(x, shape.numel(), cut.group)
+
+    def write_back() -> None:
+        from sharded.transforms._flat import gather_leaf
+
+        for x, chunk, cut, shape in copies:
+            whole = gather_leaf(chunk, shape, cut.group, cut.ranks)
+            x.copy_(dim_slice(whole, cut.dim, cut.blocks, cut.ranks, cut.rank))
+
+    return map_state(state, view), write_back
+
+
+def _one_cut(placements: Any, path: str, x: Any) -> Any:
+    """The leaf's one cut over more than one rank, or None where it is whole here."""
+    p = placements.get(path)
+    if p is None or not p.cuts or not isinstance(x, torch.Tensor):
+        return None
+    if len(p.cuts) > 1:
+        axes = [c.axis for c in p.cuts]
+        raise NotImplementedError(f"{path} is cut over {axes}; a DTensor of a leaf cut over several axes is not built yet (one cut per leaf)")
+    return p.cuts[0] if p.cuts[0].ranks > 1 else None
+
+
+def dim_slice(x: torch.Tensor, dim: int, blocks: int, ranks: int, rank: int) -> torch.Tensor:
+    """Rank's slice along `dim` of each of `blocks` equal parts of `x`, joined (a Cut
+    with a dim: tensor parallelism's layout)."""
+    return torch.cat([part.chunk(ranks, dim)[rank] for part in x.chunk(blocks, dim)], dim)
+
+
+def gather_slices(x: torch.Tensor, dim: int, blocks: int, ranks: int, group: Any) -> torch.Tensor:
+    """The whole tensor from every rank's `dim_slice` of it."""
+    from sharded import comm
+
+    per_rank = [s.chunk(blocks, dim) for s in comm.gathered(x, group).unbind(0)]
+    return torch.cat([torch.cat([r[b] for r in per_rank], dim) for b in range(blocks)], dim)
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:

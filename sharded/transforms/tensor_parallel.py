@@ -57,7 +57,7 @@ from sharded import comm
 from sharded import tree as T
 from sharded.mesh import Mesh
 from sharded.placement import Cut, Placement, state_leaves
-from sharded.sharding import map_chunked
+from sharded.sharding import dim_slice, gather_slices, map_chunked
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 
 __all__ = ["tensor_parallel", "Style", "plan_for"]
@@ -181,7 +181,7 @@ class TensorParallel(Transform):
 
         def cut(x: torch.Tensor, i: int) -> torch.Tensor:
             dim, blocks = cuts[names[i]]
-            return _slice(x, dim, blocks, size, rank).clone()
+            return dim_slice(x, dim, blocks, size, rank).clone()
 
         opt_state = map_chunked(state.opt_state, spec, chunked, cut)
         params = map_chunked(state.params, spec, chunked, cut)
@@ -204,7 +204,7 @@ class TensorParallel(Transform):
 
         def whole(x: torch.Tensor, i: int) -> torch.Tensor:
             dim, blocks = cuts[names[i]]
-            return _gather(x, dim, blocks, size, group)
+            return gather_slices(x, dim, blocks, size, group)
 
         spec = T.structure(state.params)
         params, opt_state = map_chunked(state.params, spec, chunked, whole), map_chunked(state.opt_state, spec, chunked, whole)
@@ -214,7 +214,7 @@ class TensorParallel(Transform):
     def gather_params(self, params: Any) -> Any:
         size, rank, group = self._group()
         cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
-        return {n: _gather(x, *cuts[n], size, group) if n in cuts else x for n, x in params.items()}
+        return {n: gather_slices(x, *cuts[n], size, group) if n in cuts else x for n, x in params.items()}
 
     # -- the step --------------------------------------------------------------------
 
@@ -305,19 +305,6 @@ def _check_divisible(planned: list[_Planned], size: int, heads: dict[str, int], 
             if n % (blocks * size):
                 fix = "pad the vocabulary to a multiple of tp" if p.style in (Style.VOCAB_EMBEDDING, Style.VOCAB_HEAD) else "pick a tp that divides it"
                 raise ValueError(f"tensor_parallel: {p.path} ({p.style.value}) splits {name}'s dim {dim} of {n}{f' in {blocks} blocks' if blocks > 1 else ''} over tp={size}, which does not divide it; {fix}")
-
-
-def _slice(x: torch.Tensor, dim: int, blocks: int, size: int, rank: int) -> torch.Tensor:
-    """This rank's slice of each of `blocks` parts of `x` along `dim`, joined."""
-    parts = x.chunk(blocks, dim)
-    return torch.cat([part.chunk(size, dim)[rank] for part in parts], dim)
-
-
-def _gather(x: torch.Tensor, dim: int, blocks: int, size: int, group: Any) -> torch.Tensor:
-    """The whole tensor from every rank's `_slice` of it."""
-    slices = _all_gather(x.contiguous(), group, size)
-    per_rank = [s.chunk(blocks, dim) for s in slices]
-    return torch.cat([torch.cat([r[b] for r in per_rank], dim) for b in range(blocks)], dim)
 
 
 def _all_gather(x: torch.Tensor, group: Any, size: int) -> list[torch.Tensor]:
