@@ -45,7 +45,8 @@ class TrainConfig:
     accumulate: int = 2
     data_parallel: bool = True
     zero: int = 0  # shard_zero stage in place of data_parallel (0: off)
-    pp: int = 1  # pipeline stages (the mesh is pp × dp; micro-batches are --accumulate's)
+    pp: int = 1  # pipeline stages (the mesh is pp × dp × tp; micro-batches are --accumulate's)
+    tp: int = 1  # tensor-parallel ranks: each holds a slice of every weight (Megatron's layout)
     precision: str = "fp32"  # or "bf16" / "fp16": mixed_precision around the step
     remat: str = "none"  # or "full" / "selective": activation checkpointing per block
     compile: str = "none"  # or a torch.compile backend ("inductor"): each block's forward compiled whole
@@ -85,7 +86,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     1. remat (if asked): each block keeps only its inputs through the forward;
     2. accumulate: micro-batches inside each rank; with pp > 1, pipeline instead, whose
        schedule runs the micro-batches through the stages;
-    3. data_parallel, or shard_zero(stage=cfg.zero): outside them, so grads are
+    3. tensor_parallel (if --tp > 1): each rank's slices of the weights;
+       data_parallel, or shard_zero(stage=cfg.zero): outside them, so grads are
        reduced once per update, overlapped with the last micro-batch's backward;
     4. compress_grads (if asked): that reduction, compressed after the warmup;
     5. offload (if asked): the optimizer state on the host, the update run there.
@@ -114,6 +116,8 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
         step = sharded.pipeline(stages=cfg.pp, microbatches=cfg.accumulate)(step)
     elif cfg.accumulate > 1:
         step = sharded.accumulate(steps=cfg.accumulate)(step)
+    if cfg.tp > 1:
+        step = sharded.tensor_parallel()(step)
     dp = sharded.Mesh.current().size("dp")
     if cfg.zero:
         step = sharded.shard_zero(stage=cfg.zero)(step)
@@ -198,8 +202,8 @@ def _restore_rng(checkpoint: Path) -> None:
 def run_rank(cfg: TrainConfig) -> dict:
     """One rank's training loop; returns the summary (rank 0's is what `main` prints)."""
     distributed.init()
-    if cfg.pp > 1:
-        sharded.Mesh.set_current(sharded.Mesh(pp=cfg.pp))
+    if cfg.pp > 1 or cfg.tp > 1:
+        sharded.Mesh.set_current(sharded.Mesh(pp=cfg.pp, tp=cfg.tp))
     rank, device = distributed.rank(), distributed.device()
     corpus = _data(cfg)
     torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
@@ -208,7 +212,8 @@ def run_rank(cfg: TrainConfig) -> dict:
         seq_len = cfg.seq_len or min(128, hf.max_positions(module) or 128)
         flops = 6 * sum(p.numel() for p in module.parameters())
     else:
-        gcfg = GPTConfig.preset(cfg.preset, vocab_size=corpus.vocab_size, tied=not cfg.untied)
+        vocab = -(-corpus.vocab_size // cfg.tp) * cfg.tp  # padded for --tp, as Megatron pads it; the extra ids never occur
+        gcfg = GPTConfig.preset(cfg.preset, vocab_size=vocab, tied=not cfg.untied)
         seq_len = cfg.seq_len or gcfg.seq_len
         gcfg = dataclasses.replace(gcfg, seq_len=seq_len)
         module, flops = GPT(gcfg).to(device), flops_per_token(gcfg)
@@ -404,9 +409,11 @@ def check(cfg: TrainConfig) -> None:
             raise ValueError(f"--offload-only {cfg.offload_only!r} is not a regular expression: {err}") from None
     if cfg.grad_clip < 0:
         raise ValueError(f"--grad-clip {cfg.grad_clip}: the global grad norm's limit is > 0, or 0 for none")
-    if world % cfg.pp:
-        raise ValueError(f"--pp {cfg.pp} does not divide the {world} ranks; use a --pp that divides --nproc")
-    dp = world // cfg.pp
+    if world % (cfg.pp * cfg.tp):
+        raise ValueError(f"--pp {cfg.pp} x --tp {cfg.tp} does not divide the {world} ranks; use sizes whose product divides --nproc")
+    if cfg.tp > 1 and (cfg.pp > 1 or cfg.config is not None):
+        raise ValueError("--tp with --pp (3D parallelism) or a DeepSpeed --config is not built yet (issue 16); drop one of them")
+    dp = world // (cfg.pp * cfg.tp)
     data = _data(cfg)  # reads the file: an empty one, or ids beyond the vocab, are named here
     if cfg.model is not None and hf.vocab_size(cfg.model) < data.vocab_size:
         raise ValueError(f"--model {cfg.model}: its vocab ({hf.vocab_size(cfg.model)}) is smaller than the data's {data.vocab_size} tokens")

@@ -27,15 +27,24 @@ def test_train_with_zero3_and_remat_learns(tmp_path, compile, offload):
     assert summary["final_train_loss"] < 2.6 and summary["learned"]
 
 
+def test_tensor_parallel_training_learns_and_checkpoints(tmp_path):
+    """`--tp 2`: the vocabulary padded to a multiple of 2, each rank's slices of the
+    weights, a checkpoint and the exported whole model at the end."""
+    summary = main(TrainConfig(tp=2, nproc=2, steps=25, batch_size=8, accumulate=1, seq_len=32, log_every=5, out=str(tmp_path / "run")))
+    assert summary["final_train_loss"] < 2.6 and summary["learned"]
+    assert _final_params(tmp_path / "run")["wte.weight"].shape[0] % 2 == 0
+
+
 def test_train_help_names_the_pipeline_flag():
     text = subprocess.run([sys.executable, "-m", "sharded", "train", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "--pp" in text and "--zero" in text and "--remat" in text
+    assert "--pp" in text and "--tp" in text and "--zero" in text and "--remat" in text
 
 
 @pytest.mark.parametrize("args, words", [
     (["--accumulate", "0"], "argument --accumulate: 0 must be at least 1"),
     (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
-    (["--pp", "3", "--nproc", "2"], "--pp 3 does not divide the 2 ranks"),
+    (["--pp", "3", "--nproc", "2"], "--pp 3 x --tp 1 does not divide the 2 ranks"),
+    (["--tp", "2", "--pp", "2", "--nproc", "4"], "--tp with --pp (3D parallelism) or a DeepSpeed --config is not built yet"),
     (["--batch-size", "30", "--accumulate", "4"], "--batch-size 30 does not split into 2 data-parallel ranks x 4 micro-batches"),
     (["--offload", "nvme"], "--offload nvme needs --offload-path DIR"),
     (["--offload-only", "blocks"], "--offload-only chooses which params' state --offload cpu moves"),
