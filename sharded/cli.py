@@ -119,6 +119,7 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="1.3b")
     p.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3], help="ZeRO stage (0: plain data parallel)")
     p.add_argument("--world-size", type=int, default=8, help="ranks on the dp axis")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (each holds 1/tp of the sliced weights)")
     p.add_argument("--optimizer", default="adamw", choices=["sgd", "sgd_momentum", "lion", "adamw"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="param dtype")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per rank per micro-batch (adds activations)")
@@ -141,9 +142,10 @@ def _run_estimate(args: argparse.Namespace) -> None:
     est = sharded.estimate_memory(
         model, stage=args.zero, world_size=args.world_size, optimizer=args.optimizer,
         param_dtype=getattr(torch, args.dtype), batch_size=args.batch_size, seq_len=args.seq_len or cfg.seq_len,
-        offload=None if args.offload == "none" else args.offload, offload_params=args.offload_params, host_buffer_gb=args.host_buffer_gb,
+        offload=None if args.offload == "none" else args.offload, offload_params=args.offload_params, host_buffer_gb=args.host_buffer_gb, tp=args.tp,
     )
-    print(f"GPT-{args.preset} ({model.num_params() / 1e9:.2f}B params), shard_zero(stage={args.zero}) on {args.world_size} ranks, per rank:")
+    tp = f", tensor_parallel over {args.tp}" if args.tp > 1 else ""
+    print(f"GPT-{args.preset} ({model.num_params() / 1e9:.2f}B params), shard_zero(stage={args.zero}) on {args.world_size} ranks{tp}, per rank:")
     print(est)
 
 

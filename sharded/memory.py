@@ -68,6 +68,7 @@ def estimate_memory(
     offload: str | None = None,
     offload_params: bool = False,
     host_buffer_gb: float | None = None,
+    tp: int = 1,
 ) -> MemoryEstimate:
     """Per-rank bytes for `model` (a `sharded.Model`) under `shard_zero(stage)` on
     `world_size` dp ranks (stage 0: plain data parallelism).
@@ -81,7 +82,9 @@ def estimate_memory(
     as backward reduces them (not under a loss scaler, which keeps them until the update). `offload="nvme"` puts the optimizer
     state in `disk` (this rank's swap file) and its staging buffers (`host_buffer_gb`,
     offload's default if None) in `host`; with `offload_params=True` the param chunks
-    go to `disk` too, and the grads stay on the device until the update.
+    go to `disk` too, and the grads stay on the device until the update. `tp` divides
+    the params `tensor_parallel`'s built-in plan slices (the rest, norms and position
+    embeddings, stay whole on every tp rank) before ZeRO cuts them over dp.
     """
     if offload not in (None, "cpu", "nvme"):
         raise ValueError(f"estimate_memory(offload=...) is None, 'cpu' or 'nvme' (offload's tiers); got {offload!r}")
@@ -91,7 +94,14 @@ def estimate_memory(
         raise ValueError(f"estimate_memory(stage=...) must be 0 (no ZeRO), 1, 2 or 3; got {stage!r}")
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}")
-    numels = [p.numel() for p in model.params.values() if p.is_floating_point()]
+    if not (isinstance(tp, int) and tp >= 1):
+        raise ValueError(f"estimate_memory(tp=...) is the tensor-parallel size, an int >= 1; got {tp!r}")
+    sliced = set()
+    if tp > 1:
+        from sharded.transforms.tensor_parallel import sliced_params
+
+        sliced = sliced_params(model)
+    numels = [p.numel() // (tp if name in sliced else 1) for name, p in model.params.items() if p.is_floating_point()]
 
     def elements(sharded: bool) -> int:
         return sum(-(-n // world_size) if sharded and world_size > 1 else n for n in numels)

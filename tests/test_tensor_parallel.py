@@ -10,6 +10,7 @@ import sharded
 from sharded.models import GPT, GPTConfig
 from sharded.placement import state_leaves
 from sharded.testing import assert_step_equivalent, get_pool
+from sharded.transforms.tensor_parallel import sliced_params
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 OPTIMIZERS = [
@@ -130,6 +131,18 @@ def test_each_rank_holds_its_slices_and_the_whole_norms():
             assert cuts["params['blocks.0.attn.proj.weight']"] == [("tp", 1, 1)]
             assert "params['blocks.0.ln_1.weight']" not in cuts
     assert one[0] == one[2] + one[3]
+
+
+def test_the_estimate_divides_what_tp_slices():
+    with torch.device("meta"):
+        model = sharded.trace(GPT(GPTConfig(vocab_size=64, seq_len=8, n_layers=2, n_heads=4, d_model=32)))
+    whole = {n: x.numel() * 4 for n, x in model.params.items()}
+    sliced = sliced_params(model)
+    assert "blocks.0.ln_1.weight" not in sliced and "blocks.1.attn.qkv.weight" in sliced and "blocks.0.attn.proj.bias" not in sliced
+    for tp in (1, 2, 4):
+        est = sharded.estimate_memory(model, tp=tp)
+        assert est.params == sum(b // (tp if n in sliced else 1) for n, b in whole.items())
+    assert sharded.estimate_memory(model, stage=3, world_size=2, tp=2).params == sum(-(-(b // 4 // (2 if n in sliced else 1)) // 2) * 4 for n, b in whole.items())
 
 
 def _refused(cfg_kwargs, plan, words, tp=2):

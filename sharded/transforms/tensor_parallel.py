@@ -60,7 +60,7 @@ from sharded.placement import Cut, Placement, state_leaves
 from sharded.sharding import dim_slice, gather_slices, map_chunked
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 
-__all__ = ["tensor_parallel", "Style", "plan_for"]
+__all__ = ["tensor_parallel", "Style", "plan_for", "sliced_params"]
 
 
 class Style(enum.Enum):
@@ -110,6 +110,13 @@ def plan_for(module: nn.Module) -> tuple[dict[str, Style], dict[str, int]]:
         f"tensor_parallel(plan=None): no built-in plan for {kind}; built in: sharded.models.GPT, Hugging Face llama, mistral, qwen2. "
         "Pass plan={module path pattern: sharded.tensor_parallel.Style...}"
     )
+
+
+def sliced_params(model: Any, plan: Mapping[str, Style | str] | None = None) -> set[str]:
+    """The names of the params `plan` (None: the built-in one) slices over tp: what the
+    memory estimate divides by tp."""
+    found = plan_for(model.module)[0] if plan is None else {k: Style(v) for k, v in plan.items()}
+    return {name for p in _resolve(model, found) for name in p.cuts}
 
 
 @dataclasses.dataclass(frozen=True)
