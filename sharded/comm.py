@@ -301,7 +301,8 @@ def gathered(t: torch.Tensor, group: Any) -> torch.Tensor:
         return t.unsqueeze(0).clone()
     from torch.distributed import _functional_collectives as funcol
 
-    flat = funcol.wait_tensor(funcol.all_gather_tensor(t.contiguous().reshape(-1), 0, group))
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.13
+    flat = funcol.wait_tensor(gather(t.contiguous().reshape(-1), 0, group))
     return flat.view(size, *t.shape)
 
 

@@ -225,10 +225,13 @@ class Step:
 
     def init(self, state: Any) -> Any:
         """Lay out `state` for this rank (innermost transform first)."""
+        from sharded.trace import laying_out
+
         for t in self.transforms:
             t.require(self.transforms)
-        for t in reversed(self.transforms):
-            state = t.init(state)
+        with laying_out(state.params):
+            for t in reversed(self.transforms):
+                state = t.init(state)
         self._params_layout = T.map(lambda x: torch.empty_like(x, device="meta"), state.params)
         return state
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from sharded import comm, primitives
 
-__all__ = ["Block", "BlockCall", "Model", "trace", "model_of"]
+__all__ = ["Block", "BlockCall", "Model", "trace", "model_of", "laying_out", "model_laid_out"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +138,27 @@ _traced: "weakref.WeakValueDictionary[frozenset, Model]" = weakref.WeakValueDict
 def model_of(params: Any) -> Model | None:
     """The traced model whose params have exactly these names (None if none is alive)."""
     return _traced.get(frozenset(params)) if isinstance(params, dict) else None
+
+
+
+_laid_out: contextvars.ContextVar[Model | None] = contextvars.ContextVar("sharded_laid_out", default=None)
+
+
+@contextlib.contextmanager
+def laying_out(params: Any) -> Iterator[None]:
+    """While a Step lays out a state: the traced model of its whole params, which an
+    init that runs after another transform has cut them (a pipeline stage's share)
+    still needs (`model_laid_out`)."""
+    token = _laid_out.set(model_of(params))
+    try:
+        yield
+    finally:
+        _laid_out.reset(token)
+
+
+def model_laid_out() -> Model | None:
+    """The traced model of the state a Step is laying out now (None: none, or not traced)."""
+    return _laid_out.get()
 
 
 _in_place: contextvars.ContextVar[Any] = contextvars.ContextVar("sharded_block_params_in_place", default=None)

@@ -411,8 +411,8 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"--grad-clip {cfg.grad_clip}: the global grad norm's limit is > 0, or 0 for none")
     if world % (cfg.pp * cfg.tp):
         raise ValueError(f"--pp {cfg.pp} x --tp {cfg.tp} does not divide the {world} ranks; use sizes whose product divides --nproc")
-    if cfg.tp > 1 and (cfg.pp > 1 or cfg.config is not None):
-        raise ValueError("--tp with --pp (3D parallelism) or a DeepSpeed --config is not built yet (issue 16); drop one of them")
+    if cfg.tp > 1 and cfg.config is not None:
+        raise ValueError("--tp with a DeepSpeed --config is not built yet (issue 16): its config has no tensor parallelism; drop --tp or --config")
     dp = world // (cfg.pp * cfg.tp)
     data = _data(cfg)  # reads the file: an empty one, or ids beyond the vocab, are named here
     if cfg.model is not None and hf.vocab_size(cfg.model) < data.vocab_size:

@@ -100,6 +100,25 @@ def test_hugging_face_llama_family_under_tensor_parallelism_equals_the_plain_ste
     assert_step_equivalent(sharded.tensor_parallel()(train_step), train_step, state, _batches(48, 2, 6, 0), world_size=2, rtol=1e-5, atol=1e-6, mesh=dict(tp=2))
 
 
+@pytest.mark.parametrize("schedule, tied", [("1f1b", False), ("gpipe", True), ("interleaved", True)])
+def test_pipeline_stages_of_tensor_parallel_ranks_equal_the_plain_step(schedule, tied):
+    """3D parallelism's two model axes: pp=2 stages, each of tp=2 ranks holding the
+    slices of its stage's params (the tied embedding and head on both ends)."""
+    model, train_step = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=4, n_heads=4, d_model=16, dropout=0.0, tied=tied))
+    step = sharded.tensor_parallel()(sharded.pipeline(stages=2, microbatches=2 if schedule != "interleaved" else 4, schedule=schedule)(train_step))
+    state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2, weight_decay=0.1))
+    assert_step_equivalent(step, train_step, state, _batches(16, 4, 6, 0), world_size=4, rtol=1e-7, atol=1e-9, mesh=dict(pp=2, tp=2))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_3d_parallelism_equals_the_plain_step(stage):
+    """dp=2 (ZeRO chunking each tp slice further) x pp=2 x tp=2: eight ranks."""
+    model, train_step = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=4, n_heads=4, d_model=16, dropout=0.0, tied=True))
+    step = sharded.tensor_parallel()(sharded.shard_zero(stage=stage)(sharded.pipeline(stages=2, microbatches=2)(train_step)))
+    state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2, weight_decay=0.1))
+    assert_step_equivalent(step, train_step, state, _batches(16, 4, 6, 0), world_size=8, rtol=1e-7, atol=1e-9, mesh=dict(pp=2, tp=2, dp=2))
+
+
 def _on_mesh(**axes):
     """This rank's default mesh set to `axes` (the pool's ranks keep the last test's)."""
     sharded.Mesh.set_current(sharded.Mesh(**axes))
@@ -176,8 +195,6 @@ def test_bad_options_are_named():
         sharded.tensor_parallel(sequence_parallel=True)
     with pytest.raises(ValueError, match="the styles are"):
         sharded.tensor_parallel(plan={"wte": "diagonal"})
-    with pytest.raises(ValueError, match="with pipeline is not built yet"):
-        sharded.tensor_parallel()(sharded.pipeline(stages=2)(lambda state, batch: (state, {})))
     for ok, message in get_pool(2).run(_one_rank_axis):  # a mesh without a tp axis: every rank on dp
         assert ok, message
 

@@ -44,7 +44,7 @@ def test_train_help_names_the_pipeline_flag():
     (["--accumulate", "0"], "argument --accumulate: 0 must be at least 1"),
     (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     (["--pp", "3", "--nproc", "2"], "--pp 3 x --tp 1 does not divide the 2 ranks"),
-    (["--tp", "2", "--pp", "2", "--nproc", "4"], "--tp with --pp (3D parallelism) or a DeepSpeed --config is not built yet"),
+    (["--tp", "2", "--config", "ds.json"], "--tp with a DeepSpeed --config is not built yet"),
     (["--batch-size", "30", "--accumulate", "4"], "--batch-size 30 does not split into 2 data-parallel ranks x 4 micro-batches"),
     (["--offload", "nvme"], "--offload nvme needs --offload-path DIR"),
     (["--offload-only", "blocks"], "--offload-only chooses which params' state --offload cpu moves"),

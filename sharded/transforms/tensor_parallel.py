@@ -37,9 +37,13 @@ whenever the block runs (a remat recompute in backward too), inside every other
 transform's block work. The traced model's params are this rank's slices between
 steps; `state.placements` records each as a cut over tp along its dim.
 
+Under `pipeline`, each stage's tp ranks hold the slices of that stage's params (3D
+parallelism with dp): the stage's init cuts the params first, and this one finds
+their model through `trace.model_laid_out`.
+
 Not built yet (issue 16), each a clear error: sequence parallelism, a vocab-parallel
-cross-entropy (the logits are gathered), Hugging Face GPT-2's transposed Conv1D,
-composition with pipeline, and checkpoints of the fused qkv's blocks.
+cross-entropy (the logits are gathered), Hugging Face GPT-2's transposed Conv1D, and
+checkpoints of a leaf cut over both tp and ZeRO's dp.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ import contextlib
 import dataclasses
 import enum
 import fnmatch
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -161,23 +165,19 @@ class TensorParallel(Transform):
         mesh = self._mesh()
         return mesh.size(self.axis), mesh.rank(self.axis), mesh.group(self.axis)
 
-    def check(self, stack: Sequence[Transform]) -> None:
-        if any(Capability.RUNS_SCHEDULE in t.capabilities for t in stack):
-            raise ValueError("tensor_parallel with pipeline is not built yet (issue 16); drop one of them")
-
     # -- layout ----------------------------------------------------------------------
 
     def init(self, state: Any) -> Any:
-        from sharded.trace import model_of
+        from sharded.trace import model_laid_out, model_of
 
         size, rank, group = self._group()
         if size == 1:
             raise ValueError(f"tensor_parallel: the mesh's {self.axis} axis has one rank; make one with sharded.Mesh({self.axis}=2) (or more) and launch that many ranks")
-        model = model_of(state.params)
+        model = model_laid_out() or model_of(state.params)  # a pipeline stage holds some of the model's params
         if model is None:
             raise ValueError("tensor_parallel: these params are not a traced model's (sharded.trace(module).params); trace the model first")
         plan, heads = (self.plan, {}) if self.plan is not None else plan_for(model.module)
-        self._planned = _resolve(model, plan)
+        self._planned = [dataclasses.replace(p, cuts={n: c for n, c in p.cuts.items() if n in state.params}) for p in _resolve(model, plan)]
         _check_divisible(self._planned, size, heads, state.params)
         cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
         names = _names(state.params)
