@@ -306,6 +306,20 @@ def gathered(t: torch.Tensor, group: Any) -> torch.Tensor:
     return flat.view(size, *t.shape)
 
 
+def summed_scattered(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """`t` summed over the group's ranks, this rank's 1/size of it along dim 0, through
+    torch's functional collectives (traced by `torch.compile` as `summed` is)."""
+    size = _group_size(group)
+    if _recorders:
+        _record("reduce_scatter", t, size, False, "sum")
+    if size == 1:
+        return t.clone()
+    from torch.distributed import _functional_collectives as funcol
+
+    scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor  # renamed in torch 2.13
+    return funcol.wait_tensor(scatter(t.contiguous(), "sum", 0, group))
+
+
 def done() -> Pending:
     """A collective that has already completed (what a handler that finished the work itself returns)."""
     return _DONE

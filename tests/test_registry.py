@@ -65,7 +65,7 @@ def options(name: str, draw) -> dict:
         tier = draw(st.sampled_from(["cpu", "nvme"]))
         return {"tier": "cpu"} if tier == "cpu" else {"tier": "nvme", "path": _swap_directory(), "host_buffer_gb": 2e-4}
     if name == "tensor_parallel":  # the toy model's layers in Megatron's styles; its widths drawn divisible by tp=2
-        return {"plan": TOY_PLAN}
+        return {"plan": TOY_PLAN, "sequence_parallel": False}  # its colwise layers sit in the blocks themselves
     raise AssertionError(f"no option strategy for {name}: add one when registering a transform")
 
 

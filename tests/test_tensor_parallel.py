@@ -45,15 +45,17 @@ def _batches(vocab, rows, seq, seed, n=3):
 @given(data=st.data())
 def test_gpt_under_tensor_parallelism_equals_the_plain_step(data):
     """tp in {2, 4} alone, or tp=2 beside dp=2 (data_parallel or ZeRO 1-3), with a loss
-    scaler or accumulate drawn in, over drawn GPT shapes (tied or not, biases or not)."""
+    scaler or accumulate drawn in, with or without sequence parallelism, over drawn GPT
+    shapes (tied or not, biases or not)."""
     draw = data.draw
     tp = draw(st.sampled_from([2, 4]))
+    sequence = draw(st.booleans())
     dp = 1 if tp == 4 else draw(st.sampled_from([1, 2]))
     heads = tp * draw(st.integers(1, 2))
     cfg = GPTConfig(vocab_size=tp * draw(st.integers(3, 8)), seq_len=draw(st.integers(4, 9)), n_layers=draw(st.integers(1, 2)),
                     n_heads=heads, d_model=heads * draw(st.sampled_from([2, 4])), dropout=0.0, tied=draw(st.booleans()), bias=draw(st.booleans()))
     model, train_step = _gpt_step(cfg)
-    layers = [sharded.tensor_parallel()]
+    layers = [sharded.tensor_parallel(sequence_parallel=sequence)]
     if dp > 1:
         stage = draw(st.integers(0, 3))
         layers.append(sharded.shard_zero(stage=stage) if stage else sharded.data_parallel())
@@ -65,7 +67,8 @@ def test_gpt_under_tensor_parallelism_equals_the_plain_step(data):
     step = train_step
     for layer in draw(st.permutations(layers)):
         step = layer(step)
-    batches = _batches(cfg.vocab_size, dp * steps * draw(st.integers(1, 2)), cfg.seq_len, draw(st.integers(0, 99)))
+    seq = tp * (cfg.seq_len // tp) if sequence else cfg.seq_len  # the sequence splits over tp
+    batches = _batches(cfg.vocab_size, dp * steps * draw(st.integers(1, 2)), seq, draw(st.integers(0, 99)))
     state = sharded.TrainState.create(model.params, draw(st.sampled_from(OPTIMIZERS))())
     assert_step_equivalent(step, train_step, state, batches, world_size=tp * dp, rtol=1e-7, atol=1e-9, mesh=dict(tp=tp, dp=dp))
 
@@ -90,22 +93,24 @@ def _hf(kind: str):
     return model, train_step
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_hugging_face_llama_family_under_tensor_parallelism_equals_the_plain_step(kind):
+@pytest.mark.parametrize("kind, sequence", [("llama", False), ("llama", True), ("mistral", False), ("qwen2", True)])
+def test_hugging_face_llama_family_under_tensor_parallelism_equals_the_plain_step(kind, sequence):
     """Their built-in plan (grouped-query attention: 4 heads, 2 kv heads over tp=2;
-    Qwen2's q/k/v biases split with them), float64 params; RMSNorm computes in float32,
-    so the tolerance is float32-sized."""
+    Qwen2's q/k/v biases split with them), with or without sequence parallelism, float64
+    params; RMSNorm computes in float32, so the tolerance is float32-sized."""
     model, train_step = _hf(kind)
     state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2, weight_decay=0.1))
-    assert_step_equivalent(sharded.tensor_parallel()(train_step), train_step, state, _batches(48, 2, 6, 0), world_size=2, rtol=1e-5, atol=1e-6, mesh=dict(tp=2))
+    step = sharded.tensor_parallel(sequence_parallel=sequence)(train_step)
+    assert_step_equivalent(step, train_step, state, _batches(48, 2, 6, 0), world_size=2, rtol=1e-5, atol=1e-6, mesh=dict(tp=2))
 
 
-@pytest.mark.parametrize("schedule, tied", [("1f1b", False), ("gpipe", True), ("interleaved", True)])
-def test_pipeline_stages_of_tensor_parallel_ranks_equal_the_plain_step(schedule, tied):
+@pytest.mark.parametrize("schedule, tied, sequence", [("1f1b", False, True), ("gpipe", True, False), ("interleaved", True, True)])
+def test_pipeline_stages_of_tensor_parallel_ranks_equal_the_plain_step(schedule, tied, sequence):
     """3D parallelism's two model axes: pp=2 stages, each of tp=2 ranks holding the
-    slices of its stage's params (the tied embedding and head on both ends)."""
+    slices of its stage's params (the tied embedding and head on both ends), the
+    activations between stages cut along the sequence under sequence parallelism."""
     model, train_step = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=4, n_heads=4, d_model=16, dropout=0.0, tied=tied))
-    step = sharded.tensor_parallel()(sharded.pipeline(stages=2, microbatches=2 if schedule != "interleaved" else 4, schedule=schedule)(train_step))
+    step = sharded.tensor_parallel(sequence_parallel=sequence)(sharded.pipeline(stages=2, microbatches=2 if schedule != "interleaved" else 4, schedule=schedule)(train_step))
     state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2, weight_decay=0.1))
     assert_step_equivalent(step, train_step, state, _batches(16, 4, 6, 0), world_size=4, rtol=1e-7, atol=1e-9, mesh=dict(pp=2, tp=2))
 
@@ -190,9 +195,37 @@ def _one_rank_axis():
     return _refused({}, None, "axis has one rank", tp=1)
 
 
+def _odd_sequence():
+    _on_mesh(tp=2)
+    model, train_step = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=1, n_heads=4, d_model=16, dropout=0.0))
+    step = sharded.tensor_parallel(sequence_parallel=True)(train_step)
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    try:
+        step(state, _batches(16, 2, 5, 0)[0])
+    except ValueError as err:
+        return "use a length divisible by 2" in str(err), str(err)
+    return False, "no error"
+
+
+def _toy_with_sequence():
+    from sharded.testing.models import ToyConfig, ToyLM, make_train_step
+
+    _on_mesh(tp=2)
+    model = sharded.trace(ToyLM(ToyConfig(vocab=8, hidden=4)))
+    plan = {"embed": "vocab_embedding", "head": "vocab_head", "blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
+    step = sharded.tensor_parallel(plan=plan, sequence_parallel=True)(make_train_step(model))
+    try:
+        step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    except ValueError as err:
+        return "sit in the block itself" in str(err), str(err)
+    return False, "no error"
+
+
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="sequence_parallel=True.*not built yet"):
-        sharded.tensor_parallel(sequence_parallel=True)
+    with pytest.raises(ValueError, match="is True or False"):
+        sharded.tensor_parallel(sequence_parallel="yes")
+    for ok, message in get_pool(2).run(_odd_sequence) + get_pool(2).run(_toy_with_sequence):
+        assert ok, message
     with pytest.raises(ValueError, match="the styles are"):
         sharded.tensor_parallel(plan={"wte": "diagonal"})
     for ok, message in get_pool(2).run(_one_rank_axis):  # a mesh without a tp axis: every rank on dp
@@ -220,7 +253,7 @@ def _saved_at_tp2(path):
     model, train_step = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=2, n_heads=4, d_model=16, dropout=0.0))
     step = sharded.tensor_parallel()(train_step)
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
-    batches = _batches(16, 2, 6, 1)
+    batches = _batches(16, 2, 8, 1)  # a sequence that splits over tp=4 too
     for b in batches[:2]:
         state, _ = step(state, b)
     sharded.checkpoint.save(state, path)
@@ -236,7 +269,7 @@ def _loaded(path, tp):
     step = sharded.tensor_parallel()(train_step) if tp > 1 else sharded.Step(train_step)
     fresh = step.init(sharded.TrainState.create(sharded.tree.map(torch.clone, model.params), sharded.optim.adamw(1e-2)))
     state = sharded.checkpoint.load(path, like=fresh)
-    state, _ = step(state, _batches(16, 2, 6, 1)[2])
+    state, _ = step(state, _batches(16, 2, 8, 1)[2])
     return {k: v.clone() for k, v in step.gather(state).params.items()}
 
 

@@ -41,9 +41,12 @@ Under `pipeline`, each stage's tp ranks hold the slices of that stage's params (
 parallelism with dp): the stage's init cuts the params first, and this one finds
 their model through `trace.model_laid_out`.
 
-Not built yet (issue 16), each a clear error: sequence parallelism, a vocab-parallel
-cross-entropy (the logits are gathered), Hugging Face GPT-2's transposed Conv1D, and
-checkpoints of a leaf cut over both tp and ZeRO's dp.
+With sequence_parallel=True the norms, residual adds and dropout inside the blocks
+run on 1/tp of the tokens each ([Note: sequence parallelism]).
+
+Not built yet (issue 16), each a clear error: a vocab-parallel cross-entropy (the
+logits are gathered), Hugging Face GPT-2's transposed Conv1D, and checkpoints of a leaf
+cut over both tp and ZeRO's dp.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ import contextlib
 import dataclasses
 import enum
 import fnmatch
+import functools
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -131,6 +135,7 @@ class _Planned:
     module: nn.Module
     style: Style
     cuts: dict[str, tuple[int, int]]  # {param name in the model: (dim, blocks)}
+    in_block: bool = False  # under sequence parallelism: inside a block, where activations are cut along the sequence
 
 
 class TensorParallel(Transform):
@@ -139,9 +144,9 @@ class TensorParallel(Transform):
     levels = {"block": Level.PRECISION}  # [Note: where tensor parallelism acts]: inside remat, so a recompute is styled too
     capabilities = Capability.NONE
 
-    def __init__(self, plan: Mapping[str, Style | str] | None = None, sequence_parallel: bool = False, mesh: Mesh | None = None, axis: str = "tp"):
-        if sequence_parallel:
-            raise ValueError("tensor_parallel(sequence_parallel=True) is not built yet (issue 16); pass sequence_parallel=False")
+    def __init__(self, plan: Mapping[str, Style | str] | None = None, sequence_parallel: bool = True, mesh: Mesh | None = None, axis: str = "tp"):
+        if not isinstance(sequence_parallel, bool):
+            raise ValueError(f"tensor_parallel(sequence_parallel=...) is True or False; got {sequence_parallel!r}")
         if plan is not None:
             if not isinstance(plan, Mapping) or not plan:
                 raise ValueError(f"tensor_parallel(plan=...) is a non-empty dict {{module path pattern: Style}}; got {plan!r}")
@@ -149,7 +154,10 @@ class TensorParallel(Transform):
                 plan = {str(k): Style(v) for k, v in plan.items()}
             except ValueError as err:
                 raise ValueError(f"tensor_parallel(plan=...): {err}; the styles are {', '.join(s.value for s in Style)}") from None
-        self.plan, self.mesh, self.axis = plan, mesh, axis
+        self.plan, self.mesh, self.axis, self.sequence_parallel = plan, mesh, axis, sequence_parallel
+        self._ends: tuple[int, int] = (-1, -1)  # the first and last module block's index in model.blocks
+        self._entries: list[tuple[str, nn.Module]] = []  # under sequence parallelism: the modules whose input is gathered (attention, MLP)
+        self._gathering: set[int] = set()  # the entries whose gathering hook is on now
         self.handlers = {"apply": self._apply, "block": self._block, "update": self._update}
         self._planned: list[_Planned] = []
         self._shapes: dict[str, torch.Size] = {}  # the whole shapes of the params cut
@@ -178,6 +186,22 @@ class TensorParallel(Transform):
             raise ValueError("tensor_parallel: these params are not a traced model's (sharded.trace(module).params); trace the model first")
         plan, heads = (self.plan, {}) if self.plan is not None else plan_for(model.module)
         self._planned = [dataclasses.replace(p, cuts={n: c for n, c in p.cuts.items() if n in state.params}) for p in _resolve(model, plan)]
+        blocks = [i for i, b in enumerate(model.blocks) if not b.name.startswith("<")]
+        self._ends = (blocks[0], blocks[-1]) if blocks else (-1, -1)
+        self._entries = []
+        if self.sequence_parallel:  # [Note: sequence parallelism]: inside blocks, the sequence is what is cut
+            inside = tuple(model.blocks[i].name + "." for i in blocks)
+            self._planned = [dataclasses.replace(p, in_block=p.path.startswith(inside)) for p in self._planned]
+            parents = {p.path.rpartition(".")[0] for p in self._planned if p.in_block and p.style in (Style.COLWISE, Style.COLWISE_QKV)}
+            flat = parents & {model.blocks[i].name for i in blocks}
+            if flat:
+                raise ValueError(
+                    f"tensor_parallel(sequence_parallel=True) gathers the sequence at the input of the module that holds a block's colwise "
+                    f"layers (its attention, its MLP); in {sorted(flat)[0]} they sit in the block itself, whose residual stream stays cut; "
+                    "use sequence_parallel=False for this model"
+                )
+            modules = dict(model.module.named_modules())
+            self._entries = [(path, modules[path]) for path in sorted(parents)]
         _check_divisible(self._planned, size, heads, state.params)
         cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
         names = _names(state.params)
@@ -226,26 +250,47 @@ class TensorParallel(Transform):
     # -- the step --------------------------------------------------------------------
 
     def _apply(self, next_: Callable, model: Any, params: Any, args: tuple, kwargs: dict) -> Any:
-        with self._styled(self._planned):
+        with self._styled(self._planned, self._entries):
             return next_(model, params, args, kwargs)
 
     def _block(self, next_: Callable, call: Any, params: Any, buffers: Any, args: tuple, kwargs: dict) -> Any:
-        inside = [p for p in self._planned if p.path == call.name or p.path.startswith(call.name + ".")]
-        with self._styled(inside):
-            return next_(call, params, buffers, args, kwargs)
+        inside = [p for p in self._planned if p.path.startswith(call.name + ".")]
+        entries = [(path, m) for path, m in self._entries if path.startswith(call.name + ".")]
+        if not self.sequence_parallel:
+            with self._styled(inside, entries):
+                return next_(call, params, buffers, args, kwargs)
+        size, rank, group = self._group()
+        if call.index == self._ends[0]:
+            args = (_ScatterSeq.apply(args[0], group, size, rank), *args[1:])
+        whole = set(self._whole)
+        params = {n: _CopyToTP.apply(x, group) if n in whole else x for n, x in params.items()}  # each rank's grads are its tokens'
+        with self._styled(inside, entries):
+            out = next_(call, params, buffers, args, kwargs)
+        if call.index == self._ends[1]:
+            gather = lambda x: _GatherSeq.apply(x, group, size, rank, False)  # noqa: E731
+            out = gather(out) if isinstance(out, torch.Tensor) else (gather(out[0]), *out[1:])
+        return out
 
     @contextlib.contextmanager
-    def _styled(self, planned: list[_Planned]) -> Iterator[None]:
-        """Each module of `planned` runs its style's forward in the body (unless it does already)."""
+    def _styled(self, planned: list[_Planned], entries: list[tuple[str, nn.Module]]) -> Iterator[None]:
+        """Each module of `planned` runs its style's forward in the body, and each of
+        `entries` gathers its input's sequence first (unless they do already)."""
         size, rank, group = self._group()
         mine = [p for p in planned if "forward" not in vars(p.module)]
         for p in mine:
-            p.module.forward = _FORWARDS[p.style](p.module, size, rank, group)
+            p.module.forward = _FORWARDS[p.style](p.module, size, rank, group, p.in_block)
+        gather = functools.partial(_gather_input, group=group, size=size, rank=rank)
+        fresh = [m for _, m in entries if id(m) not in self._gathering]
+        hooks = [m.register_forward_pre_hook(gather, with_kwargs=True) for m in fresh]
+        self._gathering |= {id(m) for m in fresh}
         try:
             yield
         finally:
             for p in mine:
                 del p.module.forward
+            for h in hooks:
+                h.remove()
+            self._gathering -= {id(m) for m in fresh}
 
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
         """The optimizer on this rank's slices; a global norm sums the slices over tp and
@@ -359,19 +404,99 @@ class _GatherLastDim(torch.autograd.Function):
         return grad[..., ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width], None, None, None
 
 
-def _colwise(m: nn.Linear, size: int, rank: int, group: Any) -> Callable:
+# [Note: sequence parallelism] With sequence_parallel=True the activations inside the
+# modules that hold a block's colwise and rowwise layers (attention, MLP) stay as they
+# are, and everywhere else inside the blocks (norms, residual adds, dropout) each tp rank
+# holds 1/tp of the tokens, cut along dim 1 (batch-first activations): a rowwise layer
+# reduce-scatters its output over the sequence instead of all-reducing it, and the
+# module holding the colwise layers all-gathers its input (a pre-hook, so its own code,
+# which may count tokens from its input, sees the whole sequence).
+# The first block cuts its input, the last gathers its output, so the embedding, the
+# final norm, the head and the model's own code between blocks (masks, positions) see
+# the whole sequence. The params every rank holds whole and uses inside the blocks (the
+# norms, rowwise biases) get each rank's tokens' share of their grads, summed over tp
+# on the way back (`_CopyToTP` on entry).
+def _seq_first(x: torch.Tensor) -> torch.Tensor:
+    return x.movedim(1, 0).contiguous()
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """Forward: this rank's tokens (1/tp of dim 1). Backward: every rank's grads joined."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, rank: int) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] % size:
+            raise ValueError(f"tensor_parallel(sequence_parallel=True): the blocks' input of shape {tuple(x.shape)} has no sequence (dim 1) that splits over tp={size}; use a length divisible by {size}")
+        ctx.group, ctx.size = group, size
+        return x.chunk(size, 1)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return _joined(grad, ctx.group, ctx.size), None, None, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    """Forward: every rank's tokens joined along dim 1. Backward: this rank's tokens'
+    grads, summed over tp first where each rank's is a part (`summed`: a colwise
+    layer's input) or as they are where they are equal (the last block's output)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, rank: int, summed: bool) -> torch.Tensor:
+        ctx.group, ctx.size, ctx.rank, ctx.summed = group, size, rank, summed
+        return _joined(x, group, size)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        if ctx.summed:
+            return comm.summed_scattered(_seq_first(grad), ctx.group).movedim(0, 1), None, None, None, None
+        return grad.chunk(ctx.size, 1)[ctx.rank].contiguous(), None, None, None, None
+
+
+class _SumScatterSeq(torch.autograd.Function):
+    """Forward: x summed over tp, this rank's tokens of it. Backward: every rank's grads joined."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, rank: int) -> torch.Tensor:
+        ctx.group, ctx.size = group, size
+        return comm.summed_scattered(_seq_first(x), group).movedim(0, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return _joined(grad, ctx.group, ctx.size), None, None, None
+
+
+def _joined(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
+    """Every rank's x joined along dim 1."""
+    parts = comm.gathered(_seq_first(x), group)  # [size, t, b, ...]
+    return parts.reshape(size * parts.shape[1], *parts.shape[2:]).movedim(0, 1)
+
+
+def _colwise(m: nn.Linear, size: int, rank: int, group: Any, sequence: bool) -> Callable:
+    if sequence:  # its module gathered the input already (`_gather_input`), whose backward sums over tp
+        return lambda x: F.linear(x, m.weight, m.bias)
     return lambda x: F.linear(_CopyToTP.apply(x, group), m.weight, m.bias)
 
 
-def _rowwise(m: nn.Linear, size: int, rank: int, group: Any) -> Callable:
+def _gather_input(module: nn.Module, args: tuple, kwargs: dict, group: Any, size: int, rank: int) -> tuple:
+    """A forward pre-hook: the module's first tensor input (positional, else by name)
+    with every rank's tokens joined along dim 1 ([Note: sequence parallelism])."""
+    gather = lambda x: _GatherSeq.apply(x, group, size, rank, True)  # noqa: E731
+    if args:
+        return (gather(args[0]), *args[1:]), kwargs
+    name = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    return args, {**kwargs, name: gather(kwargs[name])}
+
+
+def _rowwise(m: nn.Linear, size: int, rank: int, group: Any, sequence: bool) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        y = _SumOverTP.apply(F.linear(x, m.weight), group)
+        y = F.linear(x, m.weight)
+        y = _SumScatterSeq.apply(y, group, size, rank) if sequence else _SumOverTP.apply(y, group)
         return y if m.bias is None else y + m.bias
 
     return forward
 
 
-def _vocab_embedding(m: nn.Embedding, size: int, rank: int, group: Any) -> Callable:
+def _vocab_embedding(m: nn.Embedding, size: int, rank: int, group: Any, sequence: bool) -> Callable:
     if m.max_norm is not None:
         raise ValueError("tensor_parallel: an Embedding with max_norm renormalises rows in place across the vocabulary; it cannot be split")
 
@@ -386,7 +511,7 @@ def _vocab_embedding(m: nn.Embedding, size: int, rank: int, group: Any) -> Calla
     return forward
 
 
-def _vocab_head(m: nn.Linear, size: int, rank: int, group: Any) -> Callable:
+def _vocab_head(m: nn.Linear, size: int, rank: int, group: Any, sequence: bool) -> Callable:
     return lambda x: _GatherLastDim.apply(F.linear(_CopyToTP.apply(x, group), m.weight, m.bias), group, size, rank)
 
 
