@@ -31,6 +31,11 @@ offload_param to pinned CPU memory, CPUAdam); sharded_zero3_offload_no_reshard k
 gathered block through backward, so each block's chunks cross PCIe once per step, not twice;
 sharded_zero3_offload_half moves the optimizer state of the first half of the blocks only
 (`where=`), its update on the host while the rest updates on the device.
+Issue 16: sharded_tp (`tensor_parallel(sequence_parallel=False)` over every rank, bf16
+mixed precision) against torch_tp (`parallelize_module`, Colwise/RowwiseParallel, the
+same model), and beside sharded_zero3 on the same GPUs; sharded_tp_sp with sequence
+parallelism. The tp systems run the whole global batch on every rank (tp splits the
+model, not the rows), so tokens per step are the same as the dp systems'.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ from sharded.train import peak_flops
 SYSTEMS = [
     "sharded_zero3", "fsdp2", "sharded_zero2", "sharded_zero3_no_reshard", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
     "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "sharded_zero3_offload_half", "fsdp2_offload", "deepspeed_zero3_offload",
+    "sharded_tp", "sharded_tp_sp", "torch_tp",
 ]
 PAIRS = [
     ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero3_no_reshard", "fsdp2_no_reshard"),
@@ -58,6 +64,7 @@ PAIRS = [
     ("sharded_zero3_compile", "fsdp2"), ("sharded_zero3_compile", "fsdp2_compile"),
     ("sharded_zero3_offload", "fsdp2_offload"), ("sharded_zero3_offload", "deepspeed_zero3_offload"),
     ("sharded_zero3_offload_no_reshard", "fsdp2_offload"), ("sharded_zero3_offload_half", "fsdp2_offload"),
+    ("sharded_tp", "torch_tp"), ("sharded_tp_sp", "torch_tp"), ("sharded_tp", "sharded_zero3"),
 ]
 LR, WD = 1e-4, 0.1
 
@@ -99,6 +106,43 @@ def _fsdp2(cfg: GPTConfig, precision: str, reshard: bool = True, compiled: str |
     return _torch_step(module, module.parameters(), autocast=not bf16)
 
 
+def _torch_tp(cfg: GPTConfig, precision: str):
+    """torch's own tensor parallelism (torchtitan's recipe without sequence parallelism):
+    `parallelize_module` with the embedding rowwise and the head colwise over the
+    vocabulary (logits replicated), each block's qkv and fc colwise, its projections
+    rowwise; fp32 params under bf16 autocast, fused AdamW over the DTensor params. The
+    fused qkv's rows are first interleaved so that ColwiseParallel's contiguous chunks
+    are each rank's heads of q, k and v, as tensor_parallel's blocks are: the same model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if cfg.tied:
+        raise ValueError("torch_tp: parallelize_module would distribute a tied weight twice; run it with an untied head")
+    world, dev = sharded.distributed.world_size(), sharded.distributed.device()
+    module = GPT(cfg).to(dev)
+    with torch.no_grad():
+        for block in module.blocks:
+            for p in (block.attn.qkv.weight, block.attn.qkv.bias):
+                if p is not None:
+                    p.copy_(p.view(3, world, -1, *p.shape[1:]).transpose(0, 1).reshape(p.shape))
+    plan = {"wte": RowwiseParallel(input_layouts=Replicate()), "head": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(cfg.n_layers):
+        plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(), f"blocks.{i}.attn.proj": RowwiseParallel(),
+                     f"blocks.{i}.mlp.fc": ColwiseParallel(), f"blocks.{i}.mlp.proj": RowwiseParallel()})
+    parallelize_module(module, init_device_mesh(dev.type, (world,)), plan)
+    opt = torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WD, fused=dev.type == "cuda")
+
+    def step(x, y):  # every tp rank runs the whole global batch
+        with torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(module(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _ddp(cfg: GPTConfig, precision: str):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -136,7 +180,10 @@ def _first_half(cfg: GPTConfig):
     return lambda name, x: name.startswith("blocks.") and int(name.split(".")[1]) < cfg.n_layers // 2
 
 
-def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None, reshard: bool | None = None, offload: Any = False):
+def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None, reshard: bool | None = None, offload: Any = False, tp: bool | None = None):
+    """stage 0: data_parallel; `tp` (its value: sequence_parallel): tensor_parallel over every rank instead."""
+    if tp is not None:
+        sharded.Mesh.set_current(sharded.Mesh(tp=sharded.distributed.world_size()))
     model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
     device = sharded.distributed.device().type
 
@@ -151,7 +198,10 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
     step = sharded.compile(backend=compiled)(train_step) if compiled else train_step
     step = sharded.mixed_precision("bf16", autocast=False)(step) if precision == "bf16" else step
     zero = {"stage": stage} if reshard is None else {"stage": stage, "reshard_after_forward": reshard}
-    step = sharded.shard_zero(**zero)(step) if stage else sharded.data_parallel(step)
+    if tp is not None:
+        step = sharded.tensor_parallel(sequence_parallel=tp)(step)
+    else:
+        step = sharded.shard_zero(**zero)(step) if stage else sharded.data_parallel(step)
     step = sharded.offload("cpu", **(offload if isinstance(offload, dict) else {"params": True}))(step) if offload else step
     on_host = offload and not (isinstance(offload, dict) and "where" in offload)  # where= keeps the rest's state on the device
     box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD), opt_device="cpu" if on_host else None))]
@@ -178,6 +228,9 @@ BUILD = {  # (config, precision, the arguments) -> a step of (x, y)
     "sharded_zero3_offload_half": lambda cfg, p, a: _sharded(cfg, p, 3, offload={"where": _first_half(cfg)}),
     "fsdp2_offload": lambda cfg, p, a: _fsdp2(cfg, p, offload=True),
     "deepspeed_zero3_offload": lambda cfg, p, a: _deepspeed_offload(cfg, p, a.batch),
+    "sharded_tp": lambda cfg, p, a: _sharded(cfg, p, 0, tp=False),
+    "sharded_tp_sp": lambda cfg, p, a: _sharded(cfg, p, 0, tp=True),
+    "torch_tp": lambda cfg, p, a: _torch_tp(cfg, p),
 }
 
 
