@@ -87,5 +87,19 @@ def test_a_pipeline_names_what_to_do_instead():
         get_pool(2).run(_under_a_pipeline)
 
 
+def _under_tensor_parallelism():
+    sharded.Mesh.set_current(sharded.Mesh(tp=2))
+    model = sharded.trace(ToyLM(ToyConfig(vocab=8, width=5, hidden=6, depth=2, seed=3)).double())
+    plan = {"embed": "vocab_embedding", "head": "vocab_head", "blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
+    step = sharded.tensor_parallel(plan=plan, sequence_parallel=False)(make_step(model))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    step(state, _batches()[0])
+
+
+def test_tensor_parallelism_names_what_to_do_instead():
+    with pytest.raises(Exception, match=r"torch.func over the model.*gather_params"):
+        get_pool(2).run(_under_tensor_parallelism)
+
+
 def test_every_registered_transform_is_covered():
-    assert set(REGISTRY) == set(OPTIONS) | {"pipeline"}
+    assert set(REGISTRY) == set(OPTIONS) | {"pipeline", "tensor_parallel"}

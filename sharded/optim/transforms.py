@@ -182,7 +182,9 @@ def clip_by_global_norm(max_norm: float, steps: int | None = None) -> GradientTr
         raise ValueError(f"clip_by_global_norm needs max_norm > 0, got {max_norm}")
 
     def init(params: Any) -> ClipState:
-        return ClipState(zero_count(params), zero_count(params))
+        count = zero_count(params)
+        wide = [x.dtype for x in T.leaves(params) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.element_size() > 4]
+        return ClipState(count, count.to(wide[0]) if wide else count.clone())  # the norm as precise as global_norm computes it
 
     def update(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
         norm = T.global_norm(updates)

@@ -1,4 +1,5 @@
-"""`tensor_parallel(plan=None)`: Megatron's tensor parallelism over the mesh's tp axis.
+"""`tensor_parallel(plan=None, sequence_parallel=True)`: Megatron's tensor parallelism
+(and its sequence parallelism) over the mesh's tp axis.
 
 Reference semantics: the plain step, exactly (up to the order of float additions).
 
@@ -250,6 +251,13 @@ class TensorParallel(Transform):
     # -- the step --------------------------------------------------------------------
 
     def _apply(self, next_: Callable, model: Any, params: Any, args: tuple, kwargs: dict) -> Any:
+        from sharded.trace import under_torch_func
+
+        if under_torch_func(params):
+            raise ValueError(
+                "tensor_parallel: torch.func over the model (vmap, grad, jvp in the step's own code) is not built yet under tensor "
+                "parallelism (issue 16): each tp rank holds slices of the weights; compute it on step.gather_params(state)"
+            )
         with self._styled(self._planned, self._entries):
             return next_(model, params, args, kwargs)
 
