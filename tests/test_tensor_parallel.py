@@ -232,18 +232,22 @@ def test_bad_options_are_named():
         assert ok, message
 
 
-def _explained():
+def _explained(sequence):
     _on_mesh(tp=2)
-    model, train_step = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=1, n_heads=4, d_model=16, dropout=0.0))
-    step = sharded.tensor_parallel()(train_step)
+    model, train_step = _gpt_step(GPTConfig(vocab_size=24, seq_len=8, n_layers=1, n_heads=4, d_model=16, dropout=0.0))
+    step = sharded.tensor_parallel(sequence_parallel=sequence)(train_step)
     step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     return str(step.explain())
 
 
-def test_explain_names_each_layers_collective():
-    (text, _) = get_pool(2).run(_explained)
+def test_explain_names_each_layers_collective_and_its_bytes_per_token():
+    (text, _) = get_pool(2).run(_explained, False)
     assert "tensor_parallel(tp=2)" in text
-    assert "blocks.0.attn.proj (rowwise)" in text and "all_gather logits" in text
+    assert "all_reduce (forward): blocks.0.attn.proj (rowwise), over tp=2: 16 values (128 bytes) per token" in text  # d_model, float64
+    assert "all_gather logits (forward): head (vocab_head), over tp=2: 24 values (192 bytes) per token" in text
+    (text, _) = get_pool(2).run(_explained, True)
+    assert "all_gather the sequence (forward; reduce_scatter in backward): blocks.0.mlp" in text
+    assert "reduce_scatter over the sequence (forward; all_gather in backward): blocks.0.attn.proj" in text
 
 
 def _saved_at_tp2(path):

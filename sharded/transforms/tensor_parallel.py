@@ -309,14 +309,32 @@ class TensorParallel(Transform):
             return next_(tx, grads, opt_state, params)
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
+        """Each layer's collective over tp, with its bytes per token (the activation's
+        width at the params' dtype; a step moves that times its tokens)."""
         size = self._mesh().size(self.axis)
-        out = [Op("data", "tp slices", f"{len(self._shapes)} params cut over tp={size}; activations summed over tp after each rowwise layer and the embedding")]
+        sequence = "; inside blocks each rank holds 1/%d of the tokens" % size if self.sequence_parallel else ""
+        out = [Op("data", "tp slices", f"{len(self._shapes)} params cut over tp={size}{sequence}")]
         for op in program:
             out.append(op)
-            if op.name == "forward":
-                for p in self._planned:
-                    out.append(Op("collective", _COLLECTIVE[p.style], f"{p.path} ({p.style.value}), over tp={size}"))
+            if op.name != "forward":
+                continue
+            entries = {path: m for path, m in self._entries}
+            for p in self._planned:
+                parent = p.path.rpartition(".")[0]
+                if parent in entries and p.style in (Style.COLWISE, Style.COLWISE_QKV):  # the first colwise layer of a gathering module
+                    del entries[parent]
+                    out.append(_collective("all_gather the sequence (forward; reduce_scatter in backward)", parent, p.module.weight.shape[1], p.module.weight, size))
+                elif p.in_block and p.style is Style.ROWWISE:
+                    out.append(_collective("reduce_scatter over the sequence (forward; all_gather in backward)", p.path, p.module.weight.shape[0], p.module.weight, size))
+                elif not p.in_block or p.style is Style.ROWWISE:
+                    width = p.module.weight.shape[0 if p.style in (Style.ROWWISE, Style.VOCAB_HEAD) else 1]
+                    out.append(_collective(_COLLECTIVE[p.style], f"{p.path} ({p.style.value})", width, p.module.weight, size))
         return out
+
+
+def _collective(what: str, where: str, width: int, like: torch.Tensor, size: int) -> Op:
+    per_token = width * like.element_size()
+    return Op("collective", what, f"{where}, over tp={size}: {width} values ({per_token} bytes) per token")
 
 
 def _names(params: dict) -> list[str]:
