@@ -77,7 +77,10 @@ def _hf(kind: str):
     transformers = pytest.importorskip("transformers")
     common = dict(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=16)
+    if kind == "gpt2":  # tied head; no dropout
+        common = dict(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     config, cls = {
+        "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -93,11 +96,12 @@ def _hf(kind: str):
     return model, train_step
 
 
-@pytest.mark.parametrize("kind, sequence", [("llama", False), ("llama", True), ("mistral", False), ("qwen2", True)])
-def test_hugging_face_llama_family_under_tensor_parallelism_equals_the_plain_step(kind, sequence):
-    """Their built-in plan (grouped-query attention: 4 heads, 2 kv heads over tp=2;
-    Qwen2's q/k/v biases split with them), with or without sequence parallelism, float64
-    params; RMSNorm computes in float32, so the tolerance is float32-sized."""
+@pytest.mark.parametrize("kind, sequence", [("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True), ("mistral", False), ("qwen2", True)])
+def test_hugging_face_models_under_tensor_parallelism_equal_the_plain_step(kind, sequence):
+    """Their built-in plans (GPT-2: Conv1D layers, fused c_attn, tied head; Llama family:
+    grouped-query attention, 4 heads and 2 kv heads over tp=2, Qwen2's q/k/v biases
+    split with them), with or without sequence parallelism, float64 params; Llama's
+    RMSNorm computes in float32, so the tolerance is float32-sized."""
     model, train_step = _hf(kind)
     state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2, weight_decay=0.1))
     step = sharded.tensor_parallel(sequence_parallel=sequence)(train_step)

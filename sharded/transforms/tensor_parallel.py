@@ -28,8 +28,10 @@ backward, as Megatron-LM's. Every other param (norms, position embeddings) is wh
 every rank, and its grads are equal there.
 
 A plan maps module paths (fnmatch patterns) to a style, as data. `plan=None` finds the
-built-in one for the traced model: `sharded.models.GPT`, and the Llama family of
-Hugging Face (Llama, Mistral, Qwen2: q/k/v/o, gate/up/down, embed_tokens, lm_head).
+built-in one for the traced model: `sharded.models.GPT`, Hugging Face's GPT-2 (its
+Conv1D layers store weights [in, out]; its attention's `split_size` is divided by tp
+while the model runs) and its Llama family (Llama, Mistral, Qwen2: q/k/v/o,
+gate/up/down, embed_tokens, lm_head).
 
 [Note: where tensor parallelism acts] It is a property of modules, not of blocks: its
 `apply` handler gives each planned module a forward of its style for the duration of
@@ -46,8 +48,8 @@ With sequence_parallel=True the norms, residual adds and dropout inside the bloc
 run on 1/tp of the tokens each ([Note: sequence parallelism]).
 
 Not built yet (issue 16), each a clear error: a vocab-parallel cross-entropy (the
-logits are gathered), Hugging Face GPT-2's transposed Conv1D, and checkpoints of a leaf
-cut over both tp and ZeRO's dp.
+logits are gathered), torch.func over the model, and checkpoints of a leaf cut over
+both tp and ZeRO's dp.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ import dataclasses
 import enum
 import fnmatch
 import functools
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +71,7 @@ from sharded.placement import Cut, Placement, state_leaves
 from sharded.sharding import dim_slice, gather_slices, map_chunked
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 
-__all__ = ["tensor_parallel", "Style", "plan_for", "sliced_params"]
+__all__ = ["tensor_parallel", "Style", "BuiltIn", "plan_for", "sliced_params"]
 
 
 class Style(enum.Enum):
@@ -88,7 +90,6 @@ _CUTS = {
     Style.VOCAB_EMBEDDING: {"weight": (0, 1)},
     Style.VOCAB_HEAD: {"weight": (0, 1), "bias": (0, 1)},
 }
-_MODULE = {Style.VOCAB_EMBEDDING: nn.Embedding}  # every other style: nn.Linear
 
 GPT_PLAN = {
     "wte": Style.VOCAB_EMBEDDING, "head": Style.VOCAB_HEAD,
@@ -104,27 +105,46 @@ LLAMA_PLAN = {
 }
 
 
-def plan_for(module: nn.Module) -> tuple[dict[str, Style], dict[str, int]]:
-    """The built-in plan for `module`, and the head counts it splits ({"heads": n,
-    "kv_heads": m}), or a clear error where there is none."""
+GPT2_PLAN = {  # Hugging Face GPT-2: Conv1D layers (weights stored [in, out]), q, k, v fused in c_attn
+    "transformer.wte": Style.VOCAB_EMBEDDING, "lm_head": Style.VOCAB_HEAD,
+    "transformer.h.*.attn.c_attn": Style.COLWISE_QKV, "transformer.h.*.attn.c_proj": Style.ROWWISE,
+    "transformer.h.*.mlp.c_fc": Style.COLWISE, "transformer.h.*.mlp.c_proj": Style.ROWWISE,
+}
+
+
+class BuiltIn(NamedTuple):
+    """A built-in plan, the head counts it splits ({"heads": n, "kv_heads": m}), and the
+    module attributes that count a split width, divided by tp while the model runs
+    ({module path pattern: attribute names}: GPT-2's attention splits c_attn's output
+    by `split_size`)."""
+
+    plan: dict[str, Style]
+    heads: dict[str, int]
+    divided: dict[str, tuple[str, ...]] = {}
+
+
+def plan_for(module: nn.Module) -> BuiltIn:
+    """The built-in plan for `module`, or a clear error where there is none."""
     from sharded.models import GPT
 
     if isinstance(module, GPT):
-        return GPT_PLAN, {"heads": module.cfg.n_heads}
+        return BuiltIn(GPT_PLAN, {"heads": module.cfg.n_heads})
     config = getattr(module, "config", None)
-    if getattr(config, "model_type", None) in ("llama", "mistral", "qwen2"):
-        return LLAMA_PLAN, {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
-    kind = getattr(config, "model_type", type(module).__name__)
+    kind = getattr(config, "model_type", None)
+    if kind in ("llama", "mistral", "qwen2"):
+        return BuiltIn(LLAMA_PLAN, {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads})
+    if kind == "gpt2":
+        return BuiltIn(GPT2_PLAN, {"heads": config.n_head}, {"transformer.h.*.attn": ("split_size",)})
     raise ValueError(
-        f"tensor_parallel(plan=None): no built-in plan for {kind}; built in: sharded.models.GPT, Hugging Face llama, mistral, qwen2. "
-        "Pass plan={module path pattern: sharded.tensor_parallel.Style...}"
+        f"tensor_parallel(plan=None): no built-in plan for {kind or type(module).__name__}; built in: sharded.models.GPT, Hugging Face "
+        "gpt2, llama, mistral, qwen2. Pass plan={module path pattern: sharded.tensor_parallel.Style...}"
     )
 
 
 def sliced_params(model: Any, plan: Mapping[str, Style | str] | None = None) -> set[str]:
     """The names of the params `plan` (None: the built-in one) slices over tp: what the
     memory estimate divides by tp."""
-    found = plan_for(model.module)[0] if plan is None else {k: Style(v) for k, v in plan.items()}
+    found = plan_for(model.module).plan if plan is None else {k: Style(v) for k, v in plan.items()}
     return {name for p in _resolve(model, found) for name in p.cuts}
 
 
@@ -158,7 +178,8 @@ class TensorParallel(Transform):
         self.plan, self.mesh, self.axis, self.sequence_parallel = plan, mesh, axis, sequence_parallel
         self._ends: tuple[int, int] = (-1, -1)  # the first and last module block's index in model.blocks
         self._entries: list[tuple[str, nn.Module]] = []  # under sequence parallelism: the modules whose input is gathered (attention, MLP)
-        self._gathering: set[int] = set()  # the entries whose gathering hook is on now
+        self._gathering: set[Any] = set()  # the entries whose gathering hook is on now (ids), and the attributes divided now
+        self._divided: list[tuple[str, nn.Module, str]] = []  # (path, module, attribute) a built-in plan divides by tp while the model runs
         self.handlers = {"apply": self._apply, "block": self._block, "update": self._update}
         self._planned: list[_Planned] = []
         self._shapes: dict[str, torch.Size] = {}  # the whole shapes of the params cut
@@ -185,7 +206,9 @@ class TensorParallel(Transform):
         model = model_laid_out() or model_of(state.params)  # a pipeline stage holds some of the model's params
         if model is None:
             raise ValueError("tensor_parallel: these params are not a traced model's (sharded.trace(module).params); trace the model first")
-        plan, heads = (self.plan, {}) if self.plan is not None else plan_for(model.module)
+        plan, heads, divided = (self.plan, {}, {}) if self.plan is not None else plan_for(model.module)
+        modules = dict(model.module.named_modules())
+        self._divided = [(path, modules[path], attr) for pattern, attrs in divided.items() for path in modules if fnmatch.fnmatchcase(path, pattern) for attr in attrs]
         self._planned = [dataclasses.replace(p, cuts={n: c for n, c in p.cuts.items() if n in state.params}) for p in _resolve(model, plan)]
         blocks = [i for i, b in enumerate(model.blocks) if not b.name.startswith("<")]
         self._ends = (blocks[0], blocks[-1]) if blocks else (-1, -1)
@@ -201,7 +224,6 @@ class TensorParallel(Transform):
                     f"layers (its attention, its MLP); in {sorted(flat)[0]} they sit in the block itself, whose residual stream stays cut; "
                     "use sequence_parallel=False for this model"
                 )
-            modules = dict(model.module.named_modules())
             self._entries = [(path, modules[path]) for path in sorted(parents)]
         _check_divisible(self._planned, size, heads, state.params)
         cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
@@ -258,21 +280,22 @@ class TensorParallel(Transform):
                 "tensor_parallel: torch.func over the model (vmap, grad, jvp in the step's own code) is not built yet under tensor "
                 "parallelism (issue 16): each tp rank holds slices of the weights; compute it on step.gather_params(state)"
             )
-        with self._styled(self._planned, self._entries):
+        with self._styled(self._planned, self._entries, self._divided):
             return next_(model, params, args, kwargs)
 
     def _block(self, next_: Callable, call: Any, params: Any, buffers: Any, args: tuple, kwargs: dict) -> Any:
         inside = [p for p in self._planned if p.path.startswith(call.name + ".")]
         entries = [(path, m) for path, m in self._entries if path.startswith(call.name + ".")]
+        divided = [d for d in self._divided if d[0].startswith(call.name + ".")]
         if not self.sequence_parallel:
-            with self._styled(inside, entries):
+            with self._styled(inside, entries, divided):
                 return next_(call, params, buffers, args, kwargs)
         size, rank, group = self._group()
         if call.index == self._ends[0]:
             args = (_ScatterSeq.apply(args[0], group, size, rank), *args[1:])
         whole = set(self._whole)
         params = {n: _CopyToTP.apply(x, group) if n in whole else x for n, x in params.items()}  # each rank's grads are its tokens'
-        with self._styled(inside, entries):
+        with self._styled(inside, entries, divided):
             out = next_(call, params, buffers, args, kwargs)
         if call.index == self._ends[1]:
             gather = lambda x: _GatherSeq.apply(x, group, size, rank, False)  # noqa: E731
@@ -280,10 +303,15 @@ class TensorParallel(Transform):
         return out
 
     @contextlib.contextmanager
-    def _styled(self, planned: list[_Planned], entries: list[tuple[str, nn.Module]]) -> Iterator[None]:
-        """Each module of `planned` runs its style's forward in the body, and each of
-        `entries` gathers its input's sequence first (unless they do already)."""
+    def _styled(self, planned: list[_Planned], entries: list[tuple[str, nn.Module]], divided: list[tuple[str, nn.Module, str]]) -> Iterator[None]:
+        """Each module of `planned` runs its style's forward in the body, each of
+        `entries` gathers its input's sequence first, and each attribute of `divided`
+        counts this rank's slice (unless they do already)."""
         size, rank, group = self._group()
+        scaled = [(m, attr) for _, m, attr in divided if (id(m), attr) not in self._gathering]
+        for m, attr in scaled:
+            setattr(m, attr, getattr(m, attr) // size)
+        self._gathering |= {(id(m), attr) for m, attr in scaled}
         mine = [p for p in planned if "forward" not in vars(p.module)]
         for p in mine:
             p.module.forward = _FORWARDS[p.style](p.module, size, rank, group, p.in_block)
@@ -299,6 +327,9 @@ class TensorParallel(Transform):
             for h in hooks:
                 h.remove()
             self._gathering -= {id(m) for m in fresh}
+            for m, attr in scaled:
+                setattr(m, attr, getattr(m, attr) * size)
+            self._gathering -= {(id(m), attr) for m, attr in scaled}
 
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
         """The optimizer on this rank's slices; a global norm sums the slices over tp and
@@ -321,13 +352,14 @@ class TensorParallel(Transform):
             entries = {path: m for path, m in self._entries}
             for p in self._planned:
                 parent = p.path.rpartition(".")[0]
+                into, out_of = _widths(p.module) if p.style is not Style.VOCAB_EMBEDDING else p.module.weight.shape[::-1]
                 if parent in entries and p.style in (Style.COLWISE, Style.COLWISE_QKV):  # the first colwise layer of a gathering module
                     del entries[parent]
-                    out.append(_collective("all_gather the sequence (forward; reduce_scatter in backward)", parent, p.module.weight.shape[1], p.module.weight, size))
+                    out.append(_collective("all_gather the sequence (forward; reduce_scatter in backward)", parent, into, p.module.weight, size))
                 elif p.in_block and p.style is Style.ROWWISE:
-                    out.append(_collective("reduce_scatter over the sequence (forward; all_gather in backward)", p.path, p.module.weight.shape[0], p.module.weight, size))
+                    out.append(_collective("reduce_scatter over the sequence (forward; all_gather in backward)", p.path, out_of, p.module.weight, size))
                 elif not p.in_block or p.style is Style.ROWWISE:
-                    width = p.module.weight.shape[0 if p.style in (Style.ROWWISE, Style.VOCAB_HEAD) else 1]
+                    width = out_of if p.style in (Style.ROWWISE, Style.VOCAB_HEAD) else into
                     out.append(_collective(_COLLECTIVE[p.style], f"{p.path} ({p.style.value})", width, p.module.weight, size))
         return out
 
@@ -357,10 +389,14 @@ def _resolve(model: Any, plan: Mapping[str, Style]) -> list[_Planned]:
         if style is None:
             continue
         used |= {pattern for pattern in plan if fnmatch.fnmatchcase(path, pattern)}
-        kind = _MODULE.get(style, nn.Linear)
-        if type(module) is not kind:
-            raise ValueError(f"tensor_parallel: {path} is a {type(module).__name__}; style {style.value} splits an {kind.__name__}")
-        cuts = {names[id(p)]: _CUTS[style][local] for local, p in module.named_parameters(recurse=False) if local in _CUTS[style]}
+        if not isinstance(module, nn.Embedding if style is Style.VOCAB_EMBEDDING else nn.Linear) and not (style is not Style.VOCAB_EMBEDDING and _is_conv1d(module)):
+            kind = "Embedding" if style is Style.VOCAB_EMBEDDING else "Linear (or Hugging Face's Conv1D)"
+            raise ValueError(f"tensor_parallel: {path} is a {type(module).__name__}; style {style.value} splits an {kind}")
+        flip = _is_conv1d(module)  # its weight is stored [in, out]: the dims swap
+        cuts = {
+            names[id(p)]: ((1 - _CUTS[style][local][0], _CUTS[style][local][1]) if flip and local == "weight" else _CUTS[style][local])
+            for local, p in module.named_parameters(recurse=False) if local in _CUTS[style]
+        }
         out.append(_Planned(path, module, style, cuts))
     missing = [pattern for pattern in plan if pattern not in used]
     if missing:
@@ -497,10 +533,29 @@ def _joined(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
     return parts.reshape(size * parts.shape[1], *parts.shape[2:]).movedim(0, 1)
 
 
-def _colwise(m: nn.Linear, size: int, rank: int, group: Any, sequence: bool) -> Callable:
+def _is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2's layers): a Linear whose weight is stored [in, out]."""
+    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+
+
+def _project(m: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x through the layer's weight (a Linear's [out, in], a Conv1D's [in, out]), plus `bias`."""
+    if not _is_conv1d(m):
+        return F.linear(x, m.weight, bias)
+    y = x @ m.weight
+    return y if bias is None else y + bias
+
+
+def _widths(m: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a layer's whole weight."""
+    a, b = m.weight.shape
+    return (a, b) if _is_conv1d(m) else (b, a)
+
+
+def _colwise(m: nn.Module, size: int, rank: int, group: Any, sequence: bool) -> Callable:
     if sequence:  # its module gathered the input already (`_gather_input`), whose backward sums over tp
-        return lambda x: F.linear(x, m.weight, m.bias)
-    return lambda x: F.linear(_CopyToTP.apply(x, group), m.weight, m.bias)
+        return lambda x: _project(m, x, m.bias)
+    return lambda x: _project(m, _CopyToTP.apply(x, group), m.bias)
 
 
 def _gather_input(module: nn.Module, args: tuple, kwargs: dict, group: Any, size: int, rank: int) -> tuple:
@@ -513,9 +568,9 @@ def _gather_input(module: nn.Module, args: tuple, kwargs: dict, group: Any, size
     return args, {**kwargs, name: gather(kwargs[name])}
 
 
-def _rowwise(m: nn.Linear, size: int, rank: int, group: Any, sequence: bool) -> Callable:
+def _rowwise(m: nn.Module, size: int, rank: int, group: Any, sequence: bool) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, m.weight)
+        y = _project(m, x, None)
         y = _SumScatterSeq.apply(y, group, size, rank) if sequence else _SumOverTP.apply(y, group)
         return y if m.bias is None else y + m.bias
 
@@ -537,8 +592,8 @@ def _vocab_embedding(m: nn.Embedding, size: int, rank: int, group: Any, sequence
     return forward
 
 
-def _vocab_head(m: nn.Linear, size: int, rank: int, group: Any, sequence: bool) -> Callable:
-    return lambda x: _GatherLastDim.apply(F.linear(_CopyToTP.apply(x, group), m.weight, m.bias), group, size, rank)
+def _vocab_head(m: nn.Module, size: int, rank: int, group: Any, sequence: bool) -> Callable:
+    return lambda x: _GatherLastDim.apply(_project(m, _CopyToTP.apply(x, group), m.bias), group, size, rank)
 
 
 _FORWARDS = {
