@@ -116,34 +116,69 @@ def as_dtensors(state: Any) -> Any:
 def flat_views(state: Any) -> tuple[Any, Callable[[], None]]:
     """`state` as checkpoints read and write it: every cut leaf as a DTensor of its
     flattened leaf, so any layout of a state reshards into any other. A chunk is a
-    view; a slice along a dim (tensor parallelism) is a copy of this rank's chunk of the
-    flattened leaf over the same ranks, and the function returned writes such copies
-    back into the slices (after a load)."""
+    view. A leaf with a slice along a dim among its cuts (tensor parallelism, then
+    perhaps ZeRO's chunk of that slice) is a copy: the whole leaf rebuilt, and this
+    rank's chunk of it flattened over the first cut's ranks (the other axes' replicas
+    write the same chunk, which the checkpoint keeps once). The function returned writes
+    such copies back into this rank's pieces (after a load)."""
     placements = getattr(state, "placements", None)
     if not placements:
         return state, lambda: None
-    copies: list[tuple[torch.Tensor, torch.Tensor, Any, torch.Size]] = []
+    copies: list[tuple[torch.Tensor, torch.Tensor, tuple, torch.Size]] = []
 
     def view(path: str, x: Any) -> Any:
-        cut = _one_cut(placements, path, x)
-        if cut is None:
+        p = placements.get(path)
+        cuts = tuple(c for c in (p.cuts if p is not None else ()) if c.ranks > 1)
+        if not cuts or not isinstance(x, torch.Tensor):
             return x
-        shape = placements.get(path).shape
-        if cut.dim is not None:
-            whole = gather_slices(x, cut.dim, cut.blocks, cut.ranks, cut.group)
-            chunk = local_chunk(whole.contiguous(), cut.ranks, cut.rank).clone()
-            copies.append((x, chunk, cut, shape))
-            x = chunk
-        return to_dtensor(x, shape.numel(), cut.group)
+        if all(c.dim is None for c in cuts):
+            if len(cuts) > 1:
+                raise NotImplementedError(f"{path} is chunked over {[c.axis for c in cuts]}; a checkpoint of a leaf chunked twice is not built yet")
+            return to_dtensor(x, p.shape.numel(), cuts[0].group)
+        first = cuts[0]
+        whole = _whole_of(x, cuts, p.shape, path)
+        chunk = local_chunk(whole.reshape(-1).contiguous(), first.ranks, first.rank).clone()
+        copies.append((x, chunk, cuts, p.shape))
+        return to_dtensor(chunk, p.shape.numel(), first.group)
 
     def write_back() -> None:
         from sharded.transforms._flat import gather_leaf
 
-        for x, chunk, cut, shape in copies:
-            whole = gather_leaf(chunk, shape, cut.group, cut.ranks)
-            x.copy_(dim_slice(whole, cut.dim, cut.blocks, cut.ranks, cut.rank))
+        for x, chunk, cuts, shape in copies:
+            whole = gather_leaf(chunk, shape, cuts[0].group, cuts[0].ranks)
+            x.copy_(_piece_of(whole, cuts).reshape(x.shape))
 
     return map_state(state, view), write_back
+
+
+def _whole_of(x: torch.Tensor, cuts: tuple, shape: torch.Size, path: str) -> torch.Tensor:
+    """The whole leaf from every rank's piece, the cuts undone from the last (slices
+    along dims, then at most one chunk of the flattened piece, last)."""
+    from sharded.transforms._flat import gather_leaf
+
+    chunked = [k for k, c in enumerate(cuts) if c.dim is None]
+    if chunked and chunked != [len(cuts) - 1]:
+        raise NotImplementedError(f"{path} is cut {[c.axis for c in cuts]}: only the last cut may chunk the flattened piece")
+    shapes = [torch.Size(shape)]
+    for c in cuts:
+        if c.dim is not None:
+            shapes.append(torch.Size(n // c.ranks if d == c.dim else n for d, n in enumerate(shapes[-1])))
+    y = x
+    for k in reversed(range(len(cuts))):
+        c = cuts[k]
+        if c.dim is None:
+            y = gather_leaf(y.reshape(-1), shapes[k], c.group, c.ranks)
+        else:
+            y = gather_slices(y.reshape(shapes[k + 1]), c.dim, c.blocks, c.ranks, c.group)
+    return y
+
+
+def _piece_of(whole: torch.Tensor, cuts: tuple) -> torch.Tensor:
+    """This rank's piece of the whole leaf: each cut applied in order."""
+    y = whole
+    for c in cuts:
+        y = dim_slice(y, c.dim, c.blocks, c.ranks, c.rank) if c.dim is not None else local_chunk(y.reshape(-1).contiguous(), c.ranks, c.rank)
+    return y
 
 
 def _one_cut(placements: Any, path: str, x: Any) -> Any:

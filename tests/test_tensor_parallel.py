@@ -254,12 +254,18 @@ def test_explain_names_each_layers_collective_and_its_bytes_per_token():
     assert "reduce_scatter over the sequence (forward; all_gather in backward): blocks.0.attn.proj" in text
 
 
-def _saved_at_tp2(path):
-    """Two steps of GPT at tp=2, then a checkpoint: the state's gathered params, and those
-    after one more step."""
-    _on_mesh(tp=2)
+def _laid_out(train_step, tp, stage):
+    """The step at tp (1: no transform), beside ZeRO on dp=2 where `stage`."""
+    _on_mesh(tp=tp, dp=2 if stage else 1)
+    step = sharded.tensor_parallel()(train_step) if tp > 1 else train_step
+    return sharded.shard_zero(stage=stage)(step) if stage else sharded.Step(step)
+
+
+def _saved_at_tp2(path, stage=0):
+    """Two steps of GPT at tp=2 (beside ZeRO on dp=2 where `stage`), then a checkpoint:
+    the state's gathered params after one more step."""
     model, train_step = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=2, n_heads=4, d_model=16, dropout=0.0))
-    step = sharded.tensor_parallel()(train_step)
+    step = _laid_out(train_step, 2, stage)
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     batches = _batches(16, 2, 8, 1)  # a sequence that splits over tp=4 too
     for b in batches[:2]:
@@ -269,12 +275,11 @@ def _saved_at_tp2(path):
     return {k: v.clone() for k, v in step.gather(after).params.items()}
 
 
-def _loaded(path, tp):
-    """A fresh state at `tp` (1: no transform), the checkpoint loaded into it, one more
-    step: the gathered params."""
-    _on_mesh(tp=tp)
+def _loaded(path, tp, stage=0):
+    """A fresh state at `tp` (1: no transform; beside ZeRO on dp=2 where `stage`), the
+    checkpoint loaded into it, one more step: the gathered params."""
     model, train_step = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=2, n_heads=4, d_model=16, dropout=0.0))
-    step = sharded.tensor_parallel()(train_step) if tp > 1 else sharded.Step(train_step)
+    step = _laid_out(train_step, tp, stage)
     fresh = step.init(sharded.TrainState.create(sharded.tree.map(torch.clone, model.params), sharded.optim.adamw(1e-2)))
     state = sharded.checkpoint.load(path, like=fresh)
     state, _ = step(state, _batches(16, 2, 8, 1)[2])
@@ -289,3 +294,14 @@ def test_a_checkpoint_saved_at_tp2_continues_identically_at_any_tp(tmp_path, tp)
     for got in get_pool(tp).run(_loaded, str(tmp_path / "ckpt"), tp):
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-7, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_checkpoint_of_tp_slices_chunked_by_zero_reshards(tmp_path, stage):
+    """tp=2 x dp=2 under ZeRO (each tp slice chunked over dp) saved, then loaded into the
+    same layout and into one process: the next step matches."""
+    want = get_pool(4).run(_saved_at_tp2, str(tmp_path / "ckpt"), stage)[0]
+    for tp, at, ranks in ((2, stage, 4), (1, 0, 1)):
+        for got in get_pool(ranks).run(_loaded, str(tmp_path / "ckpt"), tp, at):
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-7, atol=1e-9, msg=name)

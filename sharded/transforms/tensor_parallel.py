@@ -47,9 +47,8 @@ their model through `trace.model_laid_out`.
 With sequence_parallel=True the norms, residual adds and dropout inside the blocks
 run on 1/tp of the tokens each ([Note: sequence parallelism]).
 
-Not built yet (issue 16), each a clear error: a vocab-parallel cross-entropy (the
-logits are gathered), torch.func over the model, and checkpoints of a leaf cut over
-both tp and ZeRO's dp.
+Not built yet (issue 16): a vocab-parallel cross-entropy (the logits are gathered, so
+every rank holds all of them), and torch.func over the model (refused by name).
 """
 from __future__ import annotations
 
