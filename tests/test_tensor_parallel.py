@@ -45,17 +45,17 @@ def _batches(vocab, rows, seq, seed, n=3):
 @given(data=st.data())
 def test_gpt_under_tensor_parallelism_equals_the_plain_step(data):
     """tp in {2, 4} alone, or tp=2 beside dp=2 (data_parallel or ZeRO 1-3), with a loss
-    scaler or accumulate drawn in, with or without sequence parallelism, over drawn GPT
-    shapes (tied or not, biases or not)."""
+    scaler or accumulate drawn in, with or without sequence parallelism and a
+    vocab-parallel loss, over drawn GPT shapes (tied or not, biases or not)."""
     draw = data.draw
     tp = draw(st.sampled_from([2, 4]))
-    sequence = draw(st.booleans())
+    sequence, loss_parallel = draw(st.booleans()), draw(st.booleans())
     dp = 1 if tp == 4 else draw(st.sampled_from([1, 2]))
     heads = tp * draw(st.integers(1, 2))
     cfg = GPTConfig(vocab_size=tp * draw(st.integers(3, 8)), seq_len=draw(st.integers(4, 9)), n_layers=draw(st.integers(1, 2)),
                     n_heads=heads, d_model=heads * draw(st.sampled_from([2, 4])), dropout=0.0, tied=draw(st.booleans()), bias=draw(st.booleans()))
     model, train_step = _gpt_step(cfg)
-    layers = [sharded.tensor_parallel(sequence_parallel=sequence)]
+    layers = [sharded.tensor_parallel(sequence_parallel=sequence, loss_parallel=loss_parallel)]
     if dp > 1:
         stage = draw(st.integers(0, 3))
         layers.append(sharded.shard_zero(stage=stage) if stage else sharded.data_parallel())
@@ -96,15 +96,18 @@ def _hf(kind: str):
     return model, train_step
 
 
-@pytest.mark.parametrize("kind, sequence", [("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True), ("mistral", False), ("qwen2", True)])
-def test_hugging_face_models_under_tensor_parallelism_equal_the_plain_step(kind, sequence):
+@pytest.mark.parametrize("kind, sequence, loss_parallel", [
+    ("gpt2", False, False), ("gpt2", True, True), ("llama", False, True), ("llama", True, False), ("mistral", False, False), ("qwen2", True, True),
+])
+def test_hugging_face_models_under_tensor_parallelism_equal_the_plain_step(kind, sequence, loss_parallel):
     """Their built-in plans (GPT-2: Conv1D layers, fused c_attn, tied head; Llama family:
     grouped-query attention, 4 heads and 2 kv heads over tp=2, Qwen2's q/k/v biases
-    split with them), with or without sequence parallelism, float64 params; Llama's
-    RMSNorm computes in float32, so the tolerance is float32-sized."""
+    split with them), with or without sequence parallelism and their own loss over
+    vocab-sharded logits, float64 params; Llama's RMSNorm computes in float32, so the
+    tolerance is float32-sized."""
     model, train_step = _hf(kind)
     state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2, weight_decay=0.1))
-    step = sharded.tensor_parallel(sequence_parallel=sequence)(train_step)
+    step = sharded.tensor_parallel(sequence_parallel=sequence, loss_parallel=loss_parallel)(train_step)
     assert_step_equivalent(step, train_step, state, _batches(48, 2, 6, 0), world_size=2, rtol=1e-5, atol=1e-6, mesh=dict(tp=2))
 
 
@@ -228,6 +231,8 @@ def _toy_with_sequence():
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="is True or False"):
         sharded.tensor_parallel(sequence_parallel="yes")
+    with pytest.raises(ValueError, match="loss_parallel=.... is True or False"):
+        sharded.tensor_parallel(loss_parallel=1)
     for ok, message in get_pool(2).run(_odd_sequence) + get_pool(2).run(_toy_with_sequence):
         assert ok, message
     with pytest.raises(ValueError, match="the styles are"):
@@ -305,3 +310,30 @@ def test_a_checkpoint_of_tp_slices_chunked_by_zero_reshards(tmp_path, stage):
         for got in get_pool(ranks).run(_loaded, str(tmp_path / "ckpt"), tp, at):
             for name in want:
                 torch.testing.assert_close(got[name], want[name], rtol=1e-7, atol=1e-9, msg=name)
+
+
+def _logits_seen():
+    """The logits a loss sees under loss_parallel: their type and local vocabulary."""
+    _on_mesh(tp=2)
+    model, _ = _gpt_step(GPTConfig(vocab_size=16, seq_len=8, n_layers=1, n_heads=4, d_model=16, dropout=0.0))
+    seen = []
+
+    def loss(params, batch):
+        logits = model.apply(params, batch[0])
+        seen.append((type(logits).__name__, logits.to_local().shape[-1], tuple(logits.shape)))
+        return _loss(logits, batch[1])
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(loss)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    step = sharded.tensor_parallel(loss_parallel=True)(train_step)
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    _, metrics = step(state, _batches(16, 2, 8, 0)[0])
+    return seen, type(metrics["loss"]).__name__
+
+
+def test_under_loss_parallel_no_rank_holds_the_whole_vocabularys_logits():
+    for seen, loss_type in get_pool(2).run(_logits_seen):
+        assert seen == [("DTensor", 8, (2, 8, 16))]  # sharded over the vocabulary: 8 of 16 here
+        assert loss_type == "Tensor"  # the step's loss made whole again

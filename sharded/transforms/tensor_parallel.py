@@ -20,7 +20,7 @@ Each tp rank holds a slice of every weight the plan names, and computes with it:
                its rows, zeros for the rest, and the lookups are summed over tp.
   vocab_head   Linear head: rows (the vocabulary) split, as colwise; the logits are
                all-gathered, so the loss sees the whole vocabulary (every rank
-               computes the same loss).
+               computes the same loss), unless loss_parallel (below).
 
 So attention runs on each rank's heads and the MLP on its slice of the hidden
 features, with one all-reduce of activations after each in forward and one in
@@ -47,8 +47,11 @@ their model through `trace.model_laid_out`.
 With sequence_parallel=True the norms, residual adds and dropout inside the blocks
 run on 1/tp of the tokens each ([Note: sequence parallelism]).
 
-Not built yet (issue 16): a vocab-parallel cross-entropy (the logits are gathered, so
-every rank holds all of them), and torch.func over the model (refused by name).
+With loss_parallel=True the head's logits stay sharded over the vocabulary, a DTensor,
+and the step's value_and_grad runs under torch's `loss_parallel()`: `F.cross_entropy`
+on them (ours, Hugging Face's own loss) never gathers the whole vocabulary.
+
+Not built yet (issue 16): torch.func over the model (refused by name).
 """
 from __future__ import annotations
 
@@ -164,9 +167,13 @@ class TensorParallel(Transform):
     levels = {"block": Level.PRECISION}  # [Note: where tensor parallelism acts]: inside remat, so a recompute is styled too
     capabilities = Capability.NONE
 
-    def __init__(self, plan: Mapping[str, Style | str] | None = None, sequence_parallel: bool = True, mesh: Mesh | None = None, axis: str = "tp"):
-        if not isinstance(sequence_parallel, bool):
-            raise ValueError(f"tensor_parallel(sequence_parallel=...) is True or False; got {sequence_parallel!r}")
+    def __init__(
+        self, plan: Mapping[str, Style | str] | None = None, sequence_parallel: bool = True, loss_parallel: bool = False,
+        mesh: Mesh | None = None, axis: str = "tp",
+    ):
+        for name, flag in (("sequence_parallel", sequence_parallel), ("loss_parallel", loss_parallel)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"tensor_parallel({name}=...) is True or False; got {flag!r}")
         if plan is not None:
             if not isinstance(plan, Mapping) or not plan:
                 raise ValueError(f"tensor_parallel(plan=...) is a non-empty dict {{module path pattern: Style}}; got {plan!r}")
@@ -174,12 +181,14 @@ class TensorParallel(Transform):
                 plan = {str(k): Style(v) for k, v in plan.items()}
             except ValueError as err:
                 raise ValueError(f"tensor_parallel(plan=...): {err}; the styles are {', '.join(s.value for s in Style)}") from None
-        self.plan, self.mesh, self.axis, self.sequence_parallel = plan, mesh, axis, sequence_parallel
+        self.plan, self.mesh, self.axis, self.sequence_parallel, self.loss_parallel = plan, mesh, axis, sequence_parallel, loss_parallel
         self._ends: tuple[int, int] = (-1, -1)  # the first and last module block's index in model.blocks
         self._entries: list[tuple[str, nn.Module]] = []  # under sequence parallelism: the modules whose input is gathered (attention, MLP)
         self._gathering: set[Any] = set()  # the entries whose gathering hook is on now (ids), and the attributes divided now
         self._divided: list[tuple[str, nn.Module, str]] = []  # (path, module, attribute) a built-in plan divides by tp while the model runs
         self.handlers = {"apply": self._apply, "block": self._block, "update": self._update}
+        if loss_parallel:
+            self.handlers["value_and_grad"] = self._value_and_grad
         self._planned: list[_Planned] = []
         self._shapes: dict[str, torch.Size] = {}  # the whole shapes of the params cut
         self._whole: list[str] = []  # the params every tp rank holds whole
@@ -313,7 +322,8 @@ class TensorParallel(Transform):
         self._gathering |= {(id(m), attr) for m, attr in scaled}
         mine = [p for p in planned if "forward" not in vars(p.module)]
         for p in mine:
-            p.module.forward = _FORWARDS[p.style](p.module, size, rank, group, p.in_block)
+            style = _vocab_sharded_head if p.style is Style.VOCAB_HEAD and self.loss_parallel else _FORWARDS[p.style]
+            p.module.forward = style(p.module, size, rank, group, p.in_block)
         gather = functools.partial(_gather_input, group=group, size=size, rank=rank)
         fresh = [m for _, m in entries if id(m) not in self._gathering]
         hooks = [m.register_forward_pre_hook(gather, with_kwargs=True) for m in fresh]
@@ -329,6 +339,16 @@ class TensorParallel(Transform):
             for m, attr in scaled:
                 setattr(m, attr, getattr(m, attr) * size)
             self._gathering -= {(id(m), attr) for m, attr in scaled}
+
+    def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
+        """With loss_parallel: the step's loss over logits sharded by vocabulary (torch's
+        `loss_parallel`, forward and backward), its value and aux made whole again."""
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        with loss_parallel():
+            out = next_(fn, has_aux, params, args, kwargs)
+        return T.map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, out)
 
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
         """The optimizer on this rank's slices; a global norm sums the slices over tp and
@@ -593,6 +613,18 @@ def _vocab_embedding(m: nn.Embedding, size: int, rank: int, group: Any, sequence
 
 def _vocab_head(m: nn.Module, size: int, rank: int, group: Any, sequence: bool) -> Callable:
     return lambda x: _GatherLastDim.apply(_project(m, _CopyToTP.apply(x, group), m.bias), group, size, rank)
+
+
+def _vocab_sharded_head(m: nn.Module, size: int, rank: int, group: Any, sequence: bool) -> Callable:
+    """loss_parallel's head: the logits stay sharded over the vocabulary, a DTensor."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    def forward(x: torch.Tensor) -> Any:
+        local = _project(m, _CopyToTP.apply(x, group), m.bias)
+        return DTensor.from_local(local, DeviceMesh.from_group(group, local.device.type), [Shard(local.dim() - 1)], run_check=False)
+
+    return forward
 
 
 _FORWARDS = {
