@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from sharded.placement import Tier, state_leaves
 from sharded.testing import assert_step_equivalent, get_pool
 from sharded.testing.models import ToyConfig, ToyLM, make_train_step
+from sharded.testing.strategies import nested_in_drawn_order
 
 CFG = ToyConfig(vocab=11, width=8, hidden=12, depth=2, tied=True)
 
@@ -77,11 +78,7 @@ def _equals_the_plain_step(draw, layers, worlds, tx, piped=False):
         layers.append(sharded.pipeline(stages=2, microbatches=steps, schedule=draw(st.sampled_from(["1f1b", "gpipe"]))))
     elif steps > 1:
         layers.append(sharded.accumulate(steps=steps))
-    if draw(st.booleans()):
-        layers.append(sharded.mixed_precision(compute=torch.float64, loss_scale=True, init_scale=2.0 ** draw(st.integers(0, 8))))
-    step = train_step
-    for layer in draw(st.permutations(layers)):
-        step = layer(step)
+    step = nested_in_drawn_order(draw, layers, train_step)
     dp = draw(worlds)
     rows = dp * steps * draw(st.integers(1, 2))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))

@@ -10,6 +10,7 @@ import sharded
 from sharded.models import GPT, GPTConfig
 from sharded.placement import state_leaves
 from sharded.testing import assert_step_equivalent, get_pool
+from sharded.testing.strategies import nested_in_drawn_order
 from sharded.transforms.tensor_parallel import sliced_params
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -62,11 +63,7 @@ def test_gpt_under_tensor_parallelism_equals_the_plain_step(data):
     steps = draw(st.integers(1, 2))
     if steps > 1:
         layers.append(sharded.accumulate(steps=steps))
-    if draw(st.booleans()):
-        layers.append(sharded.mixed_precision(compute=torch.float64, loss_scale=True, init_scale=2.0 ** draw(st.integers(0, 8))))
-    step = train_step
-    for layer in draw(st.permutations(layers)):
-        step = layer(step)
+    step = nested_in_drawn_order(draw, layers, train_step)
     seq = tp * (cfg.seq_len // tp) if sequence else cfg.seq_len  # the sequence splits over tp
     batches = _batches(cfg.vocab_size, dp * steps * draw(st.integers(1, 2)), seq, draw(st.integers(0, 99)))
     state = sharded.TrainState.create(model.params, draw(st.sampled_from(OPTIMIZERS))())

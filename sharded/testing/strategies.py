@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from sharded.testing.models import ToyConfig
 
-__all__ = ["shapes", "tensors", "pytrees", "toy_configs", "token_batches", "transform_stacks", "world_sizes"]
+__all__ = ["shapes", "tensors", "pytrees", "toy_configs", "token_batches", "transform_stacks", "world_sizes", "nested_in_drawn_order"]
 
 shapes = st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple)
 world_sizes = st.integers(1, 4)
@@ -75,3 +75,15 @@ def transform_stacks(draw, max_accumulate: int = 4):
     if draw(st.booleans()):
         stack.append(("accumulate", {"steps": draw(st.integers(1, max_accumulate))}))
     return stack
+
+
+def nested_in_drawn_order(draw, layers: list, fn):
+    """`fn` under `layers` and, half the time, a float64 loss scaler with a drawn initial
+    scale, nested in a drawn order (every order is one program: protocol v2)."""
+    import sharded
+
+    if draw(st.booleans()):
+        layers = [*layers, sharded.mixed_precision(compute=torch.float64, loss_scale=True, init_scale=2.0 ** draw(st.integers(0, 8)))]
+    for layer in draw(st.permutations(layers)):
+        fn = layer(fn)
+    return fn
