@@ -67,6 +67,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3], help="shard_zero stage instead of data_parallel (0: off)")
     p.add_argument("--pp", type=_positive, default=d.pp, help="pipeline stages (1F1B over --accumulate micro-batches; dp = nproc / (pp * tp))")
     p.add_argument("--tp", type=_positive, default=d.tp, help="tensor-parallel ranks: attention heads, MLP and vocabulary split over them (Megatron's layout)")
+    p.add_argument("--loss-parallel", action="store_true", default=d.loss_parallel, help="with --tp: the loss over logits sharded by vocabulary (no rank holds all of them)")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"], help="mixed_precision compute dtype")
     p.add_argument("--offload", default=d.offload, choices=["none", "cpu", "nvme"], help="offload: the optimizer state in host memory (cpu) or in files on local disk (nvme), the update run on the host")
     p.add_argument("--offload-params", action="store_true", default=d.offload_params, help="with --offload cpu|nvme and --zero 3: the param chunks in host memory (cpu) or the swap file (nvme) too, fetched per block")

@@ -9,7 +9,7 @@ tokens/s, each with its predicted memory per rank and the `sharded train` line t
 The search space is what sharded runs today: dp × pp = the GPUs, ZeRO stage 0, 2 or 3
 over dp (stage 1 runs stage 2's program), the micro-batch size (the rest of the global
 batch is accumulation, or the pipeline's micro-batches), remat none/selective/full,
-bf16 mixed precision with fp32 masters and AdamW. Tensor parallelism and offload are not built yet, so they are not searched.
+bf16 mixed precision with fp32 masters and AdamW. Tensor parallelism and offload are not searched yet: no calibration measures their costs.
 
 [Note: what the predictions stand on] Measured once on the machine (`calibrate`): the
 time and peak memory of a training step of the same model with 2 and 6 blocks, at

@@ -47,6 +47,7 @@ class TrainConfig:
     zero: int = 0  # shard_zero stage in place of data_parallel (0: off)
     pp: int = 1  # pipeline stages (the mesh is pp × dp × tp; micro-batches are --accumulate's)
     tp: int = 1  # tensor-parallel ranks: each holds a slice of every weight (Megatron's layout)
+    loss_parallel: bool = False  # with tp > 1: the loss over logits sharded by vocabulary (no rank holds all of them)
     precision: str = "fp32"  # or "bf16" / "fp16": mixed_precision around the step
     remat: str = "none"  # or "full" / "selective": activation checkpointing per block
     compile: str = "none"  # or a torch.compile backend ("inductor"): each block's forward compiled whole
@@ -117,7 +118,7 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     elif cfg.accumulate > 1:
         step = sharded.accumulate(steps=cfg.accumulate)(step)
     if cfg.tp > 1:
-        step = sharded.tensor_parallel()(step)
+        step = sharded.tensor_parallel(loss_parallel=cfg.loss_parallel)(step)
     dp = sharded.Mesh.current().size("dp")
     if cfg.zero:
         step = sharded.shard_zero(stage=cfg.zero)(step)
@@ -411,6 +412,8 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"--grad-clip {cfg.grad_clip}: the global grad norm's limit is > 0, or 0 for none")
     if world % (cfg.pp * cfg.tp):
         raise ValueError(f"--pp {cfg.pp} x --tp {cfg.tp} does not divide the {world} ranks; use sizes whose product divides --nproc")
+    if cfg.loss_parallel and cfg.tp == 1:
+        raise ValueError("--loss-parallel shards the logits over --tp ranks; add --tp 2 (or more), or drop it")
     if cfg.tp > 1 and cfg.config is not None:
         raise ValueError("--tp with a DeepSpeed --config is not built yet (issue 16): its config has no tensor parallelism; drop --tp or --config")
     dp = world // (cfg.pp * cfg.tp)

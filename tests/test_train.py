@@ -28,9 +28,11 @@ def test_train_with_zero3_and_remat_learns(tmp_path, compile, offload):
 
 
 def test_tensor_parallel_training_learns_and_checkpoints(tmp_path):
-    """`--tp 2`: the vocabulary padded to a multiple of 2, each rank's slices of the
-    weights, a checkpoint and the exported whole model at the end."""
-    summary = main(TrainConfig(tp=2, nproc=2, steps=25, batch_size=8, accumulate=1, seq_len=32, log_every=5, out=str(tmp_path / "run")))
+    """`--tp 2 --loss-parallel`: the vocabulary padded to a multiple of 2, each rank's
+    slices of the weights, the loss over vocab-sharded logits (the evals' gathered), a
+    checkpoint and the exported whole model at the end."""
+    cfg = TrainConfig(tp=2, loss_parallel=True, nproc=2, steps=25, batch_size=8, accumulate=1, seq_len=32, log_every=5, eval_every=10, out=str(tmp_path / "run"))
+    summary = main(cfg)
     assert summary["final_train_loss"] < 2.6 and summary["learned"]
     assert _final_params(tmp_path / "run")["wte.weight"].shape[0] % 2 == 0
 
@@ -45,6 +47,7 @@ def test_train_help_names_the_pipeline_flag():
     (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     (["--pp", "3", "--nproc", "2"], "--pp 3 x --tp 1 does not divide the 2 ranks"),
     (["--tp", "2", "--config", "ds.json"], "--tp with a DeepSpeed --config is not built yet"),
+    (["--loss-parallel"], "--loss-parallel shards the logits over --tp ranks; add --tp 2"),
     (["--batch-size", "30", "--accumulate", "4"], "--batch-size 30 does not split into 2 data-parallel ranks x 4 micro-batches"),
     (["--offload", "nvme"], "--offload nvme needs --offload-path DIR"),
     (["--offload-only", "blocks"], "--offload-only chooses which params' state --offload cpu moves"),

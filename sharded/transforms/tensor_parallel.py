@@ -48,8 +48,9 @@ With sequence_parallel=True the norms, residual adds and dropout inside the bloc
 run on 1/tp of the tokens each ([Note: sequence parallelism]).
 
 With loss_parallel=True the head's logits stay sharded over the vocabulary, a DTensor,
-and the step's value_and_grad runs under torch's `loss_parallel()`: `F.cross_entropy`
-on them (ours, Hugging Face's own loss) never gathers the whole vocabulary.
+inside the step's value_and_grad, which runs under torch's `loss_parallel()`:
+`F.cross_entropy` on them (ours, Hugging Face's own loss) never gathers the whole
+vocabulary. Outside it (an eval), the logits are gathered as usual.
 
 Not built yet (issue 16): torch.func over the model (refused by name).
 """
@@ -189,6 +190,7 @@ class TensorParallel(Transform):
         self.handlers = {"apply": self._apply, "block": self._block, "update": self._update}
         if loss_parallel:
             self.handlers["value_and_grad"] = self._value_and_grad
+        self._loss_inside = False  # in a differentiation under loss_parallel: the head's logits stay sharded
         self._planned: list[_Planned] = []
         self._shapes: dict[str, torch.Size] = {}  # the whole shapes of the params cut
         self._whole: list[str] = []  # the params every tp rank holds whole
@@ -322,7 +324,7 @@ class TensorParallel(Transform):
         self._gathering |= {(id(m), attr) for m, attr in scaled}
         mine = [p for p in planned if "forward" not in vars(p.module)]
         for p in mine:
-            style = _vocab_sharded_head if p.style is Style.VOCAB_HEAD and self.loss_parallel else _FORWARDS[p.style]
+            style = _vocab_sharded_head if p.style is Style.VOCAB_HEAD and self._loss_inside else _FORWARDS[p.style]
             p.module.forward = style(p.module, size, rank, group, p.in_block)
         gather = functools.partial(_gather_input, group=group, size=size, rank=rank)
         fresh = [m for _, m in entries if id(m) not in self._gathering]
@@ -346,8 +348,12 @@ class TensorParallel(Transform):
         from torch.distributed.tensor import DTensor
         from torch.distributed.tensor.parallel import loss_parallel
 
-        with loss_parallel():
-            out = next_(fn, has_aux, params, args, kwargs)
+        self._loss_inside = True
+        try:
+            with loss_parallel():
+                out = next_(fn, has_aux, params, args, kwargs)
+        finally:
+            self._loss_inside = False
         return T.map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, out)
 
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
