@@ -1,9 +1,10 @@
-"""`tensor_parallel(plan=None, sequence_parallel=True)`: Megatron's tensor parallelism
-(and its sequence parallelism) over the mesh's tp axis.
+"""`tensor_parallel(plan=None, sequence_parallel=True, loss_parallel=False)`: Megatron's
+tensor parallelism (and its sequence parallelism) over the mesh's tp axis.
 
 Reference semantics: the plain step, exactly (up to the order of float additions).
 
-    sharded.distributed.init(mesh=sharded.Mesh(tp=2))
+    sharded.distributed.init()
+    sharded.Mesh.set_current(sharded.Mesh(tp=2))   # torchrun --nproc-per-node 2
     step = sharded.tensor_parallel()(train_step)
 
 Each tp rank holds a slice of every weight the plan names, and computes with it:
@@ -140,7 +141,7 @@ def plan_for(module: nn.Module) -> BuiltIn:
         return BuiltIn(GPT2_PLAN, {"heads": config.n_head}, {"transformer.h.*.attn": ("split_size",)})
     raise ValueError(
         f"tensor_parallel(plan=None): no built-in plan for {kind or type(module).__name__}; built in: sharded.models.GPT, Hugging Face "
-        "gpt2, llama, mistral, qwen2. Pass plan={module path pattern: sharded.tensor_parallel.Style...}"
+        f"gpt2, llama, mistral, qwen2. Pass plan={{module path pattern: style}}, the styles {', '.join(x.value for x in Style)}"
     )
 
 
