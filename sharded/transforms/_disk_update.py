@@ -150,7 +150,7 @@ class DiskTier:
         """Units in order, cut into groups whose buffers fit one set (half the budget)."""
         budget, groups, used = self.host_bytes // 2, [], 0
         for u in units:
-            need = sum(_aligned(u.stop - u.start, x[u.leaf]) for x in [*moments, gs, ps])
+            need = sum(_aligned((u.stop - u.start) * x[u.leaf].element_size()) for x in [*moments, gs, ps])
             if need > budget:
                 raise ValueError(
                     f"offload(tier='nvme'): one piece's moments, grad and param need {need / 2**20:.2f} MiB of host buffer, "
@@ -190,7 +190,7 @@ class DiskTier:
         def carve(numel: int, dtype: torch.dtype) -> torch.Tensor:
             nbytes = numel * dtype.itemsize
             view = arena[at[0] : at[0] + nbytes].view(dtype)
-            at[0] += -(-nbytes // ALIGN) * ALIGN
+            at[0] += _aligned(nbytes)
             return view
 
         return carve
@@ -219,8 +219,9 @@ def _flat(x: torch.Tensor, u: _Unit) -> torch.Tensor:
     return x.view(-1)[u.start : u.stop]
 
 
-def _aligned(numel: int, like: torch.Tensor) -> int:
-    return -(-numel * like.element_size() // ALIGN) * ALIGN
+def _aligned(nbytes: int) -> int:
+    """`nbytes` rounded up to a whole number of ALIGN (what O_DIRECT transfers need)."""
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 def _synchronize() -> None:

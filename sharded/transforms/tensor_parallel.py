@@ -194,7 +194,8 @@ class TensorParallel(Transform):
         self._loss_inside = False  # in a differentiation under loss_parallel: the head's logits stay sharded
         self._planned: list[_Planned] = []
         self._shapes: dict[str, torch.Size] = {}  # the whole shapes of the params cut
-        self._whole: list[str] = []  # the params every tp rank holds whole
+        self._cuts: dict[str, tuple[int, int]] = {}  # {param name: (dim, blocks)} of the params cut
+        self._whole: frozenset[str] = frozenset()  # the params every tp rank holds whole
 
     def describe(self) -> str:
         return f"tensor_parallel({self.axis}={self._mesh().size(self.axis)})"
@@ -237,10 +238,10 @@ class TensorParallel(Transform):
                 )
             self._entries = [(path, modules[path]) for path in sorted(parents)]
         _check_divisible(self._planned, size, heads, state.params)
-        cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
+        cuts = self._cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
         names = _names(state.params)
         self._shapes = {n: state.params[n].shape for n in cuts}
-        self._whole = [n for n in names if n not in cuts]
+        self._whole = frozenset(n for n in names if n not in cuts)
         chunked = tuple(n in cuts for n in names)
         spec = T.structure(state.params)
 
@@ -264,11 +265,10 @@ class TensorParallel(Transform):
     def gather(self, state: Any) -> Any:
         size, rank, group = self._group()
         names = _names(state.params)
-        chunked = tuple(n in self._shapes for n in names)
-        cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
+        chunked = tuple(n in self._cuts for n in names)
 
         def whole(x: torch.Tensor, i: int) -> torch.Tensor:
-            dim, blocks = cuts[names[i]]
+            dim, blocks = self._cuts[names[i]]
             return gather_slices(x, dim, blocks, size, group)
 
         spec = T.structure(state.params)
@@ -278,8 +278,7 @@ class TensorParallel(Transform):
 
     def gather_params(self, params: Any) -> Any:
         size, rank, group = self._group()
-        cuts = {name: cut for p in self._planned for name, cut in p.cuts.items()}
-        return {n: gather_slices(x, *cuts[n], size, group) if n in cuts else x for n, x in params.items()}
+        return {n: gather_slices(x, *self._cuts[n], size, group) if n in self._cuts else x for n, x in params.items()}
 
     # -- the step --------------------------------------------------------------------
 
@@ -304,12 +303,11 @@ class TensorParallel(Transform):
         size, rank, group = self._group()
         if call.index == self._ends[0]:
             args = (_ScatterSeq.apply(args[0], group, size, rank), *args[1:])
-        whole = set(self._whole)
-        params = {n: _CopyToTP.apply(x, group) if n in whole else x for n, x in params.items()}  # each rank's grads are its tokens'
+        params = {n: _CopyToTP.apply(x, group) if n in self._whole else x for n, x in params.items()}  # each rank's grads are its tokens'
         with self._styled(inside, entries, divided):
             out = next_(call, params, buffers, args, kwargs)
         if call.index == self._ends[1]:
-            gather = lambda x: _GatherSeq.apply(x, group, size, rank, False)  # noqa: E731
+            gather = lambda x: _Joined.apply(x, 1, group, size, rank, False)  # noqa: E731
             out = gather(out) if isinstance(out, torch.Tensor) else (gather(out[0]), *out[1:])
         return out
 
@@ -447,10 +445,6 @@ def _check_divisible(planned: list[_Planned], size: int, heads: dict[str, int], 
                 raise ValueError(f"tensor_parallel: {p.path} ({p.style.value}) splits {name}'s dim {dim} of {n}{f' in {blocks} blocks' if blocks > 1 else ''} over tp={size}, which does not divide it; {fix}")
 
 
-def _all_gather(x: torch.Tensor, group: Any, size: int) -> list[torch.Tensor]:
-    return list(comm.gathered(x, group).unbind(0))
-
-
 class _CopyToTP(torch.autograd.Function):
     """Forward: x as it is. Backward: its grad summed over tp (each rank's is the part
     its own slice of the next layer saw)."""
@@ -478,20 +472,6 @@ class _SumOverTP(torch.autograd.Function):
         return grad, None
 
 
-class _GatherLastDim(torch.autograd.Function):
-    """Forward: every rank's x joined along the last dim. Backward: this rank's slice of
-    the grad (every rank computes the same function of the whole)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, rank: int) -> torch.Tensor:
-        ctx.rank, ctx.width = rank, x.shape[-1]
-        return torch.cat(_all_gather(x.contiguous(), group, size), dim=-1)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return grad[..., ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width], None, None, None
-
-
 # [Note: sequence parallelism] With sequence_parallel=True the activations inside the
 # modules that hold a block's colwise and rowwise layers (attention, MLP) stay as they
 # are, and everywhere else inside the blocks (norms, residual adds, dropout) each tp rank
@@ -504,8 +484,26 @@ class _GatherLastDim(torch.autograd.Function):
 # the whole sequence. The params every rank holds whole and uses inside the blocks (the
 # norms, rowwise biases) get each rank's tokens' share of their grads, summed over tp
 # on the way back (`_CopyToTP` on entry).
-def _seq_first(x: torch.Tensor) -> torch.Tensor:
-    return x.movedim(1, 0).contiguous()
+def _summed_part(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """x summed over tp, this rank's part of it along `dim`."""
+    return comm.summed_scattered(x.movedim(dim, 0), group).movedim(0, dim)
+
+
+class _Joined(torch.autograd.Function):
+    """Forward: every rank's x joined along `dim`. Backward: this rank's part of the
+    grad, summed over tp first where each rank's is a part (`summed`: the input of a
+    module's colwise layers) or as it is where it is equal on every rank (the last
+    block's output, the logits)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any, size: int, rank: int, summed: bool) -> torch.Tensor:
+        ctx.dim, ctx.group, ctx.size, ctx.rank, ctx.summed = dim, group, size, rank, summed
+        return gather_slices(x.contiguous(), dim, 1, size, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        part = _summed_part(grad, ctx.dim, ctx.group) if ctx.summed else dim_slice(grad, ctx.dim, 1, ctx.size, ctx.rank).contiguous()
+        return part, None, None, None, None, None
 
 
 class _ScatterSeq(torch.autograd.Function):
@@ -516,28 +514,11 @@ class _ScatterSeq(torch.autograd.Function):
         if x.dim() < 2 or x.shape[1] % size:
             raise ValueError(f"tensor_parallel(sequence_parallel=True): the blocks' input of shape {tuple(x.shape)} has no sequence (dim 1) that splits over tp={size}; use a length divisible by {size}")
         ctx.group, ctx.size = group, size
-        return x.chunk(size, 1)[rank].contiguous()
+        return dim_slice(x, 1, 1, size, rank).contiguous()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return _joined(grad, ctx.group, ctx.size), None, None, None
-
-
-class _GatherSeq(torch.autograd.Function):
-    """Forward: every rank's tokens joined along dim 1. Backward: this rank's tokens'
-    grads, summed over tp first where each rank's is a part (`summed`: a colwise
-    layer's input) or as they are where they are equal (the last block's output)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, rank: int, summed: bool) -> torch.Tensor:
-        ctx.group, ctx.size, ctx.rank, ctx.summed = group, size, rank, summed
-        return _joined(x, group, size)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        if ctx.summed:
-            return comm.summed_scattered(_seq_first(grad), ctx.group).movedim(0, 1), None, None, None, None
-        return grad.chunk(ctx.size, 1)[ctx.rank].contiguous(), None, None, None, None
+        return gather_slices(grad.contiguous(), 1, 1, ctx.size, ctx.group), None, None, None
 
 
 class _SumScatterSeq(torch.autograd.Function):
@@ -546,17 +527,11 @@ class _SumScatterSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, rank: int) -> torch.Tensor:
         ctx.group, ctx.size = group, size
-        return comm.summed_scattered(_seq_first(x), group).movedim(0, 1)
+        return _summed_part(x, 1, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return _joined(grad, ctx.group, ctx.size), None, None, None
-
-
-def _joined(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
-    """Every rank's x joined along dim 1."""
-    parts = comm.gathered(_seq_first(x), group)  # [size, t, b, ...]
-    return parts.reshape(size * parts.shape[1], *parts.shape[2:]).movedim(0, 1)
+        return gather_slices(grad.contiguous(), 1, 1, ctx.size, ctx.group), None, None, None
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -587,7 +562,7 @@ def _colwise(m: nn.Module, size: int, rank: int, group: Any, sequence: bool) -> 
 def _gather_input(module: nn.Module, args: tuple, kwargs: dict, group: Any, size: int, rank: int) -> tuple:
     """A forward pre-hook: the module's first tensor input (positional, else by name)
     with every rank's tokens joined along dim 1 ([Note: sequence parallelism])."""
-    gather = lambda x: _GatherSeq.apply(x, group, size, rank, True)  # noqa: E731
+    gather = lambda x: _Joined.apply(x, 1, group, size, rank, True)  # noqa: E731
     if args:
         return (gather(args[0]), *args[1:]), kwargs
     name = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
@@ -619,17 +594,28 @@ def _vocab_embedding(m: nn.Embedding, size: int, rank: int, group: Any, sequence
 
 
 def _vocab_head(m: nn.Module, size: int, rank: int, group: Any, sequence: bool) -> Callable:
-    return lambda x: _GatherLastDim.apply(_project(m, _CopyToTP.apply(x, group), m.bias), group, size, rank)
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        logits = _project(m, _CopyToTP.apply(x, group), m.bias)
+        return _Joined.apply(logits, logits.dim() - 1, group, size, rank, False)  # every rank computes the same loss of them
+
+    return forward
+
+
+@functools.cache
+def _device_mesh(group: Any, device_type: str) -> Any:
+    """The tp group as a DeviceMesh, made once (not on every forward)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(group, device_type)
 
 
 def _vocab_sharded_head(m: nn.Module, size: int, rank: int, group: Any, sequence: bool) -> Callable:
     """loss_parallel's head: the logits stay sharded over the vocabulary, a DTensor."""
-    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
 
     def forward(x: torch.Tensor) -> Any:
         local = _project(m, _CopyToTP.apply(x, group), m.bias)
-        return DTensor.from_local(local, DeviceMesh.from_group(group, local.device.type), [Shard(local.dim() - 1)], run_check=False)
+        return DTensor.from_local(local, _device_mesh(group, local.device.type), [Shard(local.dim() - 1)], run_check=False)
 
     return forward
 
