@@ -33,9 +33,10 @@ sharded_zero3_offload_half moves the optimizer state of the first half of the bl
 (`where=`), its update on the host while the rest updates on the device.
 Issue 16: sharded_tp (`tensor_parallel(sequence_parallel=False)` over every rank, bf16
 mixed precision) against torch_tp (`parallelize_module`, Colwise/RowwiseParallel, the
-same model), and beside sharded_zero3 on the same GPUs; sharded_tp_sp with sequence
-parallelism. The tp systems run the whole global batch on every rank (tp splits the
-model, not the rows), so tokens per step are the same as the dp systems'.
+same model), and beside sharded_zero3 on the same GPUs; sharded_tp_sp (sequence
+parallelism) against torch_tp_sp (torchtitan's recipe: SequenceParallel norms too). The
+tp systems run the whole global batch on every rank (tp splits the model, not the
+rows), so tokens per step are the same as the dp systems'.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ from sharded.train import peak_flops
 SYSTEMS = [
     "sharded_zero3", "fsdp2", "sharded_zero2", "sharded_zero3_no_reshard", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
     "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "sharded_zero3_offload_half", "fsdp2_offload", "deepspeed_zero3_offload",
-    "sharded_tp", "sharded_tp_sp", "torch_tp",
+    "sharded_tp", "sharded_tp_sp", "torch_tp", "torch_tp_sp",
 ]
 PAIRS = [
     ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero3_no_reshard", "fsdp2_no_reshard"),
@@ -64,7 +65,7 @@ PAIRS = [
     ("sharded_zero3_compile", "fsdp2"), ("sharded_zero3_compile", "fsdp2_compile"),
     ("sharded_zero3_offload", "fsdp2_offload"), ("sharded_zero3_offload", "deepspeed_zero3_offload"),
     ("sharded_zero3_offload_no_reshard", "fsdp2_offload"), ("sharded_zero3_offload_half", "fsdp2_offload"),
-    ("sharded_tp", "torch_tp"), ("sharded_tp_sp", "torch_tp"), ("sharded_tp", "sharded_zero3"),
+    ("sharded_tp", "torch_tp"), ("sharded_tp_sp", "torch_tp_sp"), ("sharded_tp", "sharded_zero3"),
 ]
 LR, WD = 1e-4, 0.1
 
@@ -106,16 +107,19 @@ def _fsdp2(cfg: GPTConfig, precision: str, reshard: bool = True, compiled: str |
     return _torch_step(module, module.parameters(), autocast=not bf16)
 
 
-def _torch_tp(cfg: GPTConfig, precision: str):
-    """torch's own tensor parallelism (torchtitan's recipe without sequence parallelism):
-    `parallelize_module` with the embedding rowwise and the head colwise over the
-    vocabulary (logits replicated), each block's qkv and fc colwise, its projections
-    rowwise; fp32 params under bf16 autocast, fused AdamW over the DTensor params. The
-    fused qkv's rows are first interleaved so that ColwiseParallel's contiguous chunks
-    are each rank's heads of q, k and v, as tensor_parallel's blocks are: the same model."""
+def _torch_tp(cfg: GPTConfig, precision: str, sequence: bool):
+    """torch's own tensor parallelism, torchtitan's recipe: `parallelize_module` with the
+    embedding rowwise and the head colwise over the vocabulary (logits replicated), each
+    block's qkv and fc colwise, its projections rowwise; with `sequence`, the norms are
+    `SequenceParallel`, the residual stream holds 1/tp of the tokens, attention and MLP
+    gather their input (`PrepareModuleInput`) and the projections reduce-scatter. fp32
+    params under bf16 autocast (torchtitan's mixed precision without FSDP), fused AdamW
+    over the DTensor params. The fused qkv's rows are first interleaved so that
+    ColwiseParallel's contiguous chunks are each rank's heads of q, k and v, as
+    tensor_parallel's blocks are: the same model."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module
 
     if cfg.tied:
         raise ValueError("torch_tp: parallelize_module would distribute a tied weight twice; run it with an untied head")
@@ -126,10 +130,18 @@ def _torch_tp(cfg: GPTConfig, precision: str):
             for p in (block.attn.qkv.weight, block.attn.qkv.bias):
                 if p is not None:
                     p.copy_(p.view(3, world, -1, *p.shape[1:]).transpose(0, 1).reshape(p.shape))
-    plan = {"wte": RowwiseParallel(input_layouts=Replicate()), "head": ColwiseParallel(output_layouts=Replicate())}
+    tokens = Shard(1) if sequence else Replicate()
+    gathered = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+    plan = {"wte": RowwiseParallel(input_layouts=Replicate()), "head": ColwiseParallel(input_layouts=tokens, output_layouts=Replicate())}
+    if sequence:  # the residual stream enters the first block whole and is cut there (a local slice)
+        plan.update({"blocks.0": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True),
+                     "ln_f": SequenceParallel()})
     for i in range(cfg.n_layers):
-        plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(), f"blocks.{i}.attn.proj": RowwiseParallel(),
-                     f"blocks.{i}.mlp.fc": ColwiseParallel(), f"blocks.{i}.mlp.proj": RowwiseParallel()})
+        plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(), f"blocks.{i}.attn.proj": RowwiseParallel(output_layouts=tokens),
+                     f"blocks.{i}.mlp.fc": ColwiseParallel(), f"blocks.{i}.mlp.proj": RowwiseParallel(output_layouts=tokens)})
+        if sequence:
+            plan.update({f"blocks.{i}.ln_1": SequenceParallel(), f"blocks.{i}.ln_2": SequenceParallel(),
+                         f"blocks.{i}.attn": gathered, f"blocks.{i}.mlp": gathered})
     parallelize_module(module, init_device_mesh(dev.type, (world,)), plan)
     opt = torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WD, fused=dev.type == "cuda")
 
@@ -230,7 +242,8 @@ BUILD = {  # (config, precision, the arguments) -> a step of (x, y)
     "deepspeed_zero3_offload": lambda cfg, p, a: _deepspeed_offload(cfg, p, a.batch),
     "sharded_tp": lambda cfg, p, a: _sharded(cfg, p, 0, tp=False),
     "sharded_tp_sp": lambda cfg, p, a: _sharded(cfg, p, 0, tp=True),
-    "torch_tp": lambda cfg, p, a: _torch_tp(cfg, p),
+    "torch_tp": lambda cfg, p, a: _torch_tp(cfg, p, sequence=False),
+    "torch_tp_sp": lambda cfg, p, a: _torch_tp(cfg, p, sequence=True),
 }
 
 
