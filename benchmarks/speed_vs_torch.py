@@ -70,6 +70,12 @@ PAIRS = [
 LR, WD = 1e-4, 0.1
 
 
+def _gpt(cfg: GPTConfig) -> GPT:
+    """The model, initialised on this rank's device: a 13B model's CPU init would take minutes."""
+    with torch.device(sharded.distributed.device()):
+        return GPT(cfg)
+
+
 def _rows(x: torch.Tensor) -> slice:
     """This rank's rows of the global batch (the torch baselines slice it themselves)."""
     rank, world = sharded.distributed.rank(), sharded.distributed.world_size()
@@ -98,7 +104,7 @@ def _fsdp2(cfg: GPTConfig, precision: str, reshard: bool = True, compiled: str |
     bf16 = precision == "bf16"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     where = CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()
-    module = GPT(cfg).to(sharded.distributed.device())
+    module = _gpt(cfg)
     for i, block in enumerate(module.blocks):
         if compiled:  # torchtitan: compile each block, then shard it
             block = module.blocks[i] = torch.compile(block, backend=compiled, fullgraph=True)
@@ -124,7 +130,7 @@ def _torch_tp(cfg: GPTConfig, precision: str, sequence: bool):
     if cfg.tied:
         raise ValueError("torch_tp: parallelize_module would distribute a tied weight twice; run it with an untied head")
     world, dev = sharded.distributed.world_size(), sharded.distributed.device()
-    module = GPT(cfg).to(dev)
+    module = _gpt(cfg)
     with torch.no_grad():
         for block in module.blocks:
             for p in (block.attn.qkv.weight, block.attn.qkv.bias):
@@ -158,7 +164,7 @@ def _torch_tp(cfg: GPTConfig, precision: str, sequence: bool):
 def _ddp(cfg: GPTConfig, precision: str):
     from torch.nn.parallel import DistributedDataParallel
 
-    module = GPT(cfg).to(sharded.distributed.device())
+    module = _gpt(cfg)
     dev = sharded.distributed.device()
     wrapped = DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
     return _torch_step(wrapped, module.parameters(), autocast=True)  # fp32 params: bf16 compute is autocast's in both recipes
@@ -196,7 +202,7 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
     """stage 0: data_parallel; `tp` (its value: sequence_parallel): tensor_parallel over every rank instead."""
     if tp is not None:
         sharded.Mesh.set_current(sharded.Mesh(tp=sharded.distributed.world_size()))
-    model = sharded.trace(GPT(cfg).to(sharded.distributed.device()))
+    model = sharded.trace(_gpt(cfg))
     device = sharded.distributed.device().type
 
     def loss(params, batch):
