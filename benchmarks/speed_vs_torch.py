@@ -124,7 +124,7 @@ def _torch_tp(cfg: GPTConfig, precision: str, sequence: bool):
     ColwiseParallel's contiguous chunks are each rank's heads of q, k and v, as
     tensor_parallel's blocks are: the same model."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module
 
     if cfg.tied:
@@ -149,14 +149,18 @@ def _torch_tp(cfg: GPTConfig, precision: str, sequence: bool):
             plan.update({f"blocks.{i}.ln_1": SequenceParallel(), f"blocks.{i}.ln_2": SequenceParallel(),
                          f"blocks.{i}.attn": gathered, f"blocks.{i}.mlp": gathered})
     parallelize_module(module, init_device_mesh(dev.type, (world,)), plan)
-    opt = torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WD, fused=dev.type == "cuda")
+    # fused AdamW refuses DTensors beside plain tensors in one call: one optimizer for the
+    # params the plan distributed, one for those it left whole (each rank's identical copy)
+    kinds = ([p for p in module.parameters() if isinstance(p, DTensor) == distributed] for distributed in (True, False))
+    opts = [torch.optim.AdamW(group, lr=LR, weight_decay=WD, fused=True) for group in kinds if group]
 
     def step(x, y):  # every tp rank runs the whole global batch
         with torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn(module(x), y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return step
 
