@@ -186,7 +186,7 @@ def _deepspeed_offload(cfg: GPTConfig, precision: str, batch: int):
         "zero_optimization": {"stage": 3, "offload_optimizer": host, "offload_param": host, "overlap_comm": True, "contiguous_gradients": True},
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}},
     }
-    module = GPT(cfg)
+    module = _gpt(cfg)  # initialize partitions it and moves each rank's part to the host
     engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
 
     def run(x, y):
