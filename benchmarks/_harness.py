@@ -114,9 +114,10 @@ def provenance(benchmark: str, device: str, commit: str | None) -> dict:
     return {"benchmark": benchmark, "device": device, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "commit": commit}
 
 
-def report(result: dict, out: str | None) -> None:
-    """Print the result (without the per-system detail) and write it all to `out`."""
-    print(json.dumps({k: v for k, v in result.items() if k != "systems"}, indent=2))
+def report(result: dict, out: str | None, quiet: bool = False) -> None:
+    """Print the result (without the per-system detail, unless `quiet`) and write it all to `out`."""
+    if not quiet:
+        print(json.dumps({k: v for k, v in result.items() if k != "systems"}, indent=2))
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=2)

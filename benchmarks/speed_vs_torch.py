@@ -325,21 +325,27 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo, a smoke test of this harness")
     args = ap.parse_args()
     runs: dict[str, list[dict]] = {n: [] for n in args.systems}
-    for _ in range(args.repeats):
+    for turn in range(args.repeats):
         for name, result in run_each(args.systems, measure, args, device=args.device).items():
             runs[name].append(result)
+        # written after every turn: a run cut short by the device's time limit keeps the turns it finished
+        report(result_of(runs, args, turn + 1), args.out, quiet=turn + 1 < args.repeats)
+
+
+def result_of(runs: dict[str, list[dict]], args: argparse.Namespace, repeats: int) -> dict:
+    """The results JSON of the turns run so far: each system's summary and each pair's ratios."""
     cfg = _config(args)
     tokens = args.batch * args.nproc * args.seq
     peak = peak_flops(torch.device("cuda", 0)) * args.nproc if args.device == "cuda" else None
     systems = {n: summarize(r, tokens, flops_per_token(cfg), peak) for n, r in runs.items()}
     ok = lambda n: n in systems and "error" not in systems[n]  # noqa: E731
     device = f"{args.nproc}x {torch.cuda.get_device_name(0)}" if args.device == "cuda" else f"{args.nproc} CPU ranks (gloo)"
-    result = {
+    return {
         **provenance("speed_vs_torch", device, args.commit),
         "model": f"GPT-{args.preset}, {'tied' if args.tied else 'untied'} head, seq {args.seq}, {args.batch} sequences per rank",
         "precision": {"bf16": "bf16 params for compute, no autocast (sharded: mixed_precision('bf16', autocast=False)), fp32 reductions and masters (DDP: fp32 params under bf16 autocast)",
                       "autocast": "fp32 params and communication, bf16 autocast compute"}[args.precision] + "; fused AdamW",
-        "repeats": args.repeats,
+        "repeats": repeats,
         "systems": systems,
         "ratios": {
             f"{a}/{b}": {
@@ -351,7 +357,6 @@ def main() -> None:
             if ok(a) and ok(b)
         },
     }
-    report(result, args.out)
 
 
 if __name__ == "__main__":
