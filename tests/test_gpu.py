@@ -99,6 +99,7 @@ def _infinity_on_one_gpu(cfg, batches):
     step = sharded.offload("cpu", params=True)(sharded.shard_zero(stage=3)(make_train_step(model)))
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     assert all(x.device.type == "cpu" for x in state.params.values())  # every param on the host between steps
+    assert all(p.untyped_storage().size() == 0 for p in model.params.values())  # the model's device copies given back
     for x, y in batches:
         state, m = step(state, (x.to(dev), y.to(dev)))
     return {k: v.cpu() for k, v in step.gather(state).params.items()}, m["loss"].cpu()

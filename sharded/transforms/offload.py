@@ -194,6 +194,11 @@ class Offload(Transform):
         `tier(path)`; the device it came from is remembered for `gather`."""
         self._device = next((x.device for x in T.leaves(state.params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
         moved = map_state(state, lambda path, x: move(path, x) if self._offloaded(path, x) else x)
+        for (path, x), (_, y) in zip(state_leaves(state), state_leaves(moved)):
+            if path.startswith("params") and y is not x and x.device.type != "cpu":
+                # donated (decision 1): on one rank ZeRO-3 leaves the model's own device tensors in
+                # the state, and the traced model would keep them alive beside their host copies
+                x.untyped_storage().resize_(0)
         placements = {
             path: dataclasses.replace(state.placements.get(path) or Placement(x.shape), tier=tier(path))
             for path, x in state_leaves(moved)
