@@ -186,7 +186,9 @@ def test_the_host_update_takes_this_ranks_share_of_the_cores(monkeypatch):
     module = sys.modules["sharded.transforms.offload"]
     monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert module._host_threads() == 8  # 16 cores, 2 ranks on the host
+    assert module._host_threads() == 7  # 16 cores, 2 ranks on the host, one core each for its own thread
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert module._host_threads() == 1  # never none
     before = torch.get_num_threads()
     with module._threads(1):
         assert torch.get_num_threads() == 1

@@ -328,9 +328,12 @@ def _on_host_cores() -> contextlib.AbstractContextManager:
 
 
 def _host_threads() -> int:
-    """This rank's share of the cores it may run on: the ranks on one host update at once."""
+    """This rank's share of the cores it may run on (the ranks on one host update at
+    once), less the one its own thread keeps launching the GPU's work and copies on:
+    torch's CPU AdamW in parts from a worker ran 1.12-1.13x faster so on both GPU hosts
+    (`benchmarks/host_adamw.py`, parts_worker_fewer_threads; docs/perf-notes.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
 
 
 @contextlib.contextmanager
