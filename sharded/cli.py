@@ -75,7 +75,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host-buffer-gb", type=float, default=d.host_buffer_gb, help="with --offload nvme: host memory (GB) the update stages the state through")
     p.add_argument("--offload-only", default=d.offload_only, metavar="REGEX", help="with --offload cpu: move only the optimizer state of params whose names match (e.g. 'blocks\\.[0-9]\\.'); the rest updates on the device")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
-    p.add_argument("--compile", default=d.compile, choices=["none", "inductor", "aot_eager"], help="each block's forward through torch.compile with this backend (sharded.compile)")
+    p.add_argument("--compile", default=d.compile, choices=["none", "inductor", "aot_eager"], help="the forward through torch.compile with this backend (sharded.compile): one graph on one GPU, else block by block")
     p.add_argument("--data", default=d.data, help="your data: a text file, or a token file (.bin uint16 as nanoGPT writes it, .npy), memory-mapped; the last 10%% is validation")
     p.add_argument("--data-dtype", default=d.data_dtype, choices=["uint16", "uint32"], help="the token ids of a .bin --data file (nanoGPT writes uint16)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="a local Hugging Face tokenizer directory for a text --data (default: bytes)")

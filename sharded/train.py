@@ -50,7 +50,7 @@ class TrainConfig:
     loss_parallel: bool = False  # with tp > 1: the loss over logits sharded by vocabulary (no rank holds all of them)
     precision: str = "fp32"  # or "bf16" / "fp16": mixed_precision around the step
     remat: str = "none"  # or "full" / "selective": activation checkpointing per block
-    compile: str = "none"  # or a torch.compile backend ("inductor"): each block's forward compiled whole
+    compile: str = "none"  # or a torch.compile backend ("inductor"): the forward compiled (one graph on one GPU, else block by block)
     compress: str = "none"  # or "onebit": 1-bit Adam (compress_grads + onebit_adam)
     compress_warmup: float = 0.15  # the fraction of the steps before 1-bit Adam compresses
     offload: str = "none"  # "cpu": the optimizer state in host memory; "nvme": in files on local disk; the update on the host
@@ -82,7 +82,7 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     """The user's step, then the transforms (any nesting is sorted into the canonical
     order; this one is it, innermost first):
 
-    0. compile (if asked): each block's own forward, compiled, inside everything else;
+    0. compile (if asked): the forward compiled, whole on one GPU, else each block's, inside everything else;
        mixed_precision (if asked): it only changes how each forward runs;
     1. remat (if asked): each block keeps only its inputs through the forward;
     2. accumulate: micro-batches inside each rank; with pp > 1, pipeline instead, whose

@@ -1,11 +1,23 @@
-"""`compile(backend="inductor")`: each block's forward through `torch.compile`.
+"""`compile(backend="inductor")`: the model's forward through `torch.compile`, whole or
+block by block.
 
 Reference semantics: the plain step (a compiled block computes what its forward does;
 with inductor, to its kernels' rounding).
 
     step = sharded.shard_zero(stage=3)(sharded.compile()(train_step))
 
-It is a handler of the "block" primitive (see [Note: the block primitive] in trace.py)
+[Note: whole or by block] Where no other transform works inside the model's forward or
+backward (no block or apply handler but a cast's, no grads reduced as backward makes
+them: one GPU, with mixed_precision or accumulate), the whole forward, embedding, blocks
+and head, is one graph: `torch.func.functional_call` of the module on the params,
+compiled as `torch.compile(module)` would compile it, and mixed_precision casts every
+param in apply (`Capability.RUNS_MODEL_WHOLE`). Elsewhere a graph of the whole model
+would hide the blocks from the transforms that work on them (gathers, a schedule,
+recompute) and end backward in one node, with no grad ready before the last, so
+nothing would overlap the grads' reduction; there it compiles block by block, below.
+A model that does not compile as one graph falls back to blocks, with a warning.
+
+Block by block, it is a handler of the "block" primitive (see [Note: the block primitive] in trace.py)
 at the innermost level, COMPILE: every other transform's block work (ZeRO-3's gathers
 and frees, a pipeline's boundaries, remat's checkpoint, mixed_precision's casts) runs
 around the compiled function, which is the block's own forward alone, a pure function
@@ -19,11 +31,12 @@ torch.func's transforms (a differentiation in the step's own code) blocks run ea
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable
 
 import torch
 
-from sharded.step import Level, Op, ProgramInfo, Transform, transform
+from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.trace import under_torch_func
 
 __all__ = ["compile"]
@@ -40,7 +53,17 @@ class Compile(Transform):
             raise ValueError(f"compile(backend={backend!r}) is not a torch.compile backend here; choose from {sorted(torch.compiler.list_backends())}")
         self.backend, self.mode, self.dynamic = backend, mode, dynamic
         self.handlers = {"block": self._block}
-        self._compiled: dict[torch.nn.Module, Callable] = {}  # block module -> its compiled forward
+        self._compiled: dict[torch.nn.Module, Callable] = {}  # block (or whole) module -> its compiled forward
+        self._by_block: set[torch.nn.Module] = set()  # whole modules that did not compile as one graph
+
+    def check(self, stack: Any) -> None:
+        """Whole or by block ([Note: whole or by block]), from the rest of the stack."""
+        inside = any(
+            Capability.REDUCES_GRADS in t.capabilities or (Capability.CASTS_PARAMS not in t.capabilities and {"apply", "block"} & t.handlers.keys())
+            for t in stack if t is not self
+        )
+        self.capabilities = Capability.NONE if inside else Capability.RUNS_MODEL_WHOLE
+        self.handlers = {"block": self._block} if inside else {"apply": self._apply, "block": self._block}
 
     def __getstate__(self) -> dict:
         """Sent to other ranks without its compiled functions: each process compiles its own."""
@@ -50,13 +73,35 @@ class Compile(Transform):
         backend = self.backend if isinstance(self.backend, str) else getattr(self.backend, "__name__", "custom")
         return f"compile({backend!r})"
 
+    def _compile(self, fn: Callable) -> Callable:
+        return torch.compile(fn, backend=self.backend, mode=self.mode, dynamic=self.dynamic, fullgraph=True)
+
     def _forward(self, call: Any) -> Callable:
         forward = self._compiled.get(call.module)
         if forward is None:
-            forward = self._compiled[call.module] = _whole(call.name, torch.compile(
-                call.forward, backend=self.backend, mode=self.mode, dynamic=self.dynamic, fullgraph=True
-            ))
+            forward = self._compiled[call.module] = _whole(call.name, self._compile(call.forward))
         return forward
+
+    def _apply(self, next_: Callable, model: Any, params: dict, args: tuple, kwargs: dict) -> Any:
+        """The whole forward as one graph; the blocks' path where it does not compile as one."""
+        if under_torch_func(params) or model.module in self._by_block or model.params.keys() - params.keys():
+            return next_(model, params, args, kwargs)
+        run = self._compiled.get(model.module)
+        if run is None:
+            module = model.module
+
+            def forward(named: dict, args: tuple, kwargs: dict) -> Any:
+                return torch.func.functional_call(module, named, args, kwargs, tie_weights=False)
+
+            run = self._compiled[model.module] = self._compile(forward)
+        named = {**model.buffers, **{alias: params[canonical] for alias, canonical in model.tied.items()}, **params}
+        try:
+            return run(named, args, kwargs)
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+            reason = str(e).strip().splitlines()[0]
+            warnings.warn(f"compile: {type(model.module).__name__} does not compile as one graph ({reason}); compiling it block by block", stacklevel=2)
+            self._by_block.add(model.module)
+            return next_(model, params, args, kwargs)
 
     def _block(self, next_: Callable, call: Any, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
         if under_torch_func(params):
@@ -64,7 +109,8 @@ class Compile(Transform):
         return next_(dataclasses.replace(call, forward=self._forward(call)), params, buffers, args, kwargs)
 
     def explain(self, program: list[Op], info: ProgramInfo) -> list[Op]:
-        note = f"each block's forward compiled whole ({self.describe()}), the transforms' block work around it"
+        note = (f"the whole forward compiled as one graph ({self.describe()})" if Capability.RUNS_MODEL_WHOLE in self.capabilities
+                else f"each block's forward compiled whole ({self.describe()}), the transforms' block work around it")
 
         def rewrite(op: Op) -> Op:
             detail = f"{op.detail}; {note}" if op.name == "forward" else op.detail

@@ -106,6 +106,7 @@ class MixedPrecision(Transform):
             self.handlers.update(value_and_grad=self._value_and_grad, update=self._update)
         self._cast: dict[str, bool] | None = None
         self.cast_at_use = False  # under ZeRO-3: see check()
+        self.cast_blocks_in_apply = False  # when the model runs whole: see require()
         self._skipped = False  # whether the last update skipped its step
 
     def check(self, stack: Any) -> None:
@@ -116,6 +117,11 @@ class MixedPrecision(Transform):
         if self.cast_at_use and self.user_policy:
             applies = "applies to non-matmul ops only" if self.autocast else "is ignored (no autocast: every param runs in param_dtype)"
             warnings.warn(f"mixed_precision with sharded params (ZeRO-3): its params are gathered in param_dtype, so keep_fp32 {applies}", stacklevel=3)
+
+    def require(self, stack: Any) -> None:
+        """A transform that runs the model as one function (compile's whole-model graph)
+        binds no block, so the blocks' params are cast with the rest, in apply."""
+        self.cast_blocks_in_apply = any(Capability.RUNS_MODEL_WHOLE in t.capabilities for t in stack)
 
     def describe(self) -> str:
         scaling = ", dynamic loss scale" if self.scaling else ""
@@ -164,7 +170,7 @@ class MixedPrecision(Transform):
         # The blocks' params are cast by the block handler, as each block runs: under
         # remat the casts are then recomputed in backward rather than kept.
         if not self.cast_at_use:
-            params = self._cast_params(params, skip=model.block_params)
+            params = self._cast_params(params, skip=frozenset() if self.cast_blocks_in_apply else model.block_params)
         if not self.autocast or self.compute not in _AUTOCAST:  # the params' cast is all there is
             return next_(model, params, args, kwargs)
         # The compute device (a pipeline hands other stages' params over as meta placeholders).
