@@ -8,7 +8,8 @@ that alternate them (min/median/max step time):
   torch_compile    the same, the whole module through torch.compile (inductor)
   sharded_eager    mixed_precision("bf16", autocast=False)(train_step): bf16 params for
                    compute, fp32 masters, AdamW (the recipe the 2-GPU benchmarks run)
-  sharded_compile  the same with sharded.compile(): each block's forward compiled whole
+  sharded_compile  the same with sharded.compile(): alone with the cast, the whole forward
+                   compiled as one graph (decision 51)
 Acceptance (issue 13): sharded_compile >= 1.0x torch_compile. The systems share the GPU's
 memory, so peaks are not reported here. Host time per step (until the step's launches
 return) is: a median near the step time means the host bounds the step.
@@ -66,6 +67,7 @@ def main() -> None:
     ap.set_defaults(preset="350m", seq=1024)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per system per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS, help="a subset to run")
     args = ap.parse_args()
     cfg = GPTConfig.preset(args.preset, seq_len=args.seq, tied=False)
     g = torch.Generator().manual_seed(0)
@@ -73,7 +75,7 @@ def main() -> None:
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).cuda()
     build = {"torch_eager": lambda: _torch(cfg, False), "torch_compile": lambda: _torch(cfg, True),
              "sharded_eager": lambda: _sharded(cfg, False), "sharded_compile": lambda: _sharded(cfg, True)}
-    steps, errors = built_and_warm(SYSTEMS, lambda name: build[name](), args.warmup, x, y)  # the compiled systems compile here
+    steps, errors = built_and_warm(args.systems, lambda name: build[name](), args.warmup, x, y)  # the compiled systems compile here
     runs = alternate(steps, args.rounds, args.steps, x, y)
     times = {name: r["step_s"] for name, r in runs.items()}
     tokens = args.batch * args.seq
