@@ -1,6 +1,8 @@
-"""sharded.compile: each block's forward compiled whole, everything else's block work
-around it. Equality with the plain step under every transform and pair of transforms is
+"""sharded.compile: the whole forward as one graph where nothing else works inside it,
+else each block's forward compiled whole, everything else's block work around it. Equality with the plain step under every transform and pair of transforms is
 in test_registry.py (backend "aot_eager"); here: what is compiled, and what is refused."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -118,3 +120,37 @@ def test_compile_composes_with_zero3_and_remat_on_two_ranks():
     batches = [(torch.randint(0, cfg.vocab, (4, 3)),) * 2 for _ in range(3)]
     state = sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2))
     sharded.testing.assert_step_equivalent(step, make_train_step(model), state, batches, world_size=2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, whole", [("llama", True), ("gpt2", False)])
+def test_hugging_face_models_compile_whole_or_fall_back_to_blocks(kind, whole):
+    """Alone, Llama's forward is one graph; GPT-2's logs from inside its forward, which
+    breaks the whole graph, so it falls back to its blocks with a warning. Both train as
+    eager does."""
+    transformers = pytest.importorskip("transformers")
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    if kind == "llama":
+        module = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))
+    else:
+        module = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = sharded.trace(module.double())
+
+    def train_step(state, batch):
+        value, grads = sharded.value_and_grad(lambda p, b: model.apply(p, b[0], labels=b[1]).loss)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    graphs = Graphs()
+    steps = [sharded.compile(backend=graphs)(train_step), sharded.Step(train_step)]
+    states = [s.init(sharded.TrainState.create({k: v.clone() for k, v in model.params.items()}, sharded.optim.adamw(1e-2))) for s in steps]
+    x = torch.randint(0, 48, (2, 16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            (states[0], got), (states[1], want) = (s(st, (x, x)) for s, st in zip(steps, states))
+            torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-12, atol=1e-12)
+    fell_back = [w for w in caught if "does not compile as one graph" in str(w.message)]
+    assert len(fell_back) == (0 if whole else 1)
+    assert len(graphs.nodes) == 1 if whole else len(set(graphs.nodes)) == 1  # the whole model, or its blocks' graphs (one per layer index here)
