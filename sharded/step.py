@@ -23,7 +23,10 @@ nothing a step learns leaks into another. A Transform has
   - `explain(program, info) -> program`: its rewrite of the step's program, as `Op`s;
   - `check(stack)`: raise at construction when it cannot run in `stack`;
   - `require(stack)`: raise at `init` when the finished stack lacks what it needs;
-  - `metrics(state) -> dict`: what it adds to the step's metrics (a loss scale, say).
+  - `metrics(state) -> dict`: what it adds to the step's metrics (a loss scale, say);
+  - `grad_scale`, `skipped_update`, `whole_update`: what a transform that rewrites the
+    grads tells the others about this step's (a loss scale, a skipped update, grads
+    that every rank holds whole).
 Handlers apply outermost first; `init` runs innermost first, `gather` outermost first.
 """
 from __future__ import annotations
@@ -160,6 +163,15 @@ class Transform:
         grads overflowed), so that state a transform changed earlier in the step (an
         exchange's error feedback) can be put back as the skipped step found it."""
         return False
+
+    def whole_update(self, opt_state: Any) -> tuple[Any, Any] | None:
+        """With REWRITES_GRADS: this step's update as every rank can run it alike on the
+        whole params, or None: the grads of every leaf, whole and bitwise equal on every
+        rank, and an optimizer state of whole tensors standing in for `opt_state` (this
+        rank's chunks). A transform that shards the update (ZeRO-1/2) may then run it on
+        the whole params and keep its chunks of the new state, with no params to gather
+        (see [Note: an update every rank runs whole] in shard_zero.py)."""
+        return None
 
     def describe(self) -> str:
         return self.name

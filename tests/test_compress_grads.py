@@ -1,6 +1,7 @@
 """compress_grads("onebit"): plain Adam during warmup, then a compressed exchange equal
 to a plain single-process simulation of N workers running the same 1-bit algorithm."""
 import copy
+import functools
 import math
 
 import pytest
@@ -213,7 +214,7 @@ def test_a_loss_scale_is_divided_out_before_the_exchange():
     assert_step_equivalent(step, reference, _state(model, warmup=1), _batches(4), world_size=2, rtol=1e-7, atol=1e-9)
 
 
-def _overflow_keeps_the_exchange_state(partial):
+def _overflow_keeps_the_exchange_state(partial, reducer):
     """A compressed step that overflows: on rank 1's rows (every bucket), or in one leaf
     only (`partial`: one bucket of many, the others exchanged with finite momentum)."""
     model = sharded.trace(ToyLM(CFG).double())
@@ -230,22 +231,50 @@ def _overflow_keeps_the_exchange_state(partial):
         return state.apply_gradients(grads), {"loss": value}
 
     scaled = sharded.mixed_precision(torch.float64, keep_fp32=lambda name, p: False, loss_scale=True)
-    step = sharded.compress_grads()(sharded.data_parallel(bucket_mb=1e-4)(scaled(train_step)))
+    step = sharded.compress_grads()(reducer(bucket_mb=1e-4)(scaled(train_step)))
     state = step.init(_state(model, warmup=1))
     (tokens, targets), ones, zero = _batches(4, steps=1)[0], torch.ones(4, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
     for _ in range(2):  # warmup, then a compressed step
         state, _ = step(state, (tokens, targets, ones, zero))
-    before = copy.deepcopy((state.params, state.extra["compress_grads"]))
+    before = copy.deepcopy((state.params, state.extra["compress_grads"], state.opt_state))
     if partial:
         bad = (tokens, targets, ones, torch.tensor(float("inf"), dtype=torch.float64))
     else:  # rank 1's rows weigh inf
         bad = (tokens, targets, torch.tensor([1.0, 1.0, float("inf"), 1.0], dtype=torch.float64), zero)
     state, metrics = step(state, bad)
-    after = (state.params, state.extra["compress_grads"])
+    after = (state.params, state.extra["compress_grads"], state.opt_state)
     return int(metrics["skipped_steps"]), all(torch.equal(a, b) for a, b in zip(sharded.tree.leaves(before), sharded.tree.leaves(after)))
 
 
+@pytest.mark.parametrize("reducer", [sharded.data_parallel, functools.partial(sharded.shard_zero, stage=2)], ids=["data_parallel", "zero2"])
 @pytest.mark.parametrize("partial", [False, True], ids=["every bucket", "one bucket of many"])
-def test_an_overflowing_step_leaves_the_exchange_state_as_it_was(partial):
-    for skipped, unchanged in get_pool(2).run(_overflow_keeps_the_exchange_state, partial):
+def test_an_overflowing_step_leaves_the_exchange_state_as_it_was(partial, reducer):
+    """Under ZeRO-2 the update runs whole on a stand-in state, which a skipped step must
+    not keep (its momentum is zero)."""
+    for skipped, unchanged in get_pool(2).run(_overflow_keeps_the_exchange_state, partial, reducer):
         assert skipped == 1 and unchanged
+
+
+def _gathers_and_replicas(stack):
+    """After warmup under ZeRO-1/2: the untagged all-gathers a compressed step issues (the
+    params' gather after the update, gone), and every rank's params, to compare."""
+    model = sharded.trace(ToyLM(CFG).double())
+    step = STACKS[stack](make_train_step(model))
+    state = step.init(_state(model, warmup=1))
+    gathers = []
+    for batch in _batches(4, steps=4):
+        with comm.recording() as ops:
+            state, _ = step(state, batch)
+        gathers.append(sum(op.name == "all_gather" and op.tag not in ("reduce_grads", "compress_grads") for op in ops))
+    mine = torch.cat([p.reshape(-1) for p in state.params.values()])
+    everyone = comm.gathered(mine, torch.distributed.group.WORLD)
+    return gathers, all(torch.equal(everyone[0], x) for x in everyone)
+
+
+@pytest.mark.parametrize("stack", ["zero1", "zero2"])
+def test_after_warmup_zero_updates_whole_params_on_every_rank_without_a_gather(stack):
+    """[Note: an update every rank runs whole]: the params stay bitwise equal on every rank
+    (the equality with the reference is test_after_warmup_the_exchange_is_the_one_bit_algorithm)."""
+    for gathers, equal in get_pool(2).run(_gathers_and_replicas, stack):
+        assert gathers[0] > 0 and gathers[2:] == [0, 0], gathers
+        assert equal

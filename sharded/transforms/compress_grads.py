@@ -36,9 +36,9 @@ all of a size, so one scale per block fits them all; the raw momentum's elements
 by orders of magnitude within a block, and a sign code gives the small ones the
 block's scale, which the optimizer then divides by their small sqrt(v) (on the tiny
 GPT, one seed in three went unstable after the switch: val loss 0.88 against 0.71).
-Every worker divides its grads by d for every chunk it sends, so each rank keeps d
-whole (`extra["compress_grads"]["denominator"]`, made once when the variance freezes:
-under ZeRO each rank makes its chunks' and all-gathers them).
+Every worker divides its grads by d for every chunk it sends, so each rank keeps the
+frozen variance v whole (`extra["compress_grads"]["variance"]`, all-gathered once when it
+freezes under ZeRO) and makes d from it for each exchange.
 
 [Note: momentum through the grads] The exchange yields the new momentum m', but the
 optimizer takes grads. Handing it g = (m' - b1·m)/(1 - b1), with m its own momentum,
@@ -49,6 +49,12 @@ out before the exchange and multiplied back into g (`Transform.grad_scale`), so 
 overflow check and unscaling see what they expect; an exchange whose momentum is not
 finite (an overflow on some rank) leaves the carries and errors as they were, and the
 step is skipped as any overflowing step.
+
+Under shard_zero(stage=1|2) every rank then holds the whole new momentum and the whole
+frozen variance, so every rank can update every param alike and ZeRO need not gather
+the params after the update ([Note: an update every rank runs whole] in shard_zero.py).
+Each exchange also keeps its bucket's grads whole for that (g = m'/(1 - b1), from a zero
+momentum: `whole_update`), where nothing else in the stack rewrites the update.
 
 [Note: a skipped step undoes its exchanges] An overflow often reaches only some buckets:
 the last layers' grads, reduced first in backward, can be finite while the first layers'
@@ -64,6 +70,7 @@ import math
 import warnings
 from typing import Any, Callable
 
+import optree
 import torch
 
 from sharded import comm, kernels, primitives
@@ -163,6 +170,8 @@ class CompressGrads(Transform):
         self._undo: list[tuple] = []  # this step's replaced exchange state ([Note: a skipped step undoes its exchanges])
         self._undo_step = -1
         self._b1 = 0.9  # the optimizer's, once `init` has read it
+        self._keeps_whole = False  # set by `require`: offer ZeRO-1/2 this step's grads whole
+        self._whole: dict[int, torch.Tensor] = {}  # this step's whole grads by leaf index, for `whole_update`
 
     def describe(self) -> str:
         return f"compress_grads({self.method!r}, after {self._warmup} warmup steps)"
@@ -188,6 +197,11 @@ class CompressGrads(Transform):
             )
         self.axis = reducers[0].axis
         self._scalers = [t for t in stack if Capability.SCALES_LOSS in t.capabilities]
+        # ZeRO-1/2 may run the update whole on every rank (whole_update) where every other
+        # update handler is the reducer's or a loss scaler's (offload, pipeline and
+        # tensor_parallel lay the update out themselves)
+        others = [t for t in stack if t is not self and "update" in t.handlers and not t.capabilities & (Capability.REDUCES_GRADS | Capability.SCALES_LOSS)]
+        self._keeps_whole = not others and Capability.SHARDS_PARAMS not in reducers[0].capabilities
 
     def init(self, state: Any) -> Any:
         adam = _frozen_adam(state.opt_state)
@@ -198,19 +212,19 @@ class CompressGrads(Transform):
         size = Mesh.current().size(self.axis)
         if size == 1:
             warnings.warn(f"compress_grads: the {self.axis!r} axis has one rank, so there is nothing to compress; the step runs uncompressed", stacklevel=3)
-        carry, server, started, denominator, placements = [], [], [], [], {}
+        carry, server, started, variance, placements = [], [], [], [], {}
         for k, (path, x) in enumerate(T.leaves_with_paths(state.params)):
             placed = state.placements.get("params" + path)
             numel = (placed.shape if placed is not None else x.shape).numel() if x.is_floating_point() else 0
             dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
             carry.append(torch.zeros(numel, dtype=dtype, device=x.device))
             started.append(torch.zeros((), dtype=torch.bool, device=x.device))  # has an exchange carried its momentum yet
-            denominator.append(torch.ones(numel, dtype=dtype, device=x.device))  # sqrt(v) + eps, once v is frozen
-            placements[f"extra['compress_grads']['denominator'][{k}]"] = Placement(denominator[-1].shape)
+            variance.append(torch.zeros(numel, dtype=dtype, device=x.device))  # v whole, once it is frozen
+            placements[f"extra['compress_grads']['variance'][{k}]"] = Placement(variance[-1].shape)
             server.append(torch.zeros(chunk_size(numel, size), dtype=dtype, device=x.device))
             for name, buffers in (("carry", carry), ("server", server)):
                 placements[f"extra['compress_grads']['{name}'][{k}]"] = Placement(buffers[-1].shape, per_rank=True)
-        extra = {**state.extra, "compress_grads": {"carry": carry, "server": server, "started": started, "denominator": denominator}}
+        extra = {**state.extra, "compress_grads": {"carry": carry, "server": server, "started": started, "variance": variance}}
         return state.replace(extra=extra, placements=state.placements.update(placements))
 
     # -- the exchange ------------------------------------------------------------------
@@ -229,13 +243,17 @@ class CompressGrads(Transform):
         for t in self._scalers:
             scale = scale * t.grad_scale(state)
         adam = _frozen_adam(state.opt_state)
-        if self._undo_step != int(state.step):  # a new step: nothing of an earlier one is undone
-            self._undo, self._undo_step = [], int(state.step)
+        if self._undo_step != int(state.step):  # a new step: nothing of an earlier one is undone or updated whole
+            self._undo, self._whole, self._undo_step = [], {}, int(state.step)
         with comm.tagged("compress_grads"):  # its two dependent phases overlap the rest of backward
-            first = int(state.step) == self._warmup  # the variance has just frozen: its denominator is made once, here
-            return comm.on_side_stream(lambda: self._exchange(bucket, adam, mine, scale, first), bucket.grads.device, "compress_grads")
+            first = int(state.step) == self._warmup  # the variance has just frozen: it is gathered whole once, here
+            whole = None
+            if self._keeps_whole and bucket.reduction is Reduction.REDUCE_SCATTER:  # for `whole_update`; made on this stream, which reads them
+                whole = [torch.empty(n, dtype=mine["carry"][i].dtype, device=bucket.grads.device) for i, n in zip(bucket.layout.leaves, bucket.layout.numels)]
+                self._whole.update(zip(bucket.layout.leaves, whole))
+            return comm.on_side_stream(lambda: self._exchange(bucket, adam, mine, scale, first, whole), bucket.grads.device, "compress_grads")
 
-    def _exchange(self, bucket: GradBucket, adam: ScaleByFrozenAdamState, mine: dict, scale: Any, first: bool) -> None:
+    def _exchange(self, bucket: GradBucket, adam: ScaleByFrozenAdamState, mine: dict, scale: Any, first: bool, whole: list | None) -> None:
         fg, group = bucket.layout, bucket.group
         ranks, me = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
         carry, server = [mine["carry"][i] for i in fg.leaves], [mine["server"][i] for i in fg.leaves]
@@ -246,10 +264,10 @@ class CompressGrads(Transform):
         dtype, b1, block, words = rows.layout.dtype, self._b1, self.block, rows.words
         scale = torch.as_tensor(scale, dtype=dtype, device=bucket.grads.device)  # the loss scale, in the exchange's precision
         held = rows.gather(carry)
-        denominator = [mine["denominator"][i] for i in fg.leaves]
+        variance = [mine["variance"][i] for i in fg.leaves]
         if first:
-            self._make_denominator(bucket, rows, T.leaves(adam.nu), denominator, me)
-        d = torch.where(rows.valid, rows.gather(denominator), 1.0)  # [Note: the exchange in Adam's units]
+            self._freeze_variance(bucket, rows, T.leaves(adam.nu), variance)
+        d = torch.where(rows.valid, rows.gather(variance).sqrt_().add_(self._eps), 1.0)  # [Note: the exchange in Adam's units]
         x = self._bucket_rows(bucket, rows).mul_((1 - b1) / scale).div_(d).add_(held)
         block_scales = rows.scales(x, rows.lengths)
         error = torch.empty_like(x)
@@ -287,14 +305,42 @@ class CompressGrads(Transform):
         if self._scalers:
             self._undo.append((rows, held, held_server, carry, server, flags, started.clone()))
         torch._foreach_copy_(flags, [started | finite] * len(fg.leaves))
-        grads = new.mul_(d).sub_(momentum, alpha=b1).mul_(scale / (1 - b1))  # [Note: momentum through the grads]
+        new.mul_(d)  # m'
+        if whole is not None:  # the grads from a zero momentum, for `whole_update`
+            rows.scatter(new * (scale / (1 - b1)), whole)
+        grads = new.sub_(momentum, alpha=b1).mul_(scale / (1 - b1))  # [Note: momentum through the grads]
         if bucket.reduction is Reduction.REDUCE_SCATTER:  # ZeRO (every stage, decision 39)
             rows.regroup(grads[me], rows.layout.offsets, bucket.out, fg.offsets)
         else:  # data_parallel: whole leaves
             rows.scatter(grads, [bucket.grads[o : o + k] for o, k in zip(fg.offsets, fg.numels)])
 
+    def whole_update(self, opt_state: Any) -> tuple[Any, Any] | None:
+        """This step's grads whole, from a zero momentum (g = m'/(1 - b1)), and the
+        optimizer state with whole moments: zero and the frozen variance. None unless every
+        leaf was exchanged this step and 1-bit Adam's moments are the only state that
+        mirrors the params."""
+        state = primitives.step_state()
+        params = T.leaves(state.params)
+        if not self._whole or len(self._whole) != len(params) or self._undo_step != int(state.step):
+            return None
+        adam = _frozen_adam(opt_state)
+        mirrored = sum(x.dim() > 0 for x in T.leaves(opt_state) if isinstance(x, torch.Tensor))
+        if mirrored != 2 * len(params):  # another member keeps per-param state: it stays chunked, gathered
+            return None
+        spec = T.structure(adam.mu)
+        grads = T.unflatten(spec, [self._whole[i].view(p.shape) for i, p in enumerate(params)])
+        mu = T.unflatten(spec, [torch.zeros(p.shape, dtype=m.dtype, device=m.device) for p, m in zip(params, T.leaves(adam.mu))])
+        variance = state.extra["compress_grads"]["variance"]
+        nu = T.unflatten(spec, [v.view(p.shape).to(n.dtype) for v, p, n in zip(variance, params, T.leaves(adam.nu))])
+        stand_in = optree.tree_map(
+            lambda x: x._replace(mu=mu, nu=nu) if isinstance(x, ScaleByFrozenAdamState) else x,
+            opt_state, is_leaf=lambda x: isinstance(x, ScaleByFrozenAdamState), none_is_leaf=True, namespace="sharded",
+        )
+        return grads, stand_in
+
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
         out = next_(tx, grads, opt_state, params)
+        self._whole = {}
         if any(t.skipped_update() for t in self._scalers):
             for rows, held, held_server, carry, server, flags, started in self._undo:
                 rows.scatter(held, carry)
@@ -303,18 +349,17 @@ class CompressGrads(Transform):
         self._undo = []
         return out
 
-    def _make_denominator(self, bucket: GradBucket, rows: _Rows, nu: list[torch.Tensor], out: list[torch.Tensor], me: int) -> None:
-        """sqrt(v) + eps of the bucket's leaves, whole on every rank: from the whole v
-        under data_parallel; under ZeRO each rank makes its chunks' and all-gathers them
-        (once, when the variance freezes)."""
+    def _freeze_variance(self, bucket: GradBucket, rows: _Rows, nu: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+        """The frozen v of the bucket's leaves, whole on every rank: copied under
+        data_parallel; under ZeRO each rank holds its chunks and all-gathers them (once,
+        when the variance freezes)."""
         fg = bucket.layout
         if fg.ranks == 1:
             for v, o in zip((nu[i] for i in fg.leaves), out):
-                o.copy_(v.reshape(-1).sqrt() + self._eps)
+                o.copy_(v.reshape(-1))
             return
         mine = torch.zeros(rows.layout.size, dtype=rows.layout.dtype, device=bucket.grads.device)
         rows.layout.write_chunks(mine, [nu[i] for i in fg.leaves])
-        mine = mine.sqrt_().add_(self._eps)
         everyone = torch.empty(rows.layout.ranks * rows.layout.size, dtype=mine.dtype, device=mine.device)
         comm.all_gather_into_tensor(everyone, mine, group=bucket.group)
         rows.scatter(everyone.view(rows.layout.ranks, -1), out)
@@ -353,6 +398,8 @@ class CompressGrads(Transform):
             f"{4 * numel / 2**20:.2f} MiB of fp32 grads, over {self.axis}={size}",
             nbytes=int(signs * (1 + 1 / size)),
         )
+        if self._keeps_whole:  # [Note: an update every rank runs whole]
+            return program + [note, Op("compute", "whole update (after warmup)", "every rank updates every param alike; ZeRO-1/2's all-gather of the params is skipped")]
         return program + [note]
 
 

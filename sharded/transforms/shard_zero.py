@@ -94,10 +94,14 @@ class ShardZero(Transform):
         self.gather_dtype: torch.dtype | None = None  # set by check()
         self.fetches = False  # set by check(): whether params live off the device (offload(params=True))
         self._order = ReadyOrder()
+        self._stack: tuple[Transform, ...] = ()  # the finished stack, once `require` has seen it
 
     def describe(self) -> str:
         hybrid = f", sharded in groups of {self.hybrid}" if self.hybrid else ""
         return f"shard_zero(stage={self.stage}, {self.axis}={self._mesh().size(self.axis)}{hybrid})"
+
+    def require(self, stack: Any) -> None:
+        self._stack = tuple(stack)
 
     def check(self, stack: Any) -> None:
         # Stage 3 gathers params in the compute dtype of a transform that casts them
@@ -344,6 +348,10 @@ class ShardZero(Transform):
         size, rank, group = self._axis()
         if size == 1:
             return next_(tx, grads, opt_state, params)
+        if self.stage < 3:
+            whole = next((w for w in (t.whole_update(opt_state) for t in self._stack) if w is not None), None)
+            if whole is not None:
+                return self._update_whole(next_, tx, *whole, opt_state, params)
         with T.sharded_over(group):
             if self.stage == 3:
                 return next_(tx, grads, opt_state, params)
@@ -356,6 +364,22 @@ class ShardZero(Transform):
             pending.wait()
             b.read_all(rows, [leaves[i] for i in b.leaves])
         return params, opt_state
+
+    def _update_whole(self, next_: Callable, tx: Any, grads: Any, stand_in: Any, opt_state: Any, params: Any) -> Any:
+        """[Note: an update every rank runs whole] Stages 1 and 2 update this rank's chunk
+        and all-gather the params, which costs as much as an uncompressed reduction. When
+        a transform offers this step's grads whole and bitwise equal on every rank, with
+        an optimizer state of whole tensors standing in for the chunks (`whole_update`:
+        1-bit Adam after warmup, whose exchange all-gathers the new momentum and whose
+        frozen variance every rank keeps), every rank runs the optimizer on the whole
+        params by one kernel, so the params stay equal without a gather; this rank keeps
+        its chunks of the new state. A skipped update (an overflow) keeps the state as
+        it was, since the stand-in is not it."""
+        params, new = next_(tx, grads, stand_in, params)
+        if any(t.skipped_update() for t in self._stack):
+            return params, opt_state
+        layout = self._layout
+        return params, map_chunked(new, layout.treespec, layout.chunked, lambda x, i: local_chunk(x, layout.ranks, layout.rank).clone())
 
     # -- explain --------------------------------------------------------------------
 
