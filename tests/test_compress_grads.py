@@ -278,3 +278,36 @@ def test_after_warmup_zero_updates_whole_params_on_every_rank_without_a_gather(s
     for gathers, equal in get_pool(2).run(_gathers_and_replicas, stack):
         assert gathers[0] > 0 and gathers[2:] == [0, 0], gathers
         assert equal
+
+
+def _compressed_steps_after_a_skipped_warmup_step():
+    """warmup_steps=2 and the first step overflows: which steps exchange compressed."""
+    model = sharded.trace(ToyLM(CFG).double())
+
+    def train_step(state, batch):
+        def loss(params, b):
+            tokens, targets, weight = b
+            per_row = F.cross_entropy(model.apply(params, tokens).transpose(1, 2), targets, reduction="none").mean(1)
+            return (per_row * weight).mean()
+
+        value, grads = sharded.value_and_grad(loss)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    scaled = sharded.mixed_precision(torch.float64, keep_fp32=lambda name, p: False, loss_scale=True)
+    step = sharded.compress_grads()(sharded.shard_zero(stage=2, bucket_mb=1e-4)(scaled(train_step)))
+    state = step.init(_state(model, warmup=2))
+    (tokens, targets), ones = _batches(4, steps=1)[0], torch.ones(4, dtype=torch.float64)
+    weights = [torch.tensor([1.0, 1.0, float("inf"), 1.0], dtype=torch.float64)] + [ones] * 4
+    compressed = []
+    for w in weights:
+        with comm.recording() as ops:
+            state, _ = step(state, (tokens, targets, w))
+        compressed.append(any(op.tag == "compress_grads" for op in ops))
+    return compressed, int(_frozen_adam(state).count)
+
+
+def test_a_step_skipped_in_warmup_does_not_count_toward_it():
+    """The variance freezes after warmup_steps updates of the optimizer; a step the loss
+    scaler skipped is not one (as in DeepSpeed), so compression starts a step later."""
+    for compressed, count in get_pool(2).run(_compressed_steps_after_a_skipped_warmup_step):
+        assert compressed == [False, False, False, True, True] and count == 4, (compressed, count)

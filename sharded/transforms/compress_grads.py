@@ -170,6 +170,8 @@ class CompressGrads(Transform):
         self._undo: list[tuple] = []  # this step's replaced exchange state ([Note: a skipped step undoes its exchanges])
         self._undo_step = -1
         self._b1 = 0.9  # the optimizer's, once `init` has read it
+        self._count: Any = None  # the optimizer's count tensor this transform's last update returned
+        self._lag = 0  # state.step minus that count: the steps a loss scaler skipped
         self._keeps_whole = False  # set by `require`: offer ZeRO-1/2 this step's grads whole
         self._whole: dict[int, torch.Tensor] = {}  # this step's whole grads by leaf index, for `whole_update`
 
@@ -231,7 +233,7 @@ class CompressGrads(Transform):
 
     def _reduce_grads(self, next_: Callable, bucket: GradBucket) -> comm.Pending:
         state = primitives.step_state()
-        if bucket.layout is None or state is None or int(state.step) < self._warmup or torch.distributed.get_world_size(bucket.group) == 1:
+        if bucket.layout is None or state is None or self._updates(state) < self._warmup or torch.distributed.get_world_size(bucket.group) == 1:
             return next_(bucket)
         if torch.distributed.get_world_size(bucket.group) != Mesh.current().size(self.axis):
             raise ValueError(
@@ -246,7 +248,7 @@ class CompressGrads(Transform):
         if self._undo_step != int(state.step):  # a new step: nothing of an earlier one is undone or updated whole
             self._undo, self._whole, self._undo_step = [], {}, int(state.step)
         with comm.tagged("compress_grads"):  # its two dependent phases overlap the rest of backward
-            first = int(state.step) == self._warmup  # the variance has just frozen: it is gathered whole once, here
+            first = self._updates(state) == self._warmup  # the variance has just frozen: it is gathered whole here
             whole = None
             if self._keeps_whole and bucket.reduction is Reduction.REDUCE_SCATTER:  # for `whole_update`; made on this stream, which reads them
                 whole = [torch.empty(n, dtype=mine["carry"][i].dtype, device=bucket.grads.device) for i, n in zip(bucket.layout.leaves, bucket.layout.numels)]
@@ -338,10 +340,24 @@ class CompressGrads(Transform):
         )
         return grads, stand_in
 
+    def _updates(self, state: Any) -> int:
+        """The optimizer's updates before this step, which decide when its variance
+        freezes. A step a loss scaler skipped (fp16 overflow, frequent in the first
+        steps) counts in state.step but not there, as in DeepSpeed's 1-bit Adam. Read
+        from the device once (a first step, a loaded checkpoint), then followed on the
+        host from the skips, so backward never waits on it."""
+        count = _frozen_adam(state.opt_state).count
+        if count is not self._count:
+            self._count, self._lag = count, int(state.step) - int(count)
+        return int(state.step) - self._lag
+
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
         out = next_(tx, grads, opt_state, params)
         self._whole = {}
-        if any(t.skipped_update() for t in self._scalers):
+        skipped = any(t.skipped_update() for t in self._scalers)
+        if self._count is not None:
+            self._count, self._lag = _frozen_adam(out[1]).count, self._lag + skipped
+        if skipped:
             for rows, held, held_server, carry, server, flags, started in self._undo:
                 rows.scatter(held, carry)
                 kernels.copy_out(held_server, server, rows.layout.offsets)
