@@ -38,6 +38,7 @@ PAIRS = [
     ("sharded_zero2_onebit", "deepspeed_onebit"),
 ]
 LR, WD = 1e-4, 0.1
+STATES: dict = {}  # each sharded system's state box, to read its update count after timing
 
 
 def _sharded(cfg: GPTConfig, name: str, freeze: int, bucket_mb: float):
@@ -54,7 +55,7 @@ def _sharded(cfg: GPTConfig, name: str, freeze: int, bucket_mb: float):
         step, tx = sharded.compress_grads(method="onebit")(step), sharded.optim.onebit_adam(LR, warmup_steps=freeze, weight_decay=WD)
     else:
         tx = sharded.optim.adamw(LR, weight_decay=WD)
-    box = [step.init(sharded.TrainState.create(model.params, tx))]
+    box = STATES[name] = [step.init(sharded.TrainState.create(model.params, tx))]
 
     def run(x, y):
         box[0], metrics = step(box[0], (x, y))
@@ -114,6 +115,10 @@ def measure(args) -> dict:
         }
         for n, t in times.items()
     }
+    for n, box in STATES.items():  # steps that fp16's loss scaler skipped are no updates (and delay 1-bit's start)
+        if n in systems:
+            updates = int(sharded.optim.states_of(box[0].opt_state, (sharded.optim.ScaleByAdamState, sharded.optim.ScaleByFrozenAdamState))[0].count)
+            systems[n].update(steps=int(box[0].step), optimizer_updates=updates)
     systems.update({n: {"error": e} for n, e in errors.items()})
     return {"allreduce_busbw_GBps": busbw, "systems": systems}
 
