@@ -73,7 +73,7 @@ class Capability(enum.Flag):
     SCALES_LOSS = enum.auto()  # multiplies the loss before backward and skips steps whose grads overflow
     REWRITES_GRADS = enum.auto()  # the update's grads are not the reductions' results (unscaled, exchanged momentum)
     HOSTS_PARAMS = enum.auto()  # keeps the params off the device between steps: ZeRO-3 fetches them per block, on one rank too
-    RUNS_MODEL_WHOLE = enum.auto()  # runs model.apply as one function (compile's whole-model graph): no "block" is bound inside it
+    RUNS_MODEL_WHOLE = enum.auto()  # runs model.apply as one function (compile's whole-model graph), the casts' `param_cast` inside it: no "block" is bound there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +163,13 @@ class Transform:
         grads overflowed), so that state a transform changed earlier in the step (an
         exchange's error feedback) can be put back as the skipped step found it."""
         return False
+
+    def param_cast(self, params: Any) -> Callable[[dict], dict] | None:
+        """With CASTS_PARAMS: its cast of the params for compute as a pure function of
+        them (what to cast decided now, from `params`), for a transform that runs the
+        model whole (RUNS_MODEL_WHOLE) to fold into its graph; it then casts nothing
+        itself in apply. None: it casts no params."""
+        return None
 
     def whole_update(self, opt_state: Any) -> tuple[Any, Any] | None:
         """With REWRITES_GRADS: this step's update as every rank can run it alike on the

@@ -154,3 +154,36 @@ def test_hugging_face_models_compile_whole_or_fall_back_to_blocks(kind, whole):
     fell_back = [w for w in caught if "does not compile as one graph" in str(w.message)]
     assert len(fell_back) == (0 if whole else 1)
     assert len(graphs.nodes) == 1 if whole else len(set(graphs.nodes)) == 1  # the whole model, or its blocks' graphs (one per layer index here)
+
+
+def test_the_whole_graph_casts_the_params_itself():
+    """Alone with mixed_precision("bf16"), the params' casts to bf16 and their grads'
+    casts back to fp32 are the graph's (mixed_precision's `param_cast`), not eager ops
+    around it: one graph that takes the fp32 params, a tied head included, and trains
+    as the eager step does."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = sharded.trace(GPT(GPTConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4, dropout=0.0, tied=True)))
+    graphs = Graphs()
+    inputs: list[torch.dtype] = []
+
+    def counting(gm, example_inputs):
+        inputs.extend(x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == 64)
+        return graphs(gm, example_inputs)
+
+    def stack(compiled: bool):
+        step = sharded.compile(backend=counting)(_gpt_step(model)) if compiled else _gpt_step(model)
+        return sharded.mixed_precision("bf16", autocast=False)(step)
+
+    compiled, eager = stack(True), stack(False)
+    mine = compiled.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    theirs = eager.init(sharded.TrainState.create({k: v.clone() for k, v in model.params.items()}, sharded.optim.adamw(1e-2)))
+    x = torch.randint(0, 64, (4, 16))
+    for _ in range(2):
+        mine, m = compiled(mine, (x, x))
+        theirs, want = eager(theirs, (x, x))
+    assert len(graphs.nodes) == 1 and inputs == [torch.float32]  # the embedding (and tied head) enters in fp32
+    torch.testing.assert_close(m["loss"], want["loss"], rtol=0, atol=0)
+    for k in mine.params:
+        assert mine.params[k].dtype == torch.float32
+        torch.testing.assert_close(mine.params[k], theirs.params[k], rtol=0, atol=0)

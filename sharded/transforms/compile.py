@@ -10,8 +10,10 @@ with inductor, to its kernels' rounding).
 backward (no block or apply handler but a cast's, no grads reduced as backward makes
 them: one GPU, with mixed_precision or accumulate), the whole forward, embedding, blocks
 and head, is one graph: `torch.func.functional_call` of the module on the params,
-compiled as `torch.compile(module)` would compile it, and mixed_precision casts every
-param in apply (`Capability.RUNS_MODEL_WHOLE`). Elsewhere a graph of the whole model
+compiled as `torch.compile(module)` would compile it, with the casts of mixed_precision
+(`param_cast`) inside the graph, as autocast's are inside torch.compile's: the params'
+casts and their grads' casts back are the graph's kernels, not hundreds of eager ops
+(`Capability.RUNS_MODEL_WHOLE`). Elsewhere a graph of the whole model
 would hide the blocks from the transforms that work on them (gathers, a schedule,
 recompute) and end backward in one node, with no grad ready before the last, so
 nothing would overlap the grads' reduction; there it compiles block by block, below.
@@ -55,6 +57,7 @@ class Compile(Transform):
         self.handlers = {"block": self._block}
         self._compiled: dict[torch.nn.Module, Callable] = {}  # block (or whole) module -> its compiled forward
         self._by_block: set[torch.nn.Module] = set()  # whole modules that did not compile as one graph
+        self._casters: list[Transform] = []  # the stack's casts, which the whole graph runs (set by require)
 
     def check(self, stack: Any) -> None:
         """Whole or by block ([Note: whole or by block]), from the rest of the stack."""
@@ -64,6 +67,9 @@ class Compile(Transform):
         )
         self.capabilities = Capability.NONE if inside else Capability.RUNS_MODEL_WHOLE
         self.handlers = {"block": self._block} if inside else {"apply": self._apply, "block": self._block}
+
+    def require(self, stack: Any) -> None:
+        self._casters = [t for t in stack if Capability.CASTS_PARAMS in t.capabilities]
 
     def __getstate__(self) -> dict:
         """Sent to other ranks without its compiled functions: each process compiles its own."""
@@ -83,25 +89,28 @@ class Compile(Transform):
         return forward
 
     def _apply(self, next_: Callable, model: Any, params: dict, args: tuple, kwargs: dict) -> Any:
-        """The whole forward as one graph; the blocks' path where it does not compile as one."""
+        """The whole forward as one graph, the params' casts inside it; the blocks' path
+        where it does not compile as one (the params cast first)."""
+        cast = _in_turn([c for c in (t.param_cast(params) for t in self._casters) if c is not None])
         if under_torch_func(params) or model.module in self._by_block or model.params.keys() - params.keys():
-            return next_(model, params, args, kwargs)
+            return next_(model, cast(params), args, kwargs)
         run = self._compiled.get(model.module)
         if run is None:
-            module = model.module
+            module, tied = model.module, model.tied
 
-            def forward(named: dict, args: tuple, kwargs: dict) -> Any:
+            def forward(params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
+                params = cast(params)
+                named = {**buffers, **{alias: params[canonical] for alias, canonical in tied.items()}, **params}
                 return torch.func.functional_call(module, named, args, kwargs, tie_weights=False)
 
             run = self._compiled[model.module] = self._compile(forward)
-        named = {**model.buffers, **{alias: params[canonical] for alias, canonical in model.tied.items()}, **params}
         try:
-            return run(named, args, kwargs)
+            return run(params, model.buffers, args, kwargs)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             reason = str(e).strip().splitlines()[0]
             warnings.warn(f"compile: {type(model.module).__name__} does not compile as one graph ({reason}); compiling it block by block", stacklevel=2)
             self._by_block.add(model.module)
-            return next_(model, params, args, kwargs)
+            return next_(model, cast(params), args, kwargs)
 
     def _block(self, next_: Callable, call: Any, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
         if under_torch_func(params):
@@ -117,6 +126,17 @@ class Compile(Transform):
             return Op(op.kind, op.name, detail, op.nbytes, op.overlaps, tuple(rewrite(o) for o in op.body))
 
         return [rewrite(op) for op in program]
+
+
+def _in_turn(casts: list[Callable[[dict], dict]]) -> Callable[[dict], dict]:
+    """The casts applied one after another (none: the params as they are)."""
+
+    def cast(params: dict) -> dict:
+        for c in casts:
+            params = c(params)
+        return params
+
+    return cast
 
 
 def _whole(name: str, compiled: Callable) -> Callable:

@@ -106,7 +106,7 @@ class MixedPrecision(Transform):
             self.handlers.update(value_and_grad=self._value_and_grad, update=self._update)
         self._cast: dict[str, bool] | None = None
         self.cast_at_use = False  # under ZeRO-3: see check()
-        self.cast_blocks_in_apply = False  # when the model runs whole: see require()
+        self.cast_by_runner = False  # when the model runs whole, its runner casts (param_cast): see require()
         self._skipped = False  # whether the last update skipped its step
 
     def check(self, stack: Any) -> None:
@@ -120,8 +120,15 @@ class MixedPrecision(Transform):
 
     def require(self, stack: Any) -> None:
         """A transform that runs the model as one function (compile's whole-model graph)
-        binds no block, so the blocks' params are cast with the rest, in apply."""
-        self.cast_blocks_in_apply = any(Capability.RUNS_MODEL_WHOLE in t.capabilities for t in stack)
+        binds no block; it casts every param with `param_cast`, inside its graph, where
+        the casts and their grads' casts back cost no eager launches."""
+        self.cast_by_runner = any(Capability.RUNS_MODEL_WHOLE in t.capabilities for t in stack)
+
+    def param_cast(self, params: Any) -> Callable[[dict], dict] | None:
+        if self.cast_at_use:  # the gathers cast (ZeRO-3)
+            return None
+        casts, dtype = self._casts(params), self.param_dtype
+        return lambda ps: {k: (p.to(dtype) if casts.get(k, False) else p) for k, p in ps.items()}
 
     def describe(self) -> str:
         scaling = ", dynamic loss scale" if self.scaling else ""
@@ -169,8 +176,8 @@ class MixedPrecision(Transform):
     def _apply(self, next_: Callable, model: Any, params: dict, args: tuple, kwargs: dict) -> Any:
         # The blocks' params are cast by the block handler, as each block runs: under
         # remat the casts are then recomputed in backward rather than kept.
-        if not self.cast_at_use:
-            params = self._cast_params(params, skip=frozenset() if self.cast_blocks_in_apply else model.block_params)
+        if not self.cast_at_use and not self.cast_by_runner:
+            params = self._cast_params(params, skip=model.block_params)
         if not self.autocast or self.compute not in _AUTOCAST:  # the params' cast is all there is
             return next_(model, params, args, kwargs)
         # The compute device (a pipeline hands other stages' params over as meta placeholders).
