@@ -127,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(ap, nproc=2, batch=8, batch_help="sequences per rank")
     ap.set_defaults(preset="350m", seq=1024)
-    ap.add_argument("--freeze", type=int, default=3, help="1-bit Adam's warmup steps (uncompressed)")
+    ap.add_argument("--freeze", type=int, default=20, help="1-bit Adam's warmup steps (uncompressed): with 3, the first compressed updates moved params by 8-12x lr and fp16 overflowed on every step after (docs/perf-notes.md)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per system per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--bucket-mb", type=float, default=400.0, help="sharded's grad buckets, every system (a compressed exchange is two dependent round trips per bucket)")
