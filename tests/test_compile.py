@@ -42,17 +42,23 @@ def _compiled_and_eager(backend, remat: bool):
         step = sharded.mixed_precision(compute=torch.float64, loss_scale=True)(step)
         return sharded.remat("full")(step) if remat else step
 
-    compiled, eager = stack(True), stack(False)
+    compiled = stack(True)
+    _trains_as_eager(compiled, stack(False), model, steps=3)
+    return str(compiled.explain())
+
+
+def _trains_as_eager(compiled, eager, model, steps):
+    """`compiled` and `eager` from the same params and batch: equal losses and params."""
     mine = compiled.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     theirs = eager.init(sharded.TrainState.create({k: v.clone() for k, v in model.params.items()}, sharded.optim.adamw(1e-2)))
     x = torch.randint(0, 64, (4, 16))
-    for _ in range(3):
+    for _ in range(steps):
         mine, m = compiled(mine, (x, x))
         theirs, want = eager(theirs, (x, x))
     torch.testing.assert_close(m["loss"], want["loss"], rtol=0, atol=0)
     for k in mine.params:
+        assert mine.params[k].dtype == theirs.params[k].dtype
         torch.testing.assert_close(mine.params[k], theirs.params[k], rtol=0, atol=0)
-    return str(compiled.explain())
 
 
 def test_alone_with_a_cast_the_whole_forward_is_one_graph_and_trains_as_eager():
@@ -175,15 +181,5 @@ def test_the_whole_graph_casts_the_params_itself():
         step = sharded.compile(backend=counting)(_gpt_step(model)) if compiled else _gpt_step(model)
         return sharded.mixed_precision("bf16", autocast=False)(step)
 
-    compiled, eager = stack(True), stack(False)
-    mine = compiled.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
-    theirs = eager.init(sharded.TrainState.create({k: v.clone() for k, v in model.params.items()}, sharded.optim.adamw(1e-2)))
-    x = torch.randint(0, 64, (4, 16))
-    for _ in range(2):
-        mine, m = compiled(mine, (x, x))
-        theirs, want = eager(theirs, (x, x))
+    _trains_as_eager(stack(True), stack(False), model, steps=2)
     assert len(graphs.nodes) == 1 and inputs == [torch.float32]  # the embedding (and tied head) enters in fp32
-    torch.testing.assert_close(m["loss"], want["loss"], rtol=0, atol=0)
-    for k in mine.params:
-        assert mine.params[k].dtype == torch.float32
-        torch.testing.assert_close(mine.params[k], theirs.params[k], rtol=0, atol=0)
