@@ -15,10 +15,19 @@ Acceptance (issue 15): onebit >= 2x its uncompressed AdamW under data_parallel a
 under shard_zero(2), and >= 1.0x DeepSpeed's OneBitAdam. Every sharded system uses
 --bucket-mb (400: a compressed bucket costs two dependent round trips on the link);
 sharded_dp_adamw_25mb is data_parallel's default bucket, for reference.
+
+[Note: a new batch every step] Each step takes the next of a sequence of random batches,
+the same sequence for every system. On one batch repeated, the model memorises it and
+its grads grow past what Adam's variance saw in warmup; a variance frozen after 20 steps
+then makes updates of 10-20x lr and fp16 overflows on most steps, uncompressed frozen
+Adam included (docs/perf-notes.md, session 16): the compressed steps timed were then
+skipped steps, not training. Random batches keep the grads' statistics steady, as a
+corpus does after warmup, which 1-bit Adam assumes.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 
@@ -56,12 +65,23 @@ def _sharded(cfg: GPTConfig, name: str, freeze: int, bucket_mb: float):
     else:
         tx = sharded.optim.adamw(LR, weight_decay=WD)
     box = STATES[name] = [step.init(sharded.TrainState.create(model.params, tx))]
+    rank, world = sharded.distributed.rank(), sharded.distributed.world_size()
+    turn = itertools.count()  # which batch its next step takes
 
     def run(x, y):
+        x, y = _rows(x, y, next(turn), rank, world)
         box[0], metrics = step(box[0], (x, y))
         return metrics["loss"]
 
     return run
+
+
+def _rows(x: torch.Tensor, y: torch.Tensor, turn: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of batch `turn` (cycling): every system sees the same sequence of
+    batches, a new one each step ([Note: a new batch every step])."""
+    k = turn % x.shape[0]
+    rows = x.shape[1] // world
+    return x[k, rank * rows : (rank + 1) * rows], y[k, rank * rows : (rank + 1) * rows]
 
 
 def _deepspeed(cfg: GPTConfig, batch: int, freeze: int):
@@ -76,10 +96,11 @@ def _deepspeed(cfg: GPTConfig, batch: int, freeze: int):
     module = GPT(cfg)
     engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
     rank, world = sharded.distributed.rank(), sharded.distributed.world_size()
+    turn = itertools.count()  # which batch its next step takes
 
     def run(x, y):
-        rows = x.shape[0] // world
-        loss = loss_fn(engine(x[rank * rows : (rank + 1) * rows]), y[rank * rows : (rank + 1) * rows])
+        x, y = _rows(x, y, next(turn), rank, world)
+        loss = loss_fn(engine(x), y)
         engine.backward(loss)
         engine.step()
         return loss.detach()
@@ -92,8 +113,9 @@ def measure(args) -> dict:
     cfg = GPTConfig.preset(args.preset, seq_len=args.seq, tied=False)
     world = sharded.distributed.world_size()
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
-    y = torch.randint(0, cfg.vocab_size, (args.batch * world, args.seq), generator=g).to(dev)
+    batches = args.freeze + args.warmup + args.rounds * args.steps  # every step its own ([Note: a new batch every step])
+    x = torch.randint(0, cfg.vocab_size, (batches, args.batch * world, args.seq), generator=g).to(dev)
+    y = torch.randint(0, cfg.vocab_size, (batches, args.batch * world, args.seq), generator=g).to(dev)
     busbw = bus_bandwidth() / 1e9
     make = lambda name: _deepspeed(cfg, args.batch, args.freeze) if name == "deepspeed_onebit" else _sharded(cfg, name, args.freeze, args.bucket_mb)  # noqa: E731
     steps, errors = built_and_warm(args.systems, make, args.freeze + args.warmup, x, y)  # each past its warmup: 1-bit Adam compressing

@@ -44,9 +44,10 @@ def reference_step(model, workers: int, warmup: int, block: int = 256, b1: float
     plus b1·m/(N·d)) and server r's error f_r."""
     carry, server, started = {}, {}, [False]
 
-    def rms_sign(x):
-        s = x.norm() / math.sqrt(x.numel())
-        return s * torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    def rms_sign(x, live):
+        """x's live elements as their RMS times their signs; the others 0."""
+        s = x[live].norm() / math.sqrt(max(1, int(live.sum())))
+        return s * torch.where(x >= 0, 1.0, -1.0).to(x.dtype) * live
 
     def step(state, batch):
         rows = batch[0].shape[0] // workers
@@ -61,6 +62,7 @@ def reference_step(model, workers: int, warmup: int, block: int = 256, b1: float
         for name, p in state.params.items():
             n, c = p.numel(), math.ceil(p.numel() / workers)
             d = nu[name].reshape(-1).sqrt() + eps
+            live = nu[name].reshape(-1) > 0  # an element with no grad in warmup does not travel
             new = torch.zeros(n, dtype=p.dtype, device=p.device)
             for r in range(workers):  # chunk r of the leaf, its server rank r
                 for lo in range(r * c, min((r + 1) * c, n), block):  # one scale per block of the chunk
@@ -68,15 +70,16 @@ def reference_step(model, workers: int, warmup: int, block: int = 256, b1: float
                     y = torch.zeros(hi - lo, dtype=p.dtype, device=p.device)
                     for i in range(workers):
                         e = carry.setdefault((i, name), torch.zeros(n, dtype=p.dtype, device=p.device))
-                        x = e[lo:hi] + (1 - b1) * local[i][name].reshape(-1)[lo:hi] / workers / d[lo:hi]
-                        e[lo:hi] = x - rms_sign(x)
-                        y += rms_sign(x)
+                        x = (e[lo:hi] + (1 - b1) * local[i][name].reshape(-1)[lo:hi] / workers / d[lo:hi]) * live[lo:hi]
+                        e[lo:hi] = x - rms_sign(x, live[lo:hi])
+                        y += rms_sign(x, live[lo:hi])
                     if not started[0]:  # the first exchange starts from warmup's momentum
                         y += b1 * mu[name].reshape(-1)[lo:hi] / d[lo:hi]
                     f = server.setdefault((r, name), torch.zeros(c, dtype=p.dtype, device=p.device))[lo - r * c : hi - r * c]
                     y += f
-                    f.copy_(y - rms_sign(y))
-                    new[lo:hi] = rms_sign(y)
+                    y *= live[lo:hi]
+                    f.copy_(y - rms_sign(y, live[lo:hi]))
+                    new[lo:hi] = rms_sign(y, live[lo:hi])
             for i in range(workers):
                 carry[(i, name)] += b1 * new / workers
             momentum[name] = (new * d).view(p.shape)
@@ -124,6 +127,23 @@ def test_after_warmup_the_exchange_is_the_one_bit_algorithm(stack, world, block)
     step = STACKS[stack](make_train_step(model), block)
     reference = reference_step(model, world, warmup=1, block=block)
     assert_step_equivalent(step, reference, _state(model, warmup=1), _batches(2 * world), world_size=world, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("stack", ["data_parallel", "zero2", "zero3"])
+def test_elements_with_no_grad_in_warmup_do_not_travel(stack):
+    """[Note: elements that never had a grad]: embedding rows no token uses (v = 0) are
+    left out of the exchange and only decay, as under plain Adam, where a sign code would
+    move them by their block's scale; the rest is still the reference algorithm."""
+    cfg = ToyConfig(vocab=12, width=6, hidden=7, depth=2, tied=False, seed=4)
+    model = sharded.trace(ToyLM(cfg).double())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 5, (4, 3), generator=g), torch.randint(0, cfg.vocab, (4, 3), generator=g)) for _ in range(4)]
+    state = _state(model, warmup=1)
+    step = STACKS[stack](make_train_step(model), 4)  # blocks of 4 straddle used and unused rows
+    assert_step_equivalent(step, reference_step(model, 2, warmup=1, block=4), state, batches, world_size=2, rtol=1e-7, atol=1e-9)
+    got = get_pool(2).run(_params_after, lambda f: STACKS[stack](f, 4), make_train_step(model), state, batches)[0]
+    unused = model.params["embed.weight"][5:]
+    torch.testing.assert_close(got["embed.weight"][5:], unused * (1 - 1e-2 * 0.1) ** len(batches), rtol=1e-12, atol=0)
 
 
 def _save_and_continue(path, stack, split):

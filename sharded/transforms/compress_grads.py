@@ -9,7 +9,8 @@ first k updates, while Adam's variance still moves) nothing changes: the step is
 plain step. After it, every bucket that `data_parallel` or `shard_zero` reduces (a
 "reduce_grads" primitive) is exchanged as DeepSpeed's 1-bit Adam exchanges Adam's
 momentum m (decay b1) over N workers, in units of the frozen d = sqrt(v) + eps ([Note:
-the exchange in Adam's units]). Each leaf is cut into N chunks ([Note: chunk layout]),
+the exchange in Adam's units]), leaving out elements with v = 0 ([Note: elements that
+never had a grad]). Each leaf is cut into N chunks ([Note: chunk layout]),
 each chunk into blocks of `block` elements, one scale each; for every block, worker i
 holds a carry c_i (its error plus b1·u/N, u = m/d) and sends
 
@@ -39,6 +40,17 @@ GPT, one seed in three went unstable after the switch: val loss 0.88 against 0.7
 Every worker divides its grads by d for every chunk it sends, so each rank keeps the
 frozen variance v whole (`extra["compress_grads"]["variance"]`, all-gathered once when it
 freezes under ZeRO) and makes d from it for each exchange.
+
+[Note: elements that never had a grad] An element whose grad was exactly 0 through the
+whole warmup (an embedding row no batch used, a position past every sequence) has v = 0
+and d = eps. A sign code cannot send 0: sign(0) = +1 gives it its block's scale, and
+the optimizer's update is then that scale over its own tiny denominator, many times
+lr (80-95x on a small GPT, 4-8x where such a row shares a block with a used one), on
+every compressed step. Plain Adam leaves it alone. So elements with v = 0 do not
+travel: they are zero in every message, count in no block's scale, and keep a zero
+carry, error and momentum (only weight decay moves them), as DeepSpeed's `exp_avg_mask`
+does by hand. v is whole and the same on every rank, so every rank leaves out the same
+elements. A grad such an element gets later is dropped, as that mask drops it.
 
 [Note: momentum through the grads] The exchange yields the new momentum m', but the
 optimizer takes grads. Handing it g = (m' - b1·m)/(1 - b1), with m its own momentum,
@@ -95,8 +107,7 @@ class _Rows:
 
     layout: FlatGroup
     block: int
-    valid: torch.Tensor  # (N, S) bool: a real element of its leaf
-    lengths: torch.Tensor  # (N, S / block) real elements of each block in each row
+    device: torch.device
 
     @staticmethod
     def plan(numels: tuple[int, ...], ranks: int, block: int, dtype: torch.dtype, device: torch.device) -> _Rows:
@@ -106,12 +117,7 @@ class _Rows:
         unit = math.lcm(32, block)
         columns = -(-sum(widths) // unit) * unit
         layout = FlatGroup("compressed", tuple(range(len(numels))), numels, chunks, offsets, columns, ranks, dtype, device)
-        valid = torch.zeros(ranks, columns, dtype=torch.bool)
-        for n, c, o in zip(numels, chunks, offsets):
-            for r in range(ranks):
-                valid[r, o : o + max(0, min(c, n - r * c))] = True
-        lengths = valid.view(ranks, -1, block).sum(-1).to(dtype)
-        return _Rows(layout, block, valid.to(device), lengths.to(device))
+        return _Rows(layout, block, device)
 
     @property
     def words(self) -> int:
@@ -119,7 +125,7 @@ class _Rows:
 
     def gather(self, flats: list[torch.Tensor]) -> torch.Tensor:
         """(N, S) from each leaf's whole flat tensor, zero padded."""
-        rows = torch.zeros(self.layout.ranks * self.layout.size, dtype=self.layout.dtype, device=self.valid.device)
+        rows = torch.zeros(self.layout.ranks * self.layout.size, dtype=self.layout.dtype, device=self.device)
         self.layout.write_all(rows, flats)
         return rows.view(self.layout.ranks, -1)
 
@@ -137,13 +143,20 @@ class _Rows:
 
     def server_row(self, server: list[torch.Tensor]) -> torch.Tensor:
         """This rank's server errors (one chunk per leaf) as a row (S,), zero padded."""
-        row = torch.zeros(self.layout.size, dtype=self.layout.dtype, device=self.valid.device)
+        row = torch.zeros(self.layout.size, dtype=self.layout.dtype, device=self.device)
         kernels.copy_in(row, server, self.layout.offsets)
         return row
 
+    def live(self, variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which elements of the (N, S) rows travel, those whose frozen variance is not 0
+        ([Note: elements that never had a grad]; the padding's is 0), and how many of
+        them each block holds: (N, S) bool and (N, S / block)."""
+        live = variance > 0
+        return live, live.view(live.shape[0], -1, self.block).sum(-1).to(variance.dtype)
+
     def scales(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """||block|| / sqrt(its real elements) (the RMS) of each block in each row: (rows,
-        blocks), padding blocks 0. s·sign(x) then keeps x's norm."""
+        """||block|| / sqrt(its live elements) (the RMS) of each block in each row:
+        (rows, blocks), blocks with none 0. s·sign(x) then keeps x's norm."""
         norms = torch.linalg.vector_norm(rows.view(rows.shape[0], -1, self.block), dim=-1)
         return norms / lengths.clamp(min=1).sqrt()
 
@@ -269,9 +282,11 @@ class CompressGrads(Transform):
         variance = [mine["variance"][i] for i in fg.leaves]
         if first:
             self._freeze_variance(bucket, rows, T.leaves(adam.nu), variance)
-        d = torch.where(rows.valid, rows.gather(variance).sqrt_().add_(self._eps), 1.0)  # [Note: the exchange in Adam's units]
-        x = self._bucket_rows(bucket, rows).mul_((1 - b1) / scale).div_(d).add_(held)
-        block_scales = rows.scales(x, rows.lengths)
+        v = rows.gather(variance)
+        live, lengths = rows.live(v)
+        d = torch.where(live, v.sqrt_().add_(self._eps), 1.0)  # [Note: the exchange in Adam's units]
+        x = self._bucket_rows(bucket, rows).mul_((1 - b1) / scale).div_(d).add_(held).mul_(live)
+        block_scales = rows.scales(x, lengths)
         error = torch.empty_like(x)
         packed = kernels.pack_signs_(x.view(-1), block_scales.view(-1), error.view(-1), block)
         # phase 1: chunk r of every worker to rank r, which sums them (the server); scales
@@ -286,9 +301,9 @@ class CompressGrads(Transform):
         started = mine["started"][fg.leaves[0]]  # the same for all the bucket's leaves
         y.add_(momentum[me] / d[me] * b1 * ~started)  # the first exchange: the momentum warmup built
         held_server = rows.server_row(server)
-        y.add_(held_server).mul_(rows.valid[me])
+        y.add_(held_server).mul_(live[me])
         # phase 2: the server's sum, compressed again with its own error, to every rank
-        server_scales = rows.scales(y[None], rows.lengths[me][None])[0]
+        server_scales = rows.scales(y[None], lengths[me][None])[0]
         server_error = torch.empty_like(y)
         server_packed = kernels.pack_signs_(y, server_scales, server_error, block)
         sent = _message(server_scales[None], server_packed[None], got.shape[1])[0]
@@ -298,11 +313,11 @@ class CompressGrads(Transform):
         new = torch.empty(ranks, rows.layout.size, dtype=dtype, device=y.device)
         for r, row in enumerate(everyone):
             kernels.unpack_signs_(row[head:], row[:head].view(dtype), new[r], block)
-        new *= rows.valid
+        new *= live
         # the state moves only if the momentum is finite on every rank (it is the same everywhere)
         finite = torch.isfinite(new).all()
-        rows.scatter(torch.where(finite, error.add_(new, alpha=b1 / ranks), held), carry)
-        kernels.copy_out(torch.where(finite, server_error.mul_(rows.valid[me]), held_server), server, rows.layout.offsets)
+        rows.scatter(torch.where(finite, error.mul_(live).add_(new, alpha=b1 / ranks), held), carry)
+        kernels.copy_out(torch.where(finite, server_error.mul_(live[me]), held_server), server, rows.layout.offsets)
         flags = [mine["started"][i] for i in fg.leaves]
         if self._scalers:
             self._undo.append((rows, held, held_server, carry, server, flags, started.clone()))
