@@ -48,6 +48,7 @@ PAIRS = [
 ]
 LR, WD = 1e-4, 0.1
 STATES: dict = {}  # each sharded system's state box, to read its update count after timing
+ENGINES: dict = {}  # DeepSpeed's engine, to read its skipped steps after timing
 
 
 def _sharded(cfg: GPTConfig, name: str, freeze: int, bucket_mb: float):
@@ -95,6 +96,7 @@ def _deepspeed(cfg: GPTConfig, batch: int, freeze: int):
     }
     module = GPT(cfg)
     engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
+    ENGINES["deepspeed_onebit"] = engine
     rank, world = sharded.distributed.rank(), sharded.distributed.world_size()
     turn = itertools.count()  # which batch its next step takes
 
@@ -141,6 +143,9 @@ def measure(args) -> dict:
         if n in systems:
             updates = int(sharded.optim.states_of(box[0].opt_state, (sharded.optim.ScaleByAdamState, sharded.optim.ScaleByFrozenAdamState))[0].count)
             systems[n].update(steps=int(box[0].step), optimizer_updates=updates)
+    for n, engine in ENGINES.items():
+        if n in systems:
+            systems[n].update(steps=int(engine.global_steps), optimizer_updates=int(engine.global_steps - engine.skipped_steps))
     systems.update({n: {"error": e} for n, e in errors.items()})
     return {"allreduce_busbw_GBps": busbw, "systems": systems}
 

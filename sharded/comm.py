@@ -342,9 +342,17 @@ def on_side_stream(work: Callable[[], None], device: torch.device, what: str = "
     """Run `work` (kernels and collectives that depend on each other, such as a compressed
     exchange) on a side CUDA stream that first waits for the current one, so it
     overlaps what the current stream does next; the Pending's `wait()` makes the
-    current stream wait for it. Tensors `work` allocates belong to the side stream;
-    those it reads from the current stream stay alive until the wait (the caller holds
-    them). Off CUDA, `work` runs here and the Pending is done."""
+    current stream wait for it. Off CUDA, `work` runs here and the Pending is done.
+
+    [Note: what the side stream reads] Tensors `work` allocates belong to the side
+    stream. A tensor made on the current stream that `work` reads must outlive the
+    wait, held by the caller (the state, a bucket): the caching allocator hands a freed
+    block to the current stream's next allocation at once, and the current stream's
+    kernels then write it while the side stream may not have read it yet. A temporary
+    made just to pass in (a product of loss scales, say) is made inside `work` instead:
+    one passed in, freed when `work` returned, was overwritten by backward's next
+    kernels, and 1-bit Adam's exchange read a wrong scale on 6-10 of 18 steps on two
+    H200s (non-finite grads, skipped steps), where host syncs inside it hid it."""
     if device.type != "cuda":
         work()
         return _DONE

@@ -254,9 +254,7 @@ class CompressGrads(Transform):
                 "(hybrid sharding: shard_zero(hybrid=...)); drop hybrid, or compress_grads"
             )
         mine = state.extra["compress_grads"]
-        scale = 1.0
-        for t in self._scalers:
-            scale = scale * t.grad_scale(state)
+        scales = [t.grad_scale(state) for t in self._scalers]  # the state's own tensors: [Note: what the side stream reads]
         adam = _frozen_adam(state.opt_state)
         if self._undo_step != int(state.step):  # a new step: nothing of an earlier one is undone or updated whole
             self._undo, self._whole, self._undo_step = [], {}, int(state.step)
@@ -266,9 +264,9 @@ class CompressGrads(Transform):
             if self._keeps_whole and bucket.reduction is Reduction.REDUCE_SCATTER:  # for `whole_update`; made on this stream, which reads them
                 whole = [torch.empty(n, dtype=mine["carry"][i].dtype, device=bucket.grads.device) for i, n in zip(bucket.layout.leaves, bucket.layout.numels)]
                 self._whole.update(zip(bucket.layout.leaves, whole))
-            return comm.on_side_stream(lambda: self._exchange(bucket, adam, mine, scale, first, whole), bucket.grads.device, "compress_grads")
+            return comm.on_side_stream(lambda: self._exchange(bucket, adam, mine, scales, first, whole), bucket.grads.device, "compress_grads")
 
-    def _exchange(self, bucket: GradBucket, adam: ScaleByFrozenAdamState, mine: dict, scale: Any, first: bool, whole: list | None) -> None:
+    def _exchange(self, bucket: GradBucket, adam: ScaleByFrozenAdamState, mine: dict, scales: list, first: bool, whole: list | None) -> None:
         fg, group = bucket.layout, bucket.group
         ranks, me = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
         carry, server = [mine["carry"][i] for i in fg.leaves], [mine["server"][i] for i in fg.leaves]
@@ -277,7 +275,9 @@ class CompressGrads(Transform):
             self._rows[key] = _Rows.plan(fg.numels, ranks, self.block, carry[0].dtype, bucket.grads.device)
         rows = self._rows[key]
         dtype, b1, block, words = rows.layout.dtype, self._b1, self.block, rows.words
-        scale = torch.as_tensor(scale, dtype=dtype, device=bucket.grads.device)  # the loss scale, in the exchange's precision
+        scale = torch.ones((), dtype=dtype, device=bucket.grads.device)  # the loss scale, in the exchange's precision
+        for factor in scales:
+            scale = scale * factor
         held = rows.gather(carry)
         variance = [mine["variance"][i] for i in fg.leaves]
         if first:
