@@ -40,16 +40,25 @@ class GradPass:
         self.leaves = [self._leaf(p) for p in T.leaves(params)]
         self.loss_scale = 1.0
         self.final = True
-        self.on_ready: list[Ready] = []
+        self.on_ready: list[Ready] = []  # see `listen`
         self.finalize: Callable[[], Any] | None = None
         self.attached: dict[Any, Any] = {}
         self.ready_order: list[int] = []  # leaves in the order their final grads arrived
         self.every_pass = False  # fire on_ready on every backward, not just the final one
         self.on_pass_end: list[Callable[[], None]] = []  # after each backward
         self.held: set[int] = set()  # leaves whose grad is not final until `release` (another rank adds to it)
-        self._handles = [
-            leaf.register_post_accumulate_grad_hook(self._hook(i)) for i, leaf in enumerate(self.leaves) if leaf.requires_grad
-        ]
+        self._handles: list[Any] = []
+
+    def listen(self, ready: Ready) -> None:
+        """Call `ready(i, leaf)` as each leaf's grad is final (a reducer's bucketing). The
+        leaves are hooked on the first listener only: a step with none skips a hook per
+        param per step (~300 on a GPT, a few ms of host time that a host-bound compiled
+        step feels)."""
+        self.on_ready.append(ready)
+        if not self._handles:
+            self._handles = [
+                leaf.register_post_accumulate_grad_hook(self._hook(i)) for i, leaf in enumerate(self.leaves) if leaf.requires_grad
+            ]
 
     def close(self) -> None:
         """Drop the hooks and everything transforms attached. The pass, its leaves and

@@ -107,7 +107,7 @@ def reduce_during_backward(
         if key not in gp.attached:
             reducer = make_reducer(gp)
             gp.attached[key] = reducer
-            gp.on_ready.append(reducer.ready)
+            gp.listen(reducer.ready)
             gp.finalize = lambda: T.unflatten(gp.treespec, reducer.result())
         value, _ = next_(fn, has_aux, params, local, kwargs)
         grads = gp.grads() if owner else None

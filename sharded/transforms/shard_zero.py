@@ -330,7 +330,7 @@ class ShardZero(Transform):
                 dtype=self.reduce_dtype or masters, out_dtype=masters,
             )
             gp.attached[self] = reducer
-            gp.on_ready.append(reducer.ready)
+            gp.listen(reducer.ready)
             gp.finalize = lambda: T.unflatten(gp.treespec, reducer.result())
 
     def _block(self, next_: Callable, call: Any, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
