@@ -256,7 +256,7 @@ def _compressed_on_cuda(cfg, batches, stack):
 
 
 @needs(2)
-@pytest.mark.parametrize("stack", ["data_parallel", "zero2"])
+@pytest.mark.parametrize("stack", ["data_parallel", "zero1", "zero2", "zero3"])
 def test_compress_grads_over_nccl_matches_the_one_bit_simulation(stack):
     """1-bit Adam's exchange over NCCL (all-to-all, all-gather of packed signs) against the
     plain simulation of two workers on one GPU, in float64: after a short warmup Adam's
