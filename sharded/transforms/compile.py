@@ -91,12 +91,11 @@ class Compile(Transform):
     def _apply(self, next_: Callable, model: Any, params: dict, args: tuple, kwargs: dict) -> Any:
         """The whole forward as one graph, the params' casts inside it; the blocks' path
         where it does not compile as one (the params cast first)."""
-        cast = _in_turn([c for c in (t.param_cast(params) for t in self._casters) if c is not None])
         if under_torch_func(params) or model.module in self._by_block or model.params.keys() - params.keys():
-            return next_(model, cast(params), args, kwargs)
+            return next_(model, self._cast(params)(params), args, kwargs)
         run = self._compiled.get(model.module)
         if run is None:
-            module, tied = model.module, model.tied
+            module, tied, cast = model.module, model.tied, self._cast(params)
 
             def forward(params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
                 params = cast(params)
@@ -110,7 +109,11 @@ class Compile(Transform):
             reason = str(e).strip().splitlines()[0]
             warnings.warn(f"compile: {type(model.module).__name__} does not compile as one graph ({reason}); compiling it block by block", stacklevel=2)
             self._by_block.add(model.module)
-            return next_(model, cast(params), args, kwargs)
+            return next_(model, self._cast(params)(params), args, kwargs)
+
+    def _cast(self, params: dict) -> Callable[[dict], dict]:
+        """The stack's casts of the params for compute, one after another (none: as they are)."""
+        return _in_turn([c for c in (t.param_cast(params) for t in self._casters) if c is not None])
 
     def _block(self, next_: Callable, call: Any, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
         if under_torch_func(params):

@@ -127,8 +127,8 @@ class MixedPrecision(Transform):
     def param_cast(self, params: Any) -> Callable[[dict], dict] | None:
         if self.cast_at_use:  # the gathers cast (ZeRO-3)
             return None
-        casts, dtype = self._casts(params), self.param_dtype
-        return lambda ps: {k: (p.to(dtype) if casts.get(k, False) else p) for k, p in ps.items()}
+        self._casts(params)  # what to cast, decided here, outside any graph
+        return self._cast_params
 
     def describe(self) -> str:
         scaling = ", dynamic loss scale" if self.scaling else ""
