@@ -34,8 +34,8 @@ class Rank:
         self.dev = torch.device("cuda", rank)
         torch.cuda.set_device(self.dev)
         n = params // parts
-        self.host = [[torch.empty(n, pin_memory=True).normal_() for _ in range(3)] for _ in range(parts)]  # p, m, v
-        for _, m, v in self.host:
+        self.state = [[torch.empty(n, pin_memory=True).normal_() for _ in range(3)] for _ in range(parts)]  # p, m, v
+        for _, m, v in self.state:
             m.zero_(), v.abs_()
         self.host_grads = [torch.empty(n, pin_memory=True) for _ in range(parts)]
         self.grads = [torch.randn(n, device=self.dev) for _ in range(parts)]
@@ -72,7 +72,7 @@ class Rank:
         """Grads down part by part on one stream; the worker updates each part on the
         host as its copy lands (offload's update in parts)."""
         futures = []
-        for g, hg, (p, m, v) in zip(self.grads, self.host_grads, self.host):
+        for g, hg, (p, m, v) in zip(self.grads, self.host_grads, self.state):
             with torch.cuda.stream(self.down):
                 hg.copy_(g, non_blocking=True)
                 ready = torch.cuda.Event()
@@ -95,7 +95,7 @@ class Rank:
         parts in flight (up, update, down on their own streams)."""
         compute = torch.cuda.current_stream()
         freed = [None] * len(self.ring)
-        for k, (g, host) in enumerate(zip(self.grads, self.host)):
+        for k, (g, host) in enumerate(zip(self.grads, self.state)):
             buf = self.ring[k % len(self.ring)]
             with torch.cuda.stream(self.up):
                 if freed[k % len(self.ring)] is not None:
