@@ -30,7 +30,10 @@ Issue 14: sharded_zero3_offload (`offload("cpu", params=True)` over ZeRO-3) agai
 offload_param to pinned CPU memory, CPUAdam); sharded_zero3_offload_no_reshard keeps each
 gathered block through backward, so each block's chunks cross PCIe once per step, not twice;
 sharded_zero3_offload_half moves the optimizer state of the first half of the blocks only
-(`where=`), its update on the host while the rest updates on the device.
+(`where=`), its update on the host while the rest updates on the device;
+sharded_zero3_offload_device is sharded_zero3_offload with `update="device"`: the same
+state on the host, each block's update run on the GPU with its params and moments
+streamed up and back during backward (decision 54).
 Issue 16: sharded_tp (`tensor_parallel(sequence_parallel=False)` over every rank, bf16
 mixed precision) against torch_tp (`parallelize_module`, Colwise/RowwiseParallel, the
 same model), and beside sharded_zero3 on the same GPUs; sharded_tp_sp (sequence
@@ -56,8 +59,8 @@ from sharded.train import peak_flops
 
 SYSTEMS = [
     "sharded_zero3", "fsdp2", "sharded_zero2", "sharded_zero3_no_reshard", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
-    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "sharded_zero3_offload_half", "fsdp2_offload", "deepspeed_zero3_offload",
-    "sharded_tp", "sharded_tp_sp", "torch_tp", "torch_tp_sp",
+    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "sharded_zero3_offload_half", "sharded_zero3_offload_device",
+    "fsdp2_offload", "deepspeed_zero3_offload", "sharded_tp", "sharded_tp_sp", "torch_tp", "torch_tp_sp",
 ]
 PAIRS = [
     ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero3_no_reshard", "fsdp2_no_reshard"),
@@ -65,6 +68,7 @@ PAIRS = [
     ("sharded_zero3_compile", "fsdp2"), ("sharded_zero3_compile", "fsdp2_compile"),
     ("sharded_zero3_offload", "fsdp2_offload"), ("sharded_zero3_offload", "deepspeed_zero3_offload"),
     ("sharded_zero3_offload_no_reshard", "fsdp2_offload"), ("sharded_zero3_offload_half", "fsdp2_offload"),
+    ("sharded_zero3_offload_device", "fsdp2_offload"), ("sharded_zero3_offload_device", "deepspeed_zero3_offload"),
     ("sharded_tp", "torch_tp"), ("sharded_tp_sp", "torch_tp_sp"), ("sharded_tp", "sharded_zero3"),
 ]
 LR, WD = 1e-4, 0.1
@@ -248,6 +252,7 @@ BUILD = {  # (config, precision, the arguments) -> a step of (x, y)
     "sharded_zero3_offload": lambda cfg, p, a: _sharded(cfg, p, 3, offload=True),
     "sharded_zero3_offload_no_reshard": lambda cfg, p, a: _sharded(cfg, p, 3, reshard=False, offload=True),
     "sharded_zero3_offload_half": lambda cfg, p, a: _sharded(cfg, p, 3, offload={"where": _first_half(cfg)}),
+    "sharded_zero3_offload_device": lambda cfg, p, a: _sharded(cfg, p, 3, offload={"params": True, "update": "device"}),
     "fsdp2_offload": lambda cfg, p, a: _fsdp2(cfg, p, offload=True),
     "deepspeed_zero3_offload": lambda cfg, p, a: _deepspeed_offload(cfg, p, a.batch),
     "sharded_tp": lambda cfg, p, a: _sharded(cfg, p, 0, tp=False),

@@ -69,6 +69,7 @@ def estimate_memory(
     offload_params: bool = False,
     host_buffer_gb: float | None = None,
     tp: int = 1,
+    offload_update: str = "host",
 ) -> MemoryEstimate:
     """Per-rank bytes for `model` (a `sharded.Model`) under `shard_zero(stage)` on
     `world_size` dp ranks (stage 0: plain data parallelism).
@@ -82,7 +83,9 @@ def estimate_memory(
     as backward reduces them (not under a loss scaler, which keeps them until the update). `offload="nvme"` puts the optimizer
     state in `disk` (this rank's swap file) and its staging buffers (`host_buffer_gb`,
     offload's default if None) in `host`; with `offload_params=True` the param chunks
-    go to `disk` too, and the grads stay on the device until the update. `tp` divides
+    go to `disk` too, and the grads stay on the device until the update. With
+    `offload_update="device"` (offload("cpu", params=True, update="device")) the update
+    streams the state through the device: the grads stay there, with no host copies. `tp` divides
     the params `tensor_parallel`'s built-in plan slices (the rest, norms and position
     embeddings, stay whole on every tp rank) before ZeRO cuts them over dp.
     """
@@ -90,6 +93,8 @@ def estimate_memory(
         raise ValueError(f"estimate_memory(offload=...) is None, 'cpu' or 'nvme' (offload's tiers); got {offload!r}")
     if offload_params and (offload is None or stage != 3):
         raise ValueError("estimate_memory(offload_params=True) needs offload='cpu' or 'nvme' and stage=3 (the chunks ZeRO-3 fetches per block)")
+    if offload_update not in ("host", "device") or (offload_update == "device" and not (offload == "cpu" and offload_params)):
+        raise ValueError(f"estimate_memory(offload_update={offload_update!r}) is 'host', or 'device' with offload='cpu' and offload_params=True")
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"estimate_memory(stage=...) must be 0 (no ZeRO), 1, 2 or 3; got {stage!r}")
     if optimizer not in OPTIMIZER_STATES:
@@ -120,11 +125,12 @@ def estimate_memory(
             params=0 if offload_params else params_bytes, grads=elements(stage >= 1) * b, optimizer=0, activations=activations,
             host=buffers, disk=optimizer_bytes + (params_bytes if offload_params else 0),
         )
-    copies = 1 if offload_params else 2  # the update's host copies of grads (and params, unless they live there)
+    streamed = offload_update == "device"
+    copies = 0 if streamed else 1 if offload_params else 2  # the update's host copies of grads (and params, unless they live there)
     staging = copies * elements(stage >= 1) * b if offload else 0
     return MemoryEstimate(
         params=0 if offload_params else params_bytes,
-        grads=0 if offload_params else elements(stage >= 1) * b,  # streamed to the host as backward reduces them
+        grads=0 if offload_params and not streamed else elements(stage >= 1) * b,  # host update: to the host as backward reduces them
         optimizer=0 if offload else optimizer_bytes,
         activations=activations,
         host=optimizer_bytes + staging + (params_bytes if offload_params else 0) if offload else 0,

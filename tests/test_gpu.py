@@ -69,11 +69,11 @@ def test_data_parallel_and_zero_over_nccl_match_one_gpu(stack):
     _assert_matches_one_gpu(cfg, batches, got, loss, sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2)))
 
 
-def _bf16_zero3(cfg, batches, offload):
+def _bf16_zero3(cfg, batches, update):
     dev = sharded.distributed.device()
     model = sharded.trace(ToyLM(cfg).to(dev))
     step = sharded.shard_zero(stage=3)(sharded.mixed_precision("bf16", autocast=False)(make_train_step(model)))
-    step = sharded.offload("cpu", params=True)(step) if offload else step
+    step = sharded.offload("cpu", params=True, update=update)(step) if update else step
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     for x, y in batches:
         state, m = step(state, (x.to(dev), y.to(dev)))
@@ -81,22 +81,24 @@ def _bf16_zero3(cfg, batches, offload):
 
 
 @needs(2)
-def test_bf16_zero3_with_params_on_the_host_matches_it_on_the_device():
+@pytest.mark.parametrize("update", ["host", "device"])
+def test_bf16_zero3_with_params_on_the_host_matches_it_on_the_device(update):
     """The standard recipe: the host's fp32 chunks fetched and cast to bf16 per block give
-    the device-resident step's params (the updates differ only as the CPU's and the GPU's
-    fused AdamW round)."""
+    the device-resident step's params (updated on the host, they differ only as the CPU's
+    and the GPU's fused AdamW round; with update="device", each block's state streamed
+    through the GPU during backward)."""
     cfg = ToyConfig(tied=False, depth=4, width=64, hidden=96, vocab=50)
     batches = _batches(cfg.vocab, 8, 4)
-    (got, loss), (want, want_loss) = (sharded.launch(_bf16_zero3, cfg, batches, o, nprocs=2, device="cuda") for o in (True, False))
+    (got, loss), (want, want_loss) = (sharded.launch(_bf16_zero3, cfg, batches, u, nprocs=2, device="cuda") for u in (update, None))
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5)
 
 
-def _infinity_on_one_gpu(cfg, batches):
+def _infinity_on_one_gpu(cfg, batches, update):
     dev = sharded.distributed.device()
     model = sharded.trace(ToyLM(cfg).to(dev))
-    step = sharded.offload("cpu", params=True)(sharded.shard_zero(stage=3)(make_train_step(model)))
+    step = sharded.offload("cpu", params=True, update=update)(sharded.shard_zero(stage=3)(make_train_step(model)))
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     assert all(x.device.type == "cpu" for x in state.params.values())  # every param on the host between steps
     assert all(p.untyped_storage().size() == 0 for p in model.params.values())  # the model's device copies given back
@@ -106,11 +108,13 @@ def _infinity_on_one_gpu(cfg, batches):
 
 
 @needs(1)
-def test_params_on_the_host_on_one_gpu_match_the_plain_step():
-    """ZeRO-Infinity on one GPU: each block fetched from pinned host memory as it runs."""
+@pytest.mark.parametrize("update", ["host", "device"])
+def test_params_on_the_host_on_one_gpu_match_the_plain_step(update):
+    """ZeRO-Infinity on one GPU: each block fetched from pinned host memory as it runs,
+    updated on the host or streamed through the GPU."""
     cfg = ToyConfig(tied=True, depth=4, width=64, hidden=96, vocab=50)
     batches = _batches(cfg.vocab, 8, 4)
-    got, loss = sharded.launch(_infinity_on_one_gpu, cfg, batches, nprocs=1, device="cuda")
+    got, loss = sharded.launch(_infinity_on_one_gpu, cfg, batches, update, nprocs=1, device="cuda")
     _assert_matches_one_gpu(cfg, batches, got, loss, sharded.optim.adamw(1e-2))
 
 

@@ -27,14 +27,14 @@ def _batch(seed):
     return torch.randint(0, CFG.vocab, (4, 3), generator=g), torch.randint(0, CFG.vocab, (4, 3), generator=g)
 
 
-def _step(stage, dtype=torch.float64, params=False):
+def _step(stage, dtype=torch.float64, params=False, update="host"):
     model = sharded.trace(ToyLM(CFG).to(dtype))
-    step = sharded.offload("cpu", params=params)(sharded.shard_zero(stage=stage, bucket_mb=1e-4)(make_train_step(model)))
+    step = sharded.offload("cpu", params=params, update=update)(sharded.shard_zero(stage=stage, bucket_mb=1e-4)(make_train_step(model)))
     return model, step
 
 
-def _placed(stage, params):
-    model, step = _step(stage, torch.float32, params)  # the formula counts fp32 optimizer state
+def _placed(stage, params, update):
+    model, step = _step(stage, torch.float32, params, update)  # the formula counts fp32 optimizer state
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     state, _ = step(state, _batch(0))
     moved = ("opt_state", "params") if params else ("opt_state",)
@@ -44,7 +44,7 @@ def _placed(stage, params):
     staged = [x for buffers in offload._buffers.values() for x in buffers]  # the update's host copies (or the host leaves themselves)
     live += [x for x in staged if not any(x is y for y in live)]
     host_bytes = sum(x.numel() * x.element_size() for x in live)
-    est = sharded.estimate_memory(model, stage=stage, world_size=2, optimizer="adamw", offload="cpu", offload_params=params)
+    est = sharded.estimate_memory(model, stage=stage, world_size=2, optimizer="adamw", offload="cpu", offload_params=params, offload_update=update)
     on_device = sum(  # the model state left on the device between steps (the placements say where each leaf is)
         x.numel() * x.element_size() for path, x in state_leaves(state)
         if path.startswith(("params", "opt_state")) and x.ndim and (state.placements.get(path) is None or state.placements.get(path).tier is Tier.DEVICE)
@@ -54,17 +54,18 @@ def _placed(stage, params):
     return tiers, host_bytes, est, back, on_device
 
 
-@pytest.mark.parametrize("stage,params", [(1, False), (3, False), (3, True)])
-def test_the_offloaded_state_is_placed_on_the_host_and_gathered_back(stage, params):
-    for tiers, host_bytes, est, back, on_device in get_pool(2).run(_placed, stage, params):
+@pytest.mark.parametrize("stage,params,update", [(1, False, "host"), (3, False, "host"), (3, True, "host"), (3, True, "device")])
+def test_the_offloaded_state_is_placed_on_the_host_and_gathered_back(stage, params, update):
+    for tiers, host_bytes, est, back, on_device in get_pool(2).run(_placed, stage, params, update):
         assert tiers and set(tiers.values()) == {Tier.HOST}  # every tensor of it, moments and counts (and param chunks)
         assert est.optimizer == 0 and host_bytes == est.host  # this rank's chunks and the update's host copies; none on the device
         assert on_device == est.params  # the device keeps the params (stage 1: whole; stage 3: its chunks; params=True: none)
         assert (est.params == 0) == params
+        assert (est.grads == 0) == (params and update == "host")  # streamed through the device, the grads stay there
         assert all(p is None or p.tier is Tier.DEVICE for p in back)  # gathered: on the device, whole
 
 
-def _equals_the_plain_step(draw, layers, worlds, tx, piped=False):
+def _equals_the_plain_step(draw, layers, worlds, tx, piped=False, microbatches=st.integers(1, 2)):
     """`layers` with accumulate (or, `piped`, a 2-stage pipeline on its own mesh axis) and
     a loss scaler drawn in, nested in a drawn order, on a drawn number of dp ranks
     (`worlds`) over a drawn toy model and batches: the plain step's params and optimizer
@@ -73,7 +74,7 @@ def _equals_the_plain_step(draw, layers, worlds, tx, piped=False):
                     depth=draw(st.integers(2 if piped else 1, 3)), tied=draw(st.booleans()), seed=draw(st.integers(0, 99)))
     model = sharded.trace(ToyLM(cfg).double())
     train_step = make_train_step(model)
-    steps = draw(st.integers(1, 2))
+    steps = draw(microbatches)
     if piped:
         layers.append(sharded.pipeline(stages=2, microbatches=steps, schedule=draw(st.sampled_from(["1f1b", "gpipe"]))))
     elif steps > 1:
@@ -109,9 +110,22 @@ def test_params_off_the_device_under_zero3_equal_the_plain_step(tmp_path, data):
     zero = sharded.shard_zero(stage=3, prefetch=data.draw(st.integers(0, 2)), reshard_after_forward=data.draw(st.booleans()))
     piped = data.draw(st.booleans())
     disk = data.draw(st.booleans())
-    tier = sharded.offload("nvme", path=str(tmp_path), host_buffer_gb=data.draw(st.sampled_from([64, 4096])) / 2**20, params=True) if disk else sharded.offload("cpu", params=True)
+    host = sharded.offload("cpu", params=True, update=data.draw(st.sampled_from(["host", "device"])))  # device: on CPU ranks, through copies
+    tier = sharded.offload("nvme", path=str(tmp_path), host_buffer_gb=data.draw(st.sampled_from([64, 4096])) / 2**20, params=True) if disk else host
     layers = [tier, zero]
     _equals_the_plain_step(data.draw, layers, st.just(2) if piped else st.integers(1, 4), data.draw(st.sampled_from(OPTIMIZERS)), piped)
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(data=st.data())
+def test_the_update_streamed_through_the_device_equals_the_plain_step(data):
+    """offload(params=True, update="device") over ZeRO-3 on 1-4 ranks: each block's param
+    chunks and moments copied to the grads' device (on CPU ranks, CPU copies), updated
+    there as backward reduces the block, and copied back; one micro-batch, where the
+    update starts during backward."""
+    zero = sharded.shard_zero(stage=3, prefetch=data.draw(st.integers(0, 2)), reshard_after_forward=data.draw(st.booleans()))
+    layers = [sharded.offload("cpu", params=True, update="device"), zero]
+    _equals_the_plain_step(data.draw, layers, st.integers(1, 4), data.draw(st.sampled_from(OPTIMIZERS)), microbatches=st.just(1))
 
 
 def _resumed(tmp):

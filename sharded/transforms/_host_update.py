@@ -25,10 +25,26 @@ freed (`GradBucket.take` hands the reducer the host rows, which `value_and_grad`
 then returns), so a step never holds every grad on the device: at 13B on one GPU
 that is 48 GB of fp32 grads that never accumulate there. A step whose grads never reached the host this way
 (a reduction that was not final) takes the whole update at once, as before.
+
+[Note: the update streamed through the device] With `UpdateSite.DEVICE` the state
+stays in pinned host memory between steps, but a group's update runs on the GPU: its
+param chunks and moments go up (the `up` stream, after the reduce-scatter), the
+optimizer's CUDA kernel runs there on them and the device's grad rows, and the new
+values come back down (the `down` stream), while backward goes on. PCIe then carries 24
+bytes per fp32 param more than the host update's 4 (the grads down), but the host's
+cores do nothing: where several GPUs share one host's cores, torch's CPU AdamW is the
+slower of the two (2 H200s, 16 cores per GPU: 2.49 Gparams/s per rank on the host
+against 3.12 streamed, `benchmarks/streamed_update.py`; decision 54). The grads stay on
+the device, as under ZeRO-3 without offload. `finish` waits for the last copy down: the
+next step fetches the params from the host.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
+import enum
+import itertools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -37,7 +53,15 @@ from sharded import tree as T
 from sharded.optim import InParts, leafwise_tail
 from sharded.reduce import GradBucket
 
-__all__ = ["HostUpdate"]
+__all__ = ["HostUpdate", "UpdateSite"]
+
+
+class UpdateSite(enum.Enum):
+    """Where offload's update in parts runs: on the host's cores, or on the device with
+    the state streamed through it ([Note: the update streamed through the device])."""
+
+    HOST = "host"
+    DEVICE = "device"
 
 
 class HostUpdate:
@@ -51,6 +75,7 @@ class HostUpdate:
         host_rows: Callable[[GradBucket], torch.Tensor],
         host_grad: Callable[[int, torch.Tensor], torch.Tensor],
         threads: Callable,
+        site: UpdateSite = UpdateSite.HOST,
     ):
         self.head, tail, tail_state, self.join = leafwise_tail(tx, opt_state)
         self.eager = tx.leafwise  # else a head (a global-norm clip) needs every grad first: the update waits for backward
@@ -61,7 +86,9 @@ class HostUpdate:
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sharded-offload")
         self.futures: list[concurrent.futures.Future] = []
         self.submitted: set[int] = set()  # leaves whose update is queued
-        self.copies = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.site = site
+        self.copies = torch.cuda.Stream() if torch.cuda.is_available() else None  # host site: grads down; device site: state up, update
+        self.down = torch.cuda.Stream() if torch.cuda.is_available() and site is UpdateSite.DEVICE else None  # device site: state down
 
     def reduced(self, bucket: GradBucket) -> None:
         """A group's reduce-scatter was waited: copy this rank's rows to the host, hand
@@ -74,6 +101,8 @@ class HostUpdate:
                 "its params and optimizer state are partly updated, so restore them from a checkpoint before training on"
             )
         self.submitted |= set(layout.leaves)
+        if self.eager and self.site is UpdateSite.DEVICE:
+            return self._through_device(bucket)
         rows = self.host_rows(bucket)
         ready = None
         if out.device.type == "cuda":
@@ -92,6 +121,32 @@ class HostUpdate:
         views = layout.chunk_views(rows, torch.distributed.get_rank(bucket.group))
         grads = [v.view(self.parts.leaves[i].shape) for i, v in zip(layout.leaves, views)]  # one rank: whole leaves, not flat chunks
         self.futures.append(self.worker.submit(self._run, ready, list(layout.leaves), grads))
+
+    def _through_device(self, bucket: GradBucket) -> None:
+        """[Note: the update streamed through the device]: the group's param chunks and
+        moments to the grads' device, updated there, and back into the host's tensors."""
+        out, layout = bucket.out, bucket.layout
+        indices = list(layout.leaves)
+        views = layout.chunk_views(out, torch.distributed.get_rank(bucket.group))
+        grads = [v.view(self.parts.leaves[i].shape) for i, v in zip(indices, views)]
+        hosts = [[self.parts.leaves[i] for i in indices], *([m[i] for i in indices] for m in self.parts.mirrored())]
+        device = out.device
+        up = contextlib.nullcontext() if self.copies is None else torch.cuda.stream(self.copies)
+        if self.copies is not None:
+            self.copies.wait_stream(torch.cuda.current_stream(device))  # after the reduce-scatter
+            out.record_stream(self.copies)
+        with up:
+            ups = [[torch.empty_like(x, device=device).copy_(x, non_blocking=True) for x in xs] for xs in hosts]
+            # outside the step's transforms, as the host site's worker thread runs it: this is the update itself
+            moments = contextvars.Context().run(self.parts.run, indices, grads, moments=ups[1:], params=ups[0], device=device)
+        downs = list(itertools.chain(ups[0], *moments))
+        if self.down is not None:
+            self.down.wait_stream(self.copies)
+            for d in downs:
+                d.record_stream(self.down)
+        with contextlib.nullcontext() if self.down is None else torch.cuda.stream(self.down):
+            for h, d in zip(itertools.chain(*hosts), downs):
+                h.copy_(d, non_blocking=True)
 
     def _run(self, ready: torch.cuda.Event | None, indices: Sequence[int], grads: list[torch.Tensor]) -> None:
         if ready is not None:
@@ -112,6 +167,8 @@ class HostUpdate:
                 f.result()  # a worker's error surfaces here
         finally:
             self.worker.shutdown(wait=True)
+        if self.down is not None:
+            self.down.synchronize()  # the host's params and moments are whole again: the next step fetches them
         if any(a is not b for a, b in zip(T.leaves(params), T.leaves(self.params))):
             raise RuntimeError("offload: the update's params are not the tensors the host update in parts was given (a transform replaced them)")
         given = T.leaves(grads)

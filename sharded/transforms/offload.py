@@ -45,6 +45,11 @@ moments: the update reads and writes them there as it does the moments, and ZeRO
 fetches each block's chunks through their mapping (the page cache), so neither the
 device nor host memory holds the params between uses.
 
+With update="device" (tier="cpu", params=True) the state still lives on the host between
+steps, but each block's update runs on the GPU, its params and moments streamed up and
+back as backward reduces its grads ([Note: the update streamed through the device] in
+_host_update.py): faster where several GPUs share the host's cores (decision 54).
+
 With where=(name, param) -> bool (tier="cpu", params=False), only the chosen params'
 optimizer state moves; their update runs on the host while the rest runs on the device
 at once ([Note: a split update] in _split_update.py).
@@ -74,7 +79,7 @@ from sharded.sharding import map_chunked
 from sharded.swap import DEFAULT_HOST_BUFFER_GB
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.transforms._disk_update import DiskTier
-from sharded.transforms._host_update import HostUpdate
+from sharded.transforms._host_update import HostUpdate, UpdateSite
 from sharded.transforms._split_update import update_split
 
 __all__ = ["offload"]
@@ -98,6 +103,7 @@ class Offload(Transform):
         path: str | os.PathLike | None = None,
         host_buffer_gb: float | None = None,
         where: Callable[[str, torch.Tensor], bool] | None = None,
+        update: str = "host",
     ):
         if tier not in _TIERS:
             raise ValueError(f"offload(tier={tier!r}): unknown tier; use tier='cpu' (host memory) or tier='nvme' (files on local disk)")
@@ -113,7 +119,15 @@ class Offload(Transform):
             raise ValueError(f"offload(where=...) is a predicate (name, param) -> bool choosing the params whose optimizer state moves; got {where!r}")
         if where is not None and (tier != "cpu" or params):
             raise ValueError("offload(where=...) is built for tier='cpu' without params=True so far (issue 14); drop where=, or use offload('cpu', where=...)")
+        if update not in ("host", "device"):
+            raise ValueError(f"offload(update={update!r}): the update runs on the 'host' (its cores) or the 'device' (the state streamed through the GPU)")
+        if update == "device" and (tier != "cpu" or not params or where is not None):
+            raise ValueError(
+                "offload(update='device') streams the state through the GPU as backward reduces each block's grads, which is built for "
+                "offload('cpu', params=True) under shard_zero(stage=3); use that, or update='host'"
+            )
         self.tier, self.params, self.where = tier, params, where
+        self.site = UpdateSite(update)
         self.capabilities = Capability.HOSTS_PARAMS if params else Capability.NONE
         self._chosen: list[int] | None = None  # with where=: the param leaves whose optimizer state moved (set by init)
         self._chosen_paths: frozenset[str] = frozenset()
@@ -127,7 +141,8 @@ class Offload(Transform):
 
     def describe(self) -> str:
         chosen = f", where={getattr(self.where, '__name__', 'a predicate')}" if self.where is not None else ""
-        return f"offload({self.tier!r}{', params=True' if self.params else ''}{f', path={self.path!r}' if self.path else ''}{chosen})"
+        site = ", update='device'" if self.site is UpdateSite.DEVICE else ""
+        return f"offload({self.tier!r}{', params=True' if self.params else ''}{f', path={self.path!r}' if self.path else ''}{chosen}{site})"
 
     def require(self, stack: Any) -> None:
         if self.params and not any(Capability.SHARDS_PARAMS in t.capabilities for t in stack):
@@ -155,7 +170,7 @@ class Offload(Transform):
         """This step's update in parts, or None where the optimizer cannot run in parts."""
         try:
             rows = lambda b: self._host_buffer("rows", b.name, b.out)  # noqa: E731
-            return HostUpdate(state.tx, state.opt_state, state.params, rows, lambda i, like: self._host_buffer("grad", i, like), _on_host_cores)
+            return HostUpdate(state.tx, state.opt_state, state.params, rows, lambda i, like: self._host_buffer("grad", i, like), _on_host_cores, self.site)
         except ValueError:  # not leafwise, not even after a head: the whole update, as before
             return None
 
@@ -186,8 +201,9 @@ class Offload(Transform):
             x.numel() * x.element_size() for path, x in state_leaves(state)
             if self._offloaded(path, x) and (x.device.type != "cpu" or path.startswith("params"))
         ))
-        fetched = PinnedSlabs()  # the params' chunks, fetched every step; this state's alone, freed with it
-        return self._moved(state, lambda path, x: _to_host(x, fetched if path.startswith("params") else None), lambda path: Tier.HOST)
+        crossing = PinnedSlabs()  # what crosses PCIe every step (the params' chunks; streamed, the moments too): this state's alone, freed with it
+        streamed = self.site is UpdateSite.DEVICE
+        return self._moved(state, lambda path, x: _to_host(x, crossing if streamed or path.startswith("params") else None), lambda path: Tier.HOST)
 
     def _moved(self, state: Any, move: Callable[[str, torch.Tensor], torch.Tensor], tier: Callable[[str], Tier]) -> Any:
         """`state` with each offloaded leaf replaced by `move(path, x)` and placed on
@@ -291,6 +307,11 @@ class Offload(Transform):
         for op in program:
             if op.name != "update":
                 out.append(op)
+            elif self.site is UpdateSite.DEVICE:  # the state crosses, each block's as its reduction finishes
+                moments = "the optimizer's moments beside them (Adam: twice these bytes)"
+                out.append(Op("data", "params and moments to the device", f"each block's as its reduction finishes; {moments}", nbytes=nbytes, overlaps="backward"))
+                out.append(Op("compute", "update on the device", f"{op.detail}, on the streamed copies"))
+                out.append(Op("data", "params and moments back to the host", f"the updated values, in place; {moments}", nbytes=nbytes, overlaps="backward"))
             elif self.params:  # the params live on the host: only the grads cross, during backward where it can
                 out.append(Op("data", "grads to the host", "each block's as its reduction finishes", nbytes=nbytes, overlaps="backward"))
                 out.append(Op("compute", "update on the host", f"{op.detail}, on the host's params, with its state in {where}"))
