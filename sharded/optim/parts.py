@@ -117,7 +117,8 @@ class InParts:
 def _copy(x: Any, device: torch.device | str | None) -> Any:
     if not isinstance(x, torch.Tensor):
         return x
-    return x.to(device, copy=True) if device is not None else x.clone()
+    # not a blocking copy: to a GPU, a part's run would wait for every kernel queued before it
+    return x.to(device, copy=True, non_blocking=True) if device is not None else x.clone()
 
 
 def leafwise_tail(tx: GradientTransformation, state: Any) -> tuple[Any, GradientTransformation, Any, Any]:

@@ -28,9 +28,12 @@ that is 48 GB of fp32 grads that never accumulate there. A step whose grads neve
 
 [Note: the update streamed through the device] With `UpdateSite.DEVICE` the state
 stays in pinned host memory between steps, but a group's update runs on the GPU: its
-param chunks and moments go up (the `up` stream, after the reduce-scatter), the
-optimizer's CUDA kernel runs there on them and the device's grad rows, and the new
-values come back down (the `down` stream), while backward goes on. PCIe then carries 24
+param chunks and moments go up (the `up` stream, as soon as the group is known: they
+do not wait for its grads), the optimizer's CUDA kernel runs on them and the device's
+grad rows once the reduce-scatter is done (the `copies` stream), and the new values
+come back down (the `down` stream), while backward goes on. The counts' copies go up
+without a host wait too (`InParts.run` copies them non-blocking), so the host keeps
+queueing backward ahead of the GPU. PCIe then carries 24
 bytes per fp32 param more than the host update's 4 (the grads down), but the host's
 cores do nothing: where several GPUs share one host's cores, torch's CPU AdamW is the
 slower of the two (2 H200s, 16 cores per GPU: 2.49 Gparams/s per rank on the host
@@ -87,8 +90,9 @@ class HostUpdate:
         self.futures: list[concurrent.futures.Future] = []
         self.submitted: set[int] = set()  # leaves whose update is queued
         self.site = site
-        self.copies = torch.cuda.Stream() if torch.cuda.is_available() else None  # host site: grads down; device site: state up, update
-        self.down = torch.cuda.Stream() if torch.cuda.is_available() and site is UpdateSite.DEVICE else None  # device site: state down
+        self.copies = torch.cuda.Stream() if torch.cuda.is_available() else None  # host site: grads down; device site: the update
+        streams = torch.cuda.is_available() and site is UpdateSite.DEVICE
+        self.up, self.down = (torch.cuda.Stream(), torch.cuda.Stream()) if streams else (None, None)  # device site: the state up, and down
 
     def reduced(self, bucket: GradBucket) -> None:
         """A group's reduce-scatter was waited: copy this rank's rows to the host, hand
@@ -131,20 +135,24 @@ class HostUpdate:
         grads = [v.view(self.parts.leaves[i].shape) for i, v in zip(indices, views)]
         hosts = [[self.parts.leaves[i] for i in indices], *([m[i] for i in indices] for m in self.parts.mirrored())]
         device = out.device
-        up = contextlib.nullcontext() if self.copies is None else torch.cuda.stream(self.copies)
-        if self.copies is not None:
+        cuda = self.down is not None
+        with torch.cuda.stream(self.up) if cuda else contextlib.nullcontext():  # at once: the state does not wait for the grads
+            ups = [[torch.empty_like(x, device=device).copy_(x, non_blocking=True) for x in xs] for xs in hosts]
+        if cuda:
+            self.copies.wait_stream(self.up)
             self.copies.wait_stream(torch.cuda.current_stream(device))  # after the reduce-scatter
             out.record_stream(self.copies)
-        with up:
-            ups = [[torch.empty_like(x, device=device).copy_(x, non_blocking=True) for x in xs] for xs in hosts]
+            for x in itertools.chain(*ups):
+                x.record_stream(self.copies)
+        with torch.cuda.stream(self.copies) if cuda else contextlib.nullcontext():
             # outside the step's transforms, as the host site's worker thread runs it: this is the update itself
             moments = contextvars.Context().run(self.parts.run, indices, grads, moments=ups[1:], params=ups[0], device=device)
         downs = list(itertools.chain(ups[0], *moments))
-        if self.down is not None:
+        if cuda:
             self.down.wait_stream(self.copies)
             for d in downs:
                 d.record_stream(self.down)
-        with contextlib.nullcontext() if self.down is None else torch.cuda.stream(self.down):
+        with torch.cuda.stream(self.down) if cuda else contextlib.nullcontext():
             for h, d in zip(itertools.chain(*hosts), downs):
                 h.copy_(d, non_blocking=True)
 
