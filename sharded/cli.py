@@ -73,6 +73,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload-params", action="store_true", default=d.offload_params, help="with --offload cpu|nvme and --zero 3: the param chunks in host memory (cpu) or the swap file (nvme) too, fetched per block")
     p.add_argument("--offload-path", default=d.offload_path, help="with --offload nvme: the directory on local disk for the swap files")
     p.add_argument("--host-buffer-gb", type=float, default=d.host_buffer_gb, help="with --offload nvme: host memory (GB) the update stages the state through")
+    p.add_argument("--offload-update", default=d.offload_update, choices=["host", "device"], help="with --offload cpu --offload-params: run the update on the host's cores (default) or on the GPU, each block's state streamed up and back during backward (faster where several GPUs share the host)")
     p.add_argument("--offload-only", default=d.offload_only, metavar="REGEX", help="with --offload cpu: move only the optimizer state of params whose names match (e.g. 'blocks\\.[0-9]\\.'); the rest updates on the device")
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "selective"], help="activation checkpointing per block")
     p.add_argument("--compile", default=d.compile, choices=["none", "inductor", "aot_eager"], help="the forward through torch.compile with this backend (sharded.compile): one graph on one GPU, else block by block")
@@ -128,6 +129,7 @@ def _estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"], help="offload: the optimizer state in host memory (reported as host bytes) or on disk (disk bytes)")
     p.add_argument("--offload-params", action="store_true", help="with --offload cpu|nvme and --zero 3: the param chunks in host memory or on disk too")
     p.add_argument("--host-buffer-gb", type=float, default=None, help="with --offload nvme: the host staging buffers (default: offload's)")
+    p.add_argument("--offload-update", default="host", choices=["host", "device"], help="with --offload cpu --offload-params: the update streamed through the GPU (device) keeps the grads there")
     p.set_defaults(run=_run_estimate)
 
 
@@ -144,6 +146,7 @@ def _run_estimate(args: argparse.Namespace) -> None:
         model, stage=args.zero, world_size=args.world_size, optimizer=args.optimizer,
         param_dtype=getattr(torch, args.dtype), batch_size=args.batch_size, seq_len=args.seq_len or cfg.seq_len,
         offload=None if args.offload == "none" else args.offload, offload_params=args.offload_params, host_buffer_gb=args.host_buffer_gb, tp=args.tp,
+        offload_update=args.offload_update,
     )
     tp = f", tensor_parallel over {args.tp}" if args.tp > 1 else ""
     print(f"GPT-{args.preset} ({model.num_params() / 1e9:.2f}B params), shard_zero(stage={args.zero}) on {args.world_size} ranks{tp}, per rank:")

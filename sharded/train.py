@@ -58,6 +58,7 @@ class TrainConfig:
     offload_path: str | None = None  # with offload="nvme": the directory for the swap files
     host_buffer_gb: float | None = None  # with offload="nvme": the host memory the update stages the state through
     offload_only: str | None = None  # with offload="cpu": a regex; only the params whose names it finds have their state moved
+    offload_update: str = "host"  # or "device", with offload="cpu" and offload_params: each block's state streamed through the GPU for its update
     data: str | None = None  # a text file, or a token file (.bin uint16 / .npy), instead of the embedded corpus
     data_dtype: str = "uint16"  # a .bin token file's ids: "uint16" (nanoGPT's) or "uint32" (vocabularies past 65,536)
     tokenizer: str | None = None  # a local Hugging Face tokenizer for a text --data (default: bytes)
@@ -129,7 +130,7 @@ def make_step(model: sharded.Model, cfg: TrainConfig):
     if cfg.offload != "none":
         disk = {"path": cfg.offload_path, "host_buffer_gb": cfg.host_buffer_gb} if cfg.offload == "nvme" else {}
         only = {"where": _matching(cfg.offload_only)} if cfg.offload_only else {}
-        step = sharded.offload(tier=cfg.offload, params=cfg.offload_params, **disk, **only)(step)
+        step = sharded.offload(tier=cfg.offload, params=cfg.offload_params, update=cfg.offload_update, **disk, **only)(step)
     return sharded.Step(step) if not isinstance(step, sharded.Step) else step
 
 
@@ -408,6 +409,8 @@ def check(cfg: TrainConfig) -> None:
             re.compile(cfg.offload_only)
         except re.error as err:
             raise ValueError(f"--offload-only {cfg.offload_only!r} is not a regular expression: {err}") from None
+    if cfg.offload_update == "device" and not (cfg.offload == "cpu" and cfg.offload_params):
+        raise ValueError("--offload-update device streams the host's state through the GPU for each block's update; it needs --offload cpu --offload-params --zero 3")
     if cfg.grad_clip < 0:
         raise ValueError(f"--grad-clip {cfg.grad_clip}: the global grad norm's limit is > 0, or 0 for none")
     if world % (cfg.pp * cfg.tp):

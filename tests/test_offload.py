@@ -147,6 +147,13 @@ def test_a_checkpoint_of_offloaded_state_continues_identically(tmp_path):
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="unknown tier; use tier='cpu'"):
         sharded.offload(tier="gpu")
+    with pytest.raises(ValueError, match="update='gpu'.*runs on the 'host'.*or the 'device'"):
+        sharded.offload(params=True, update="gpu")
+    for wrong in (dict(), dict(tier="nvme", path="."), dict(where=lambda name, x: True)):
+        with pytest.raises(ValueError, match=r"update='device'.*built for offload\('cpu', params=True\)"):
+            sharded.offload(update="device", **wrong)
+    with pytest.raises(ValueError, match="offload_update='device'.*with offload='cpu' and offload_params=True"):
+        sharded.estimate_memory(sharded.trace(ToyLM(CFG)), stage=3, world_size=2, offload="cpu", offload_update="device")
     with pytest.raises(ValueError, match="params=.... is True"):
         sharded.offload(params="yes")
     with pytest.raises(ValueError, match=r"where=\.\.\.\) is a predicate"):
