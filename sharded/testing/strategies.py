@@ -77,12 +77,13 @@ def transform_stacks(draw, max_accumulate: int = 4):
     return stack
 
 
-def nested_in_drawn_order(draw, layers: list, fn):
-    """`fn` under `layers` and, half the time, a float64 loss scaler with a drawn initial
-    scale, nested in a drawn order (every order is one program: protocol v2)."""
+def nested_in_drawn_order(draw, layers: list, fn, loss_scaler: bool = True):
+    """`fn` under `layers` and, half the time (where `loss_scaler`), a float64 loss scaler
+    with a drawn initial scale, nested in a drawn order (every order is one program:
+    protocol v2)."""
     import sharded
 
-    if draw(st.booleans()):
+    if loss_scaler and draw(st.booleans()):
         layers = [*layers, sharded.mixed_precision(compute=torch.float64, loss_scale=True, init_scale=2.0 ** draw(st.integers(0, 8)))]
     for layer in draw(st.permutations(layers)):
         fn = layer(fn)

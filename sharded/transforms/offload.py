@@ -151,6 +151,12 @@ class Offload(Transform):
         # on the host and no transform changes the grads after their reduction
         rewrites = Capability.REWRITES_GRADS | Capability.MICROBATCHES
         self._streams = self.params and self.tier == "cpu" and not any(t is not self and rewrites & t.capabilities for t in stack)
+        if self.site is UpdateSite.DEVICE and not self._streams:
+            raise ValueError(
+                f"offload(update='device') runs each block's update as backward reduces its grads, so those grads must be final there; "
+                f"{', '.join(t.describe() for t in stack if t is not self and rewrites & t.capabilities)} changes them after "
+                "(micro-batches summed, a loss scale, exchanged momentum): use update='host' with it"
+            )
 
     def _reduce_grads(self, next_: Callable, bucket: GradBucket) -> Any:
         """A final group of this rank's grads: once reduced, to the host, and its leaves'
@@ -197,6 +203,11 @@ class Offload(Transform):
             return self._init_disk(state)
         if self.where is not None:
             self._choose(state)
+        if self.site is UpdateSite.DEVICE and not state.tx.leafwise:
+            raise ValueError(
+                "offload(update='device') runs each block's update as backward reduces its grads, which needs a leafwise optimizer; "
+                "this one reads every grad first (a global-norm clip, e.g. --grad-clip): drop the clip (--grad-clip 0), or use update='host'"
+            )
         _check_host_memory(sum(  # what moving allocates: the optimizer state made on the host already stays
             x.numel() * x.element_size() for path, x in state_leaves(state)
             if self._offloaded(path, x) and (x.device.type != "cpu" or path.startswith("params"))
