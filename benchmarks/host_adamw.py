@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import multiprocessing as mp
 import os
 import statistics
-import time
 
 import torch
+import _host_ranks as host_ranks
 from _harness import provenance, report
 
 LR, WD = 1e-4, 0.1
@@ -102,34 +101,17 @@ def _placed(rank: int, placement: str, args, barrier) -> dict:
                 for f in [pool.submit(_sliced, part, k, threads, count) for k in range(threads)]:
                     f.result()
 
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    for _ in range(args.repeats + 1):  # the first round warms each path
-        for mode in MODES:
-            barrier.wait()
-            began = time.perf_counter()
-            run(mode)
-            times[mode].append(time.perf_counter() - began)
+    times = host_ranks.in_turns(run, MODES, args.repeats, barrier)
     worker.shutdown()
     pool.shutdown()
-    return {"threads": threads, **{m: t[1:] for m, t in times.items()}}
+    return {"threads": threads, **times}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--params", type=float, default=0.66e9, help="params per rank")
-    ap.add_argument("--parts", type=int, default=26)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--commit", default=os.environ.get("SHARDED_COMMIT"))
+    host_ranks.add_args(ap, params=0.66e9, parts=26)
     args = ap.parse_args()
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(args.ranks), ctx.Manager().dict()
-    procs = [ctx.Process(target=_rank, args=(r, args, barrier, results)) for r in range(args.ranks)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
+    results = host_ranks.spawn(_rank, args)
     placements = {}
     for placement in PLACEMENTS:
         slowest = {m: [max(results[(r, placement)][m][i] for r in range(args.ranks)) for i in range(args.repeats)] for m in MODES}

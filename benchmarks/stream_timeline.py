@@ -18,6 +18,7 @@ from collections import defaultdict
 import speed_vs_torch as svt
 import torch
 from _harness import common_args, gc_paused, provenance, report
+from _profile import _merge
 
 import sharded
 
@@ -31,16 +32,6 @@ def _kind(event: dict) -> str:
     return "kernel"
 
 
-def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
-
-
 def timeline(trace: dict, gap_ms: float) -> dict:
     """Per (stream, kind): busy ms and its merged spans (ms from the first GPU event); the
     compute stream's (the one with the most kernel time) gaps longer than `gap_ms`."""
@@ -52,7 +43,7 @@ def timeline(trace: dict, gap_ms: float) -> dict:
         key = (e["args"].get("stream", -1), _kind(e))
         spans[key].append(((e["ts"] - t0) / 1e3, (e["ts"] + e["dur"] - t0) / 1e3))
         nbytes[key] += int(e["args"].get("bytes", 0))
-    merged = {k: _merged(v) for k, v in spans.items()}
+    merged = {k: _merge(v) for k, v in spans.items()}
     compute = max((k for k in merged if k[1] == "kernel"), key=lambda k: sum(b - a for a, b in merged[k]))
     gaps = [(a[1], b[0]) for a, b in zip(merged[compute], merged[compute][1:]) if b[0] - a[1] > gap_ms]
     return {
