@@ -16,6 +16,8 @@ Primitives, with the arguments their handlers receive after `next`:
                    `model.apply` for every block (see [Note: the block primitive] in trace.py)
   "value_and_grad" (fn, has_aux, params, args, kwargs): a differentiation
   "reduce_grads"   (bucket): one bucket of grads over a group (see sharded/reduce.py)
+  "fetch"          (chunks, device): param chunks on another tier (offload's host
+                   memory) copied to the device before ZeRO-3 gathers them
   "update"         (tx, grads, opt_state, params): the optimizer step
 """
 from __future__ import annotations

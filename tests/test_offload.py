@@ -127,6 +127,21 @@ def test_the_update_streamed_through_the_device_equals_the_plain_step(data):
     _equals_the_plain_step(data.draw, layers, st.integers(1, 4), data.draw(st.sampled_from(OPTIMIZERS[:2])), microbatches=st.just(1), loss_scaler=False)  # leafwise
 
 
+def test_a_chunk_fetched_twice_in_a_step_is_kept_once_for_its_update():
+    """[Note: the param a regather already fetched]: the second fetch's copy, once; a new
+    step starts counting again."""
+    from sharded.transforms._host_update import Refetches
+
+    kept, (a, b), step = Refetches(), (torch.zeros(2), torch.zeros(3)), object()
+    forward, backward = [torch.ones(2), torch.ones(3)], [torch.ones(2)]
+    kept.fetched(step, [a, b], forward)
+    assert kept.take(a) is None  # fetched once: the update sends it up itself
+    kept.fetched(step, [a], backward)
+    assert kept.take(a) is backward[0] and kept.take(a) is None and kept.take(b) is None
+    kept.fetched(object(), [b], [torch.ones(3)])
+    assert kept.take(b) is None  # the next step's first fetch
+
+
 def _resumed(tmp):
     model, step = _step(2)
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sharded import comm, kernels
+from sharded import comm, kernels, primitives
 from sharded.sharding import bounds, chunk_size
 
 __all__ = ["FlatGroup", "plan_group", "gather_leaf"]
@@ -105,7 +105,7 @@ class FlatGroup:
         compute, fetch = torch.cuda.current_stream(self.device), _fetch_stream(self.device)
         fetch.wait_stream(compute)  # buffers the compute stream freed are free on this one too
         with torch.cuda.stream(fetch):
-            out, pending = self.gather([c.to(self.device, non_blocking=True) for c in chunks], group, async_op)
+            out, pending = self.gather(primitives.bind("fetch", list(chunks), self.device), group, async_op)
         out.record_stream(compute)  # read there after `pending.wait()`
         return out, pending
 
@@ -120,6 +120,14 @@ class FlatGroup:
 @functools.cache
 def _fetch_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
+
+
+def _fetch(chunks: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The "fetch" primitive: chunks on another tier copied to `device`, on the current stream."""
+    return [c.to(device, non_blocking=True) for c in chunks]
+
+
+primitives.register("fetch", _fetch)
 
 
 def plan_group(name: str, indices: Sequence[int], leaves: Sequence[torch.Tensor], ranks: int) -> FlatGroup:

@@ -75,6 +75,7 @@ class Gatherer:
 
     def __enter__(self) -> Gatherer:
         self._token = _current.set(self)
+        self._context = contextvars.copy_context()  # for gathers from autograd's threads (see _start)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -91,7 +92,9 @@ class Gatherer:
     def _start(self, u: int) -> None:
         if 0 <= u < len(self.units) and not self.gathered[u] and u not in self.inflight:
             unit = self.units[u]
-            self.inflight[u] = unit.gather([self.chunks[i] for i in unit.leaves], self.group, async_op=True)
+            # in the step's context, as backward's regathers run on autograd's thread on GPU: a
+            # gather binds "fetch" for chunks on another tier (see [Note: reduce in context])
+            self.inflight[u] = self._context.run(unit.gather, [self.chunks[i] for i in unit.leaves], self.group, True)
 
     def _finish(self, u: int) -> None:
         rows, pending = self.inflight.pop(u)

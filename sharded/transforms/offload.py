@@ -79,7 +79,7 @@ from sharded.sharding import map_chunked
 from sharded.swap import DEFAULT_HOST_BUFFER_GB
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.transforms._disk_update import DiskTier
-from sharded.transforms._host_update import HostUpdate, UpdateSite
+from sharded.transforms._host_update import HostUpdate, Refetches, UpdateSite
 from sharded.transforms._split_update import update_split
 
 __all__ = ["offload"]
@@ -133,11 +133,12 @@ class Offload(Transform):
         self._chosen_paths: frozenset[str] = frozenset()
         self.path, self.host_bytes = (os.fspath(path) if path is not None else None), int((host_buffer_gb or DEFAULT_HOST_BUFFER_GB) * 2**30)
         self._disk: DiskTier | None = None
-        self.handlers = {"update": self._update, "reduce_grads": self._reduce_grads}
+        self.handlers = {"update": self._update, "reduce_grads": self._reduce_grads, "fetch": self._fetch}
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # host copies of grads and params, per layout
         self._pinned = PinnedSlabs()  # the host buffers of grads and params that cross PCIe ([Note: pinned slabs])
         self._streams = False  # whether the update may start during backward (set by require)
         self._live: tuple[Any, HostUpdate] | None = None  # (the step's state, its update in parts)
+        self._refetches = Refetches()  # update='device': backward's copies of the param chunks, for the update
 
     def describe(self) -> str:
         chosen = f", where={getattr(self.where, '__name__', 'a predicate')}" if self.where is not None else ""
@@ -172,11 +173,20 @@ class Offload(Transform):
         live = self._live[1]
         return pending if live is None else pending.then(lambda: live.reduced(bucket))
 
+    def _fetch(self, next_: Callable, chunks: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """Param chunks to the device for ZeRO-3's gather; with update='device', a chunk's
+        second copy in a step is kept for its update ([Note: the param a regather
+        already fetched] in _host_update.py)."""
+        copies = next_(chunks, device)
+        if self.site is UpdateSite.DEVICE:
+            self._refetches.fetched(primitives.step_state(), chunks, copies)
+        return copies
+
     def _host_update(self, state: Any) -> HostUpdate | None:
         """This step's update in parts, or None where the optimizer cannot run in parts."""
         try:
             rows = lambda b: self._host_buffer("rows", b.name, b.out)  # noqa: E731
-            return HostUpdate(state.tx, state.opt_state, state.params, rows, lambda i, like: self._host_buffer("grad", i, like), _on_host_cores, self.site)
+            return HostUpdate(state.tx, state.opt_state, state.params, rows, lambda i, like: self._host_buffer("grad", i, like), _on_host_cores, self.site, self._refetches)
         except ValueError:  # not leafwise, not even after a head: the whole update, as before
             return None
 
