@@ -409,10 +409,10 @@ def check(cfg: TrainConfig) -> None:
             re.compile(cfg.offload_only)
         except re.error as err:
             raise ValueError(f"--offload-only {cfg.offload_only!r} is not a regular expression: {err}") from None
-    if cfg.offload_update == "device" and not (cfg.offload == "cpu" and cfg.offload_params and cfg.grad_clip == 0 and cfg.accumulate == 1):
+    if cfg.offload_update == "device" and not (cfg.offload == "cpu" and cfg.offload_params and cfg.grad_clip == 0 and cfg.pp == 1 and cfg.precision != "fp16" and cfg.compress == "none"):
         raise ValueError(
             "--offload-update device streams the host's state through the GPU for each block's update as backward reduces it; "
-            "it needs --offload cpu --offload-params --zero 3, --grad-clip 0 and --accumulate 1"
+            "it needs --offload cpu --offload-params --zero 3, --grad-clip 0, no --pp, no --compress and no fp16 loss scale"
         )
     if cfg.grad_clip < 0:
         raise ValueError(f"--grad-clip {cfg.grad_clip}: the global grad norm's limit is > 0, or 0 for none")

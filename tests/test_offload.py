@@ -118,13 +118,30 @@ def test_params_off_the_device_under_zero3_equal_the_plain_step(tmp_path, data):
 @settings(max_examples=8, **SETTINGS)
 @given(data=st.data())
 def test_the_update_streamed_through_the_device_equals_the_plain_step(data):
-    """offload(params=True, update="device") over ZeRO-3 on 1-4 ranks: each block's param
-    chunks and moments copied to the grads' device (on CPU ranks, CPU copies), updated
-    there as backward reduces the block, and copied back; one micro-batch and no loss
-    scaler, as it needs (a leafwise optimizer too)."""
+    """offload(params=True, update="device") over ZeRO-3 on 1-4 ranks, with 1-3
+    micro-batches: each block's param chunks and moments copied to the grads' device (on
+    CPU ranks, CPU copies), updated there as the last backward reduces the block, and
+    copied back; no loss scaler and a leafwise optimizer, as it needs."""
     zero = sharded.shard_zero(stage=3, prefetch=data.draw(st.integers(0, 2)), reshard_after_forward=data.draw(st.booleans()))
     layers = [sharded.offload("cpu", params=True, update="device"), zero]
-    _equals_the_plain_step(data.draw, layers, st.integers(1, 4), data.draw(st.sampled_from(OPTIMIZERS[:2])), microbatches=st.just(1), loss_scaler=False)  # leafwise
+    _equals_the_plain_step(data.draw, layers, st.integers(1, 4), data.draw(st.sampled_from(OPTIMIZERS[:2])), microbatches=st.integers(1, 3), loss_scaler=False)
+
+
+def _reduced_every_micro_batch():
+    model = sharded.trace(ToyLM(CFG).double())
+    zero = sharded.shard_zero(stage=3, reduce_every_microbatch=True)
+    step = sharded.offload("cpu", params=True, update="device")(zero(sharded.accumulate(steps=2)(make_train_step(model))))
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    with pytest.raises(ValueError, match=r"update='device'.*reduce_every_microbatch=True.*use update='host'"):
+        step(state, _batch(0))
+    return True
+
+
+def test_the_streamed_update_refuses_grads_that_are_summed_after_their_reduction():
+    """shard_zero(reduce_every_microbatch=True) adds each micro-batch's reduction to the
+    last: no reduction is final, so the update cannot start during backward, and
+    update='device' says so rather than running on the host."""
+    assert all(get_pool(2).run(_reduced_every_micro_batch))
 
 
 def test_a_chunk_fetched_twice_in_a_step_is_kept_once_for_its_update():
@@ -168,8 +185,8 @@ def test_bad_input_is_named():
             sharded.offload(update="device", **wrong)
     model = sharded.trace(ToyLM(CFG))
     device_site = sharded.offload("cpu", params=True, update="device")
-    with pytest.raises(ValueError, match=r"update='device'.*accumulate\(steps=2\) changes them after.*use update='host'"):
-        device_site(sharded.shard_zero(stage=3)(sharded.accumulate(steps=2)(make_train_step(model)))).init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    with pytest.raises(ValueError, match=r"update='device'.*mixed_precision\(float16, dynamic loss scale\) changes them after.*use update='host'"):
+        device_site(sharded.shard_zero(stage=3)(sharded.mixed_precision("fp16")(make_train_step(model)))).init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     clipped = sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2))
     with pytest.raises(ValueError, match=r"update='device'.*needs a leafwise optimizer.*drop the clip"):
         device_site(sharded.shard_zero(stage=3)(make_train_step(model))).init(sharded.TrainState.create(model.params, clipped))

@@ -53,7 +53,7 @@ def test_train_help_names_the_pipeline_flag():
     (["--offload-only", "blocks"], "--offload-only chooses which params' state --offload cpu moves"),
     (["--offload", "cpu", "--offload-only", "blocks.(["], "--offload-only 'blocks.([' is not a regular expression"),
     (["--grad-clip", "-1"], "--grad-clip -1.0: the global grad norm's limit is > 0, or 0 for none"),
-    (["--offload", "cpu", "--offload-params", "--grad-clip", "0", "--offload-update", "device", "--accumulate", "2"], "it needs --offload cpu --offload-params --zero 3, --grad-clip 0 and --accumulate 1"),
+    (["--offload", "cpu", "--offload-params", "--offload-update", "device"], "it needs --offload cpu --offload-params --zero 3, --grad-clip 0, no --pp"),
 ])
 def test_a_users_mistake_is_one_line_and_exit_status_2(args, words):
     done = subprocess.run([sys.executable, "-m", "sharded", "train", *args], capture_output=True, text=True)

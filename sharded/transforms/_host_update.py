@@ -47,7 +47,9 @@ backward (offload handles the "fetch" primitive it binds for them). The second c
 what the block's update needs: the chunk has not changed since, and the update comes
 right after the block's backward. `Refetches` keeps it, so the update sends only the
 moments up, not the param again (a quarter of a 1.3B step's bytes up, 2.8 GB per rank
-on 2 ranks). A chunk fetched once (no reshard) goes up for its update as before.
+on 2 ranks). A chunk fetched once (no reshard) goes up for its update as before, and so
+does every chunk under micro-batches: there the second fetch is the first micro-batch's
+backward, and keeping it until the update would hold every block on the device.
 """
 from __future__ import annotations
 

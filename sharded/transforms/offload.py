@@ -137,6 +137,7 @@ class Offload(Transform):
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # host copies of grads and params, per layout
         self._pinned = PinnedSlabs()  # the host buffers of grads and params that cross PCIe ([Note: pinned slabs])
         self._streams = False  # whether the update may start during backward (set by require)
+        self._keeps = False  # whether backward's copies of the param chunks are kept for the update (set by require)
         self._live: tuple[Any, HostUpdate] | None = None  # (the step's state, its update in parts)
         self._refetches = Refetches()  # update='device': backward's copies of the param chunks, for the update
 
@@ -150,13 +151,15 @@ class Offload(Transform):
             raise ValueError(_NEEDS_STAGE3)
         # [Note: the host update in parts] in _host_update.py: only where the params live
         # on the host and no transform changes the grads after their reduction
-        rewrites = Capability.REWRITES_GRADS | Capability.MICROBATCHES
+        rewrites = Capability.REWRITES_GRADS | Capability.RUNS_SCHEDULE
         self._streams = self.params and self.tier == "cpu" and not any(t is not self and rewrites & t.capabilities for t in stack)
+        # one pass a step: a chunk's second fetch is its backward's ([Note: the param a regather already fetched])
+        self._keeps = self.site is UpdateSite.DEVICE and not any(Capability.MICROBATCHES in t.capabilities for t in stack)
         if self.site is UpdateSite.DEVICE and not self._streams:
             raise ValueError(
                 f"offload(update='device') runs each block's update as backward reduces its grads, so those grads must be final there; "
                 f"{', '.join(t.describe() for t in stack if t is not self and rewrites & t.capabilities)} changes them after "
-                "(micro-batches summed, a loss scale, exchanged momentum): use update='host' with it"
+                "(a pipeline's schedule, a loss scale, exchanged momentum): use update='host' with it"
             )
 
     def _reduce_grads(self, next_: Callable, bucket: GradBucket) -> Any:
@@ -178,7 +181,7 @@ class Offload(Transform):
         second copy in a step is kept for its update ([Note: the param a regather
         already fetched] in _host_update.py)."""
         copies = next_(chunks, device)
-        if self.site is UpdateSite.DEVICE:
+        if self._keeps:
             self._refetches.fetched(primitives.step_state(), chunks, copies)
         return copies
 
@@ -295,6 +298,12 @@ class Offload(Transform):
         live, self._live = self._live, None
         if live is not None and live[1] is not None and live[0] is primitives.step_state():
             return live[1].finish(params, grads)
+        if self.site is UpdateSite.DEVICE:
+            raise ValueError(
+                "offload(update='device'): no reduction in this step gave its grads final (shard_zero(reduce_every_microbatch=True) "
+                "sums them after, hybrid sharding sums over replicas after), so the update could not start during backward; "
+                "use update='host' with it"
+            )
         if self._disk is not None:
             return self._disk.update(tx, grads, opt_state, params, _on_host_cores, params_stored=self.params)
         if self._chosen is not None:
