@@ -127,6 +127,32 @@ def test_the_update_streamed_through_the_device_equals_the_plain_step(data):
     _equals_the_plain_step(data.draw, layers, st.integers(1, 4), data.draw(st.sampled_from(OPTIMIZERS[:2])), microbatches=st.integers(1, 3), loss_scaler=False)
 
 
+@pytest.mark.parametrize("update", ["host", "device"])
+def test_explain_says_where_the_update_runs_and_what_crosses(update):
+    model = sharded.trace(ToyLM(CFG))
+    step = sharded.offload("cpu", params=True, update=update)(sharded.shard_zero(stage=3)(make_train_step(model)))
+    step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+    text = str(step.explain(rank=0))
+    crossing = ["params and moments to the device", "update on the device", "params and moments back to the host"]
+    assert all((line in text) == (update == "device") for line in crossing)
+    assert ("grads to the host" in text) == (update == "host")
+
+
+def _estimate(*flags):
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "sharded", "estimate", "--preset", "125m", "--zero", "3", "--world-size", "2", *flags], capture_output=True, text=True)
+    return done.returncode, {line.split()[0]: float(line.split()[1]) for line in done.stdout.splitlines() if line.endswith(" GiB")}, done.stderr
+
+
+def test_sharded_estimate_counts_the_streamed_updates_grads_on_the_device():
+    _, host, _ = _estimate("--offload", "cpu", "--offload-params")
+    _, device, _ = _estimate("--offload", "cpu", "--offload-params", "--offload-update", "device")
+    assert host["grads"] == 0 < device["grads"] and device["host"] < host["host"]  # no host copies of the grads
+    code, _, err = _estimate("--offload-update", "device")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("sharded estimate: error: estimate_memory(offload_update='device')")
+
+
 def _reduced_every_micro_batch():
     model = sharded.trace(ToyLM(CFG).double())
     zero = sharded.shard_zero(stage=3, reduce_every_microbatch=True)
