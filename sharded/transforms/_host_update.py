@@ -1,6 +1,7 @@
-"""offload's update on the host, started while backward still runs: each group of grads
+"""offload's update in parts, started while backward still runs: each group of grads
 goes to the host as soon as its reduction is done, and the optimizer updates those
-leaves there while the device reduces the next groups.
+leaves there while the device reduces the next groups (or, with the update on the
+device, the group's state comes to the grads instead).
 
 [Note: the host update in parts] When the params live on the host (offload(params=True)),
 the optimizer is leafwise (`tx.leafwise`) and every reduction's result is the grads
@@ -33,9 +34,9 @@ do not wait for its grads), the optimizer's CUDA kernel runs on them and the dev
 grad rows once the reduce-scatter is done (the `copies` stream), and the new values
 come back down (the `down` stream), while backward goes on. The counts' copies go up
 without a host wait too (`InParts.run` copies them non-blocking), so the host keeps
-queueing backward ahead of the GPU. PCIe then carries 24
-bytes per fp32 param more than the host update's 4 (the grads down), but the host's
-cores do nothing: where several GPUs share one host's cores, torch's CPU AdamW is the
+queueing backward ahead of the GPU. PCIe then carries 20-24 bytes per fp32 param (8 or
+12 up, 12 down) where the host update moves 4 (the grads down), but the host's cores
+do nothing: where several GPUs share one host's cores, torch's CPU AdamW is the
 slower of the two (2 H200s, 16 cores per GPU: 2.49 Gparams/s per rank on the host
 against 3.12 streamed, `benchmarks/streamed_update.py`; decision 54). The grads stay on
 the device, as under ZeRO-3 without offload. `finish` waits for the last copy down: the
@@ -46,8 +47,8 @@ block's param chunks to the device twice a step: for its forward and again for i
 backward (offload handles the "fetch" primitive it binds for them). The second copy is
 what the block's update needs: the chunk has not changed since, and the update comes
 right after the block's backward. `Refetches` keeps it, so the update sends only the
-moments up, not the param again (a quarter of a 1.3B step's bytes up, 2.8 GB per rank
-on 2 ranks). A chunk fetched once (no reshard) goes up for its update as before, and so
+moments up, not the param again (a fifth of what a 1.3B step sends up, 2.8 GB per
+rank on 2 ranks). A chunk fetched once (no reshard) goes up for its update as before, and so
 does every chunk under micro-batches: there the second fetch is the first micro-batch's
 backward, and keeping it until the update would hold every block on the device.
 """
@@ -102,7 +103,8 @@ class Refetches:
 
 
 class HostUpdate:
-    """One step's update on the host, run group by group from a worker thread."""
+    """One step's update in parts, group by group: on the host from a worker thread, or
+    through the device (`UpdateSite`)."""
 
     def __init__(
         self,
