@@ -83,13 +83,12 @@ class Refetches:
     param a regather already fetched]), kept until the update takes them."""
 
     def __init__(self):
-        self.step: Any = None
-        self.times: dict[int, int] = {}  # id of a host chunk -> how often it was fetched this step
-        self.kept: dict[int, torch.Tensor] = {}
+        self.clear()
 
     def fetched(self, step: Any, chunks: Sequence[torch.Tensor], copies: Sequence[torch.Tensor]) -> None:
         if step is not self.step:
-            self.step, self.times, self.kept = step, {}, {}
+            self.clear()
+            self.step = step
         for chunk, copy in zip(chunks, copies):
             self.times[id(chunk)] = self.times.get(id(chunk), 0) + 1
             if self.times[id(chunk)] == 2:
@@ -99,7 +98,9 @@ class Refetches:
         return self.kept.pop(id(chunk), None)
 
     def clear(self) -> None:
-        self.step, self.times, self.kept = None, {}, {}
+        self.step: Any = None
+        self.times: dict[int, int] = {}  # id of a host chunk -> how often it was fetched this step
+        self.kept: dict[int, torch.Tensor] = {}
 
 
 class HostUpdate:
@@ -159,23 +160,24 @@ class HostUpdate:
         out.untyped_storage().resize_(0)  # the allocator reuses it once the copy is done (record_stream)
         if not self.eager:
             return  # the reducer hands these rows on; the update reads them after the head
-        views = layout.chunk_views(rows, torch.distributed.get_rank(bucket.group))
-        grads = [v.view(self.parts.leaves[i].shape) for i, v in zip(layout.leaves, views)]  # one rank: whole leaves, not flat chunks
-        self.futures.append(self.worker.submit(self._run, ready, list(layout.leaves), grads))
+        self.futures.append(self.worker.submit(self._run, ready, list(layout.leaves), self._grads(bucket, rows)))
+
+    def _grads(self, bucket: GradBucket, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The bucket's leaves' grads as views of `rows` (this rank's chunks; on one rank,
+        whole leaves, shaped as the parts' params)."""
+        views = bucket.layout.chunk_views(rows, torch.distributed.get_rank(bucket.group))
+        return [v.view(self.parts.leaves[i].shape) for i, v in zip(bucket.layout.leaves, views)]
 
     def _through_device(self, bucket: GradBucket) -> None:
         """[Note: the update streamed through the device]: the group's param chunks and
         moments to the grads' device, updated there, and back into the host's tensors."""
-        out, layout = bucket.out, bucket.layout
-        indices = list(layout.leaves)
-        views = layout.chunk_views(out, torch.distributed.get_rank(bucket.group))
-        grads = [v.view(self.parts.leaves[i].shape) for i, v in zip(indices, views)]
+        out, indices = bucket.out, list(bucket.layout.leaves)
+        grads = self._grads(bucket, out)
         hosts = [[self.parts.leaves[i] for i in indices], *([m[i] for i in indices] for m in self.parts.mirrored())]
-        device = out.device
-        cuda = self.down is not None
+        device, cuda = out.device, self.down is not None
         kept = [self.refetches.take(x) if self.refetches is not None else None for x in hosts[0]]
         up = lambda x: torch.empty_like(x, device=device).copy_(x, non_blocking=True)  # noqa: E731
-        with torch.cuda.stream(self.up) if cuda else contextlib.nullcontext():  # at once: the state does not wait for the grads
+        with _on(self.up):  # at once: the state does not wait for the grads
             ups = [[k if k is not None else up(x) for k, x in zip(kept, hosts[0])], *([up(x) for x in xs] for xs in hosts[1:])]
         if cuda:
             self.copies.wait_stream(self.up)
@@ -183,7 +185,7 @@ class HostUpdate:
             out.record_stream(self.copies)
             for x in itertools.chain(*ups):
                 x.record_stream(self.copies)
-        with torch.cuda.stream(self.copies) if cuda else contextlib.nullcontext():
+        with _on(self.copies if cuda else None):
             # outside the step's transforms, as the host site's worker thread runs it: this is the update itself
             moments = contextvars.Context().run(self.parts.run, indices, grads, moments=ups[1:], params=ups[0], device=device)
         downs = list(itertools.chain(ups[0], *moments))
@@ -191,7 +193,7 @@ class HostUpdate:
             self.down.wait_stream(self.copies)
             for d in downs:
                 d.record_stream(self.down)
-        with torch.cuda.stream(self.down) if cuda else contextlib.nullcontext():
+        with _on(self.down):
             for h, d in zip(itertools.chain(*hosts), downs):
                 h.copy_(d, non_blocking=True)
 
@@ -232,3 +234,8 @@ class HostUpdate:
                 self.parts.run(rest, [hosts[i] for i in rest])
         params, new_tail = self.parts.finish()
         return params, self.join(new_tail)
+
+
+def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+    """Queue on `stream`; where there is none (off CUDA), run here."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
