@@ -25,6 +25,8 @@ sharded_zero3_no_reshard is FSDP2-without-resharding's own configuration (params
 sharded between steps, gathered once per step and kept through backward), where
 sharded_zero2 keeps whole fp32 params (DeepSpeed's ZeRO-2);
 sharded_zero3_compile >= 1.10x fsdp2 and >= 1.0x fsdp2_compile.
+"_update_in_backward" systems: the same with `shard_zero(update_in_backward=True)`, each
+group's optimizer step (and under stages 1/2 its params' all-gather) run during backward.
 Issue 14: sharded_zero3_offload (`offload("cpu", params=True)` over ZeRO-3) against fsdp2_offload
 (CPUOffloadPolicy(pin_memory=True)) and deepspeed_zero3_offload (offload_optimizer and
 offload_param to pinned CPU memory, CPUAdam); sharded_zero3_offload_no_reshard keeps each
@@ -59,13 +61,17 @@ from sharded.train import peak_flops
 
 SYSTEMS = [
     "sharded_zero3", "fsdp2", "sharded_zero2", "sharded_zero3_no_reshard", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
-    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "sharded_zero3_offload_half", "sharded_zero3_offload_device",
+    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero1_update_in_backward", "sharded_zero2_update_in_backward",
+    "sharded_zero3_update_in_backward", "sharded_zero3_compile_update_in_backward", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "sharded_zero3_offload_half", "sharded_zero3_offload_device",
     "fsdp2_offload", "deepspeed_zero3_offload", "sharded_tp", "sharded_tp_sp", "torch_tp", "torch_tp_sp",
 ]
 PAIRS = [
     ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero3_no_reshard", "fsdp2_no_reshard"),
     ("sharded_zero1", "ddp"), ("sharded_dp", "ddp"),
     ("sharded_zero3_compile", "fsdp2"), ("sharded_zero3_compile", "fsdp2_compile"),
+    ("sharded_zero1_update_in_backward", "ddp"), ("sharded_zero2_update_in_backward", "fsdp2_no_reshard"),
+    ("sharded_zero3_update_in_backward", "fsdp2"), ("sharded_zero3_compile_update_in_backward", "fsdp2"),
+    ("sharded_zero3_compile_update_in_backward", "fsdp2_compile"),
     ("sharded_zero3_offload", "fsdp2_offload"), ("sharded_zero3_offload", "deepspeed_zero3_offload"),
     ("sharded_zero3_offload_no_reshard", "fsdp2_offload"), ("sharded_zero3_offload_half", "fsdp2_offload"),
     ("sharded_zero3_offload_device", "fsdp2_offload"), ("sharded_zero3_offload_device", "deepspeed_zero3_offload"),
@@ -206,8 +212,9 @@ def _first_half(cfg: GPTConfig):
     return lambda name, x: name.startswith("blocks.") and int(name.split(".")[1]) < cfg.n_layers // 2
 
 
-def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None, reshard: bool | None = None, offload: Any = False, tp: bool | None = None):
-    """stage 0: data_parallel; `tp` (its value: sequence_parallel): tensor_parallel over every rank instead."""
+def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = None, offload: Any = False, tp: bool | None = None, **zero: Any):
+    """stage 0: data_parallel; `tp` (its value: sequence_parallel): tensor_parallel over every rank instead;
+    `zero`: shard_zero's options beside the stage."""
     if tp is not None:
         sharded.Mesh.set_current(sharded.Mesh(tp=sharded.distributed.world_size()))
     model = sharded.trace(_gpt(cfg))
@@ -223,11 +230,10 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
 
     step = sharded.compile(backend=compiled)(train_step) if compiled else train_step
     step = sharded.mixed_precision("bf16", autocast=False)(step) if precision == "bf16" else step
-    zero = {"stage": stage} if reshard is None else {"stage": stage, "reshard_after_forward": reshard}
     if tp is not None:
         step = sharded.tensor_parallel(sequence_parallel=tp)(step)
     else:
-        step = sharded.shard_zero(**zero)(step) if stage else sharded.data_parallel(step)
+        step = sharded.shard_zero(stage=stage, **zero)(step) if stage else sharded.data_parallel(step)
     step = sharded.offload("cpu", **(offload if isinstance(offload, dict) else {"params": True}))(step) if offload else step
     on_host = offload and not (isinstance(offload, dict) and "where" in offload)  # where= keeps the rest's state on the device
     box = [step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(LR, weight_decay=WD), opt_device="cpu" if on_host else None))]
@@ -241,16 +247,20 @@ def _sharded(cfg: GPTConfig, precision: str, stage: int, compiled: str | None = 
 BUILD = {  # (config, precision, the arguments) -> a step of (x, y)
     "sharded_zero3": lambda cfg, p, a: _sharded(cfg, p, 3),
     "sharded_zero2": lambda cfg, p, a: _sharded(cfg, p, 2),
-    "sharded_zero3_no_reshard": lambda cfg, p, a: _sharded(cfg, p, 3, reshard=False),
+    "sharded_zero3_no_reshard": lambda cfg, p, a: _sharded(cfg, p, 3, reshard_after_forward=False),
     "sharded_zero1": lambda cfg, p, a: _sharded(cfg, p, 1),
     "sharded_dp": lambda cfg, p, a: _sharded(cfg, p, 0),
     "sharded_zero3_compile": lambda cfg, p, a: _sharded(cfg, p, 3, compiled=a.compile_backend),
+    "sharded_zero1_update_in_backward": lambda cfg, p, a: _sharded(cfg, p, 1, update_in_backward=True),
+    "sharded_zero2_update_in_backward": lambda cfg, p, a: _sharded(cfg, p, 2, update_in_backward=True),
+    "sharded_zero3_update_in_backward": lambda cfg, p, a: _sharded(cfg, p, 3, update_in_backward=True),
+    "sharded_zero3_compile_update_in_backward": lambda cfg, p, a: _sharded(cfg, p, 3, compiled=a.compile_backend, update_in_backward=True),
     "fsdp2": lambda cfg, p, a: _fsdp2(cfg, p),
     "fsdp2_no_reshard": lambda cfg, p, a: _fsdp2(cfg, p, reshard=False),
     "fsdp2_compile": lambda cfg, p, a: _fsdp2(cfg, p, compiled=a.compile_backend),
     "ddp": lambda cfg, p, a: _ddp(cfg, p),
     "sharded_zero3_offload": lambda cfg, p, a: _sharded(cfg, p, 3, offload=True),
-    "sharded_zero3_offload_no_reshard": lambda cfg, p, a: _sharded(cfg, p, 3, reshard=False, offload=True),
+    "sharded_zero3_offload_no_reshard": lambda cfg, p, a: _sharded(cfg, p, 3, offload=True, reshard_after_forward=False),
     "sharded_zero3_offload_half": lambda cfg, p, a: _sharded(cfg, p, 3, offload={"where": _first_half(cfg)}),
     "sharded_zero3_offload_device": lambda cfg, p, a: _sharded(cfg, p, 3, offload={"params": True, "update": "device"}),
     "fsdp2_offload": lambda cfg, p, a: _fsdp2(cfg, p, offload=True),
