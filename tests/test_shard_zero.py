@@ -360,3 +360,30 @@ def test_user_code_over_the_state_sees_global_values_through_dtensors(stage):
     """An L2 term over (sharded) params and optimizer moments equals the unsharded one."""
     for got, want in get_pool(2).run(_l2_through_dtensors, stage):
         assert got == pytest.approx(want, rel=1e-12)
+
+
+def _one_rank_bf16(stage):
+    """Losses and params after two bf16 steps, with and without shard_zero, on one rank."""
+    out = []
+    for zero in (False, True):
+        model = _gpt()
+        step = sharded.mixed_precision("bf16", autocast=False)(_gpt_train_step(model))
+        step = sharded.shard_zero(stage=stage)(step) if zero else step
+        state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
+        losses = []
+        for seed in range(2):
+            g = torch.Generator().manual_seed(seed)
+            state, m = step(state, (torch.randint(0, 61, (4, 8), generator=g),) * 2)
+            losses.append(m["loss"])
+        out.append((losses, step.gather(state).params))
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_one_rank_computes_in_the_cast_dtype_under_every_stage(stage):
+    """mixed_precision leaves stage 3's params to its gathers to cast; on one rank, where
+    there is nothing to gather, they still run, so the step computes in bf16 as asked."""
+    ((plain_losses, plain), (losses, params)), = get_pool(1).run(_one_rank_bf16, stage)
+    torch.testing.assert_close(losses, plain_losses, rtol=0, atol=0)
+    for k in plain:
+        torch.testing.assert_close(params[k], plain[k], rtol=0, atol=0)

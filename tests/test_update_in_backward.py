@@ -64,10 +64,11 @@ def _params_change_inside_value_and_grad(stage, on):
     return seen
 
 
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_the_params_are_updated_before_value_and_grad_returns(stage):
+def test_the_params_are_updated_before_value_and_grad_returns(stage, world):
     for on in (True, False):
-        for seen in get_pool(2).run(_params_change_inside_value_and_grad, stage, on):
+        for seen in get_pool(world).run(_params_change_inside_value_and_grad, stage, on):
             assert seen == [on, on]
 
 

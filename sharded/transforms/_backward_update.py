@@ -82,7 +82,8 @@ class BackwardUpdate:
                 self.stream.wait_stream(torch.cuda.current_stream(grads.device))  # after the reduction and the block's backward
                 grads.record_stream(self.stream)
             # outside the step's transforms: this is the update itself, as apply_gradients would run it
-            contextvars.Context().run(self.parts.run, list(group.leaves), group.chunk_views(grads, rank))
+            views = [v.view(self.parts.leaves[i].shape) for i, v in zip(group.leaves, group.chunk_views(grads, rank))]
+            contextvars.Context().run(self.parts.run, list(group.leaves), views)
             if self.wholes is not None:
                 rows, pending = group.gather([self.parts.leaves[i] for i in group.leaves], self.group, async_op=True)
                 pending.wait()

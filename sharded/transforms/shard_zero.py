@@ -103,6 +103,7 @@ class ShardZero(Transform):
         self._plans: dict[Any, list[FlatGroup]] = {}
         self.gather_dtype: torch.dtype | None = None  # set by check()
         self.fetches = False  # set by check(): whether params live off the device (offload(params=True))
+        self.alone = False  # set by check()
         self._order = ReadyOrder()
         self._stack: tuple[Transform, ...] = ()  # the finished stack, once `require` has seen it
 
@@ -131,6 +132,11 @@ class ShardZero(Transform):
         # Params kept off the device (offload(params=True)) are fetched per block by the
         # gather, so stage 3 gathers on one rank too, where it would otherwise do nothing.
         self.fetches = self.stage == 3 and any(Capability.HOSTS_PARAMS in t.capabilities for t in stack)
+        # On one rank there is nothing to reduce or gather, but the gathers still fetch
+        # params off the device and cast them for a transform that casts (it leaves stage
+        # 3's params to the gathers), and the update in backward still hides the optimizer
+        # behind backward, through reductions over that one rank.
+        self.alone = self.fetches or self.update_in_backward or self.gather_dtype is not None  # whether one rank runs them too
         # By default stage 3 frees a block after its forward, except under a schedule
         # of micro-batches: there a stage's blocks run once per micro-batch, and
         # re-gathering them for each would multiply the all-gathers by m; they stay
@@ -291,7 +297,7 @@ class ShardZero(Transform):
 
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
         t = self._topo()
-        if t.dp_size == 1 and not self.fetches:
+        if t.dp_size == 1 and not self.alone:
             return next_(fn, has_aux, params, args, kwargs)
         local = rank_rows(args, t.dp_size, t.dp_rank, who=f"shard_zero(stage={self.stage})")
         if self.stage == 3:
@@ -318,7 +324,7 @@ class ShardZero(Transform):
         if self._live is not None:
             self._live.check_applied()
         leaves, chunked = T.leaves(step.params), self._layout.chunked
-        if self.stage == 3:
+        if self.stage == 3 or t.shard_size == 1:  # the state's leaves are this rank's chunks, or whole on one rank
             chunks, wholes = leaves, None
         else:
             chunks, wholes = [local_chunk(p, t.shard_size, t.shard_rank) if c else p for p, c in zip(leaves, chunked)], leaves
@@ -349,7 +355,7 @@ class ShardZero(Transform):
 
     def _apply(self, next_: Callable, model: Any, params: Any, args: tuple, kwargs: dict) -> Any:
         size, rank, group = self._axis()
-        if size == 1 and not self.fetches:
+        if size == 1 and not self.alone:
             return next_(model, params, args, kwargs)
         gatherer = _stage3.current()
         if gatherer is None and _differentiated(params):  # torch.func or autograd over the chunks, in the step's code
@@ -398,12 +404,12 @@ class ShardZero(Transform):
         return out
 
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
-        size, rank, group = self._axis()
-        if size == 1:
-            return next_(tx, grads, opt_state, params)
         live = self._live
         if live is not None and live.call is primitives.step_call() and live.progress is Progress.UPDATING:
             return params, live.finish(grads, params)
+        size, rank, group = self._axis()
+        if size == 1:
+            return next_(tx, grads, opt_state, params)
         if self.stage < 3:
             whole = next((w for w in (t.whole_update(opt_state) for t in self._stack) if w is not None), None)
             if whole is not None:
