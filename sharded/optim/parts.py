@@ -48,6 +48,9 @@ class InParts:
         self.tx, self.state, self.params = tx, state, params
         self.treespec, self.leaves = T.structure(params), T.leaves(params)
         self.nodes, self.outer = optree.tree_flatten(state, is_leaf=self._mirrors, none_is_leaf=False, namespace="sharded")
+        # each node's leaves where it mirrors the params (a moment), else None: flattened once,
+        # since a step runs a part per group of leaves (hundreds) and each would flatten every moment
+        self.node_leaves = [T.leaves(n) if self._mirrors(n) else None for n in self.nodes]
         self.done: list[tuple[Sequence[int], list, bool]] = []  # (indices, that part's new state nodes, whether it ran on copies)
         self.seen: set[int] = set()  # leaves a part has updated, whole or in part
         self.covered: dict[int, int] = {}  # for each leaf in self.seen: how many of its flat elements, from the first
@@ -57,7 +60,7 @@ class InParts:
 
     def mirrored(self) -> list[list[torch.Tensor]]:
         """Each subtree of the state that mirrors the params (a moment), as its leaves."""
-        return [T.leaves(n) for n in self.nodes if self._mirrors(n)]
+        return [xs for xs in self.node_leaves if xs is not None]
 
     def run(
         self,
@@ -88,29 +91,29 @@ class InParts:
             self.seen.add(i)
         given = iter(moments) if moments is not None else None
         part = [
-            (list(next(given)) if given is not None else [T.leaves(n)[i] for i in indices]) if self._mirrors(n) else _copy(n, device)
-            for n in self.nodes
+            (list(next(given)) if given is not None else [xs[i] for i in indices]) if xs is not None else _copy(n, device)
+            for n, xs in zip(self.nodes, self.node_leaves)
         ]
         own = [self.leaves[i] for i in indices] if params is None else list(params)
         _, new_state = apply(self.tx, list(grads), optree.tree_unflatten(self.outer, part), own)
         new = optree.tree_flatten(new_state, is_leaf=lambda x: isinstance(x, list), none_is_leaf=False, namespace="sharded")[0]
         self.done.append((indices, new, moments is not None))
-        return [x for x, n in zip(new, self.nodes) if self._mirrors(n)]
+        return [x for x, xs in zip(new, self.node_leaves) if xs is not None]
 
     def finish(self) -> tuple[Any, Any]:
         """(params, state) once every leaf has been in a part."""
         whole = sum(self.covered.get(i, -1) == x.numel() for i, x in enumerate(self.leaves))
         if whole != len(self.leaves):
             raise ValueError(f"an update in parts covered {whole} of {len(self.leaves)} leaves")
-        nodes = [list(T.leaves(n)) if self._mirrors(n) else n for n in self.nodes]
+        nodes = [list(xs) if xs is not None else n for n, xs in zip(self.nodes, self.node_leaves)]
         for indices, new, on_copies in self.done:
             for k, node in enumerate(self.nodes):
-                if not self._mirrors(node):
+                if self.node_leaves[k] is None:
                     nodes[k] = new[k].to(node.device) if isinstance(node, torch.Tensor) else new[k]
                 elif not on_copies:
                     for i, x in zip(indices, new[k]):
                         nodes[k][i] = x
-        whole = [T.unflatten(self.treespec, n) if self._mirrors(m) else n for n, m in zip(nodes, self.nodes)]
+        whole = [T.unflatten(self.treespec, n) if xs is not None else n for n, xs in zip(nodes, self.node_leaves)]
         return self.params, optree.tree_unflatten(self.outer, whole)
 
 
