@@ -25,8 +25,6 @@ sharded_zero3_no_reshard is FSDP2-without-resharding's own configuration (params
 sharded between steps, gathered once per step and kept through backward), where
 sharded_zero2 keeps whole fp32 params (DeepSpeed's ZeRO-2);
 sharded_zero3_compile >= 1.10x fsdp2 and >= 1.0x fsdp2_compile.
-"_update_in_backward" systems: the same with `shard_zero(update_in_backward=True)`, each
-group's optimizer step (and under stages 1/2 its params' all-gather) run during backward.
 Issue 14: sharded_zero3_offload (`offload("cpu", params=True)` over ZeRO-3) against fsdp2_offload
 (CPUOffloadPolicy(pin_memory=True)) and deepspeed_zero3_offload (offload_optimizer and
 offload_param to pinned CPU memory, CPUAdam); sharded_zero3_offload_no_reshard keeps each
@@ -61,17 +59,13 @@ from sharded.train import peak_flops
 
 SYSTEMS = [
     "sharded_zero3", "fsdp2", "sharded_zero2", "sharded_zero3_no_reshard", "fsdp2_no_reshard", "sharded_zero1", "sharded_dp", "ddp",
-    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero1_update_in_backward", "sharded_zero2_update_in_backward",
-    "sharded_zero3_update_in_backward", "sharded_zero3_compile_update_in_backward", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "sharded_zero3_offload_half", "sharded_zero3_offload_device",
+    "sharded_zero3_compile", "fsdp2_compile", "sharded_zero3_offload", "sharded_zero3_offload_no_reshard", "sharded_zero3_offload_half", "sharded_zero3_offload_device",
     "fsdp2_offload", "deepspeed_zero3_offload", "sharded_tp", "sharded_tp_sp", "torch_tp", "torch_tp_sp",
 ]
 PAIRS = [
     ("sharded_zero3", "fsdp2"), ("sharded_zero2", "fsdp2_no_reshard"), ("sharded_zero3_no_reshard", "fsdp2_no_reshard"),
     ("sharded_zero1", "ddp"), ("sharded_dp", "ddp"),
     ("sharded_zero3_compile", "fsdp2"), ("sharded_zero3_compile", "fsdp2_compile"),
-    ("sharded_zero1_update_in_backward", "ddp"), ("sharded_zero2_update_in_backward", "fsdp2_no_reshard"),
-    ("sharded_zero3_update_in_backward", "fsdp2"), ("sharded_zero3_compile_update_in_backward", "fsdp2"),
-    ("sharded_zero3_compile_update_in_backward", "fsdp2_compile"),
     ("sharded_zero3_offload", "fsdp2_offload"), ("sharded_zero3_offload", "deepspeed_zero3_offload"),
     ("sharded_zero3_offload_no_reshard", "fsdp2_offload"), ("sharded_zero3_offload_half", "fsdp2_offload"),
     ("sharded_zero3_offload_device", "fsdp2_offload"), ("sharded_zero3_offload_device", "deepspeed_zero3_offload"),
@@ -251,10 +245,6 @@ BUILD = {  # (config, precision, the arguments) -> a step of (x, y)
     "sharded_zero1": lambda cfg, p, a: _sharded(cfg, p, 1),
     "sharded_dp": lambda cfg, p, a: _sharded(cfg, p, 0),
     "sharded_zero3_compile": lambda cfg, p, a: _sharded(cfg, p, 3, compiled=a.compile_backend),
-    "sharded_zero1_update_in_backward": lambda cfg, p, a: _sharded(cfg, p, 1, update_in_backward=True),
-    "sharded_zero2_update_in_backward": lambda cfg, p, a: _sharded(cfg, p, 2, update_in_backward=True),
-    "sharded_zero3_update_in_backward": lambda cfg, p, a: _sharded(cfg, p, 3, update_in_backward=True),
-    "sharded_zero3_compile_update_in_backward": lambda cfg, p, a: _sharded(cfg, p, 3, compiled=a.compile_backend, update_in_backward=True),
     "fsdp2": lambda cfg, p, a: _fsdp2(cfg, p),
     "fsdp2_no_reshard": lambda cfg, p, a: _fsdp2(cfg, p, reshard=False),
     "fsdp2_compile": lambda cfg, p, a: _fsdp2(cfg, p, compiled=a.compile_backend),

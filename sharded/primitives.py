@@ -27,13 +27,12 @@ import contextvars
 import functools
 from typing import Any, Callable, Iterator
 
-__all__ = ["bind", "register", "active", "handling", "step_state", "step_call", "binding"]
+__all__ = ["bind", "register", "active", "handling", "step_state", "binding"]
 
 _impls: dict[str, Callable[..., Any]] = {}
 _stack: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("sharded_transforms", default=())
 _chains: contextvars.ContextVar[dict[str, list]] = contextvars.ContextVar("sharded_chains", default={})
 _state: contextvars.ContextVar[Any] = contextvars.ContextVar("sharded_step_state", default=None)
-_step_call_var: contextvars.ContextVar[Any] = contextvars.ContextVar("sharded_step_call", default=None)
 _binding: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("sharded_binding", default=frozenset())
 
 
@@ -53,24 +52,16 @@ def step_state() -> Any:
     return _state.get()
 
 
-def step_call() -> Any:
-    """An object of the running step call alone (None outside a step): what a handler
-    keys one call's work by, since a step may be called again on the same state."""
-    return _step_call_var.get()
-
-
 @contextlib.contextmanager
 def handling(transforms: tuple[Any, ...], state: Any = None) -> Iterator[None]:
     """Run the body with `transforms` (outermost first) handling every bind."""
     token, state_token, chains_token = _stack.set(transforms), _state.set(state), _chains.set(_by_primitive(transforms))
-    call_token = _step_call_var.set(object())
     try:
         yield
     finally:
         _stack.reset(token)
         _state.reset(state_token)
         _chains.reset(chains_token)
-        _step_call_var.reset(call_token)
 
 
 def _by_primitive(transforms: tuple[Any, ...]) -> dict[str, list]:

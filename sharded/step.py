@@ -73,7 +73,6 @@ class Capability(enum.Flag):
     SCALES_LOSS = enum.auto()  # multiplies the loss before backward and skips steps whose grads overflow
     REWRITES_GRADS = enum.auto()  # the update's grads are not the reductions' results (unscaled, exchanged momentum)
     HOSTS_PARAMS = enum.auto()  # keeps the params off the device between steps: ZeRO-3 fetches them per block, on one rank too
-    HOSTS_STATE = enum.auto()  # keeps the optimizer state off the device and runs the update where it lives
     RUNS_MODEL_WHOLE = enum.auto()  # runs model.apply as one function (compile's whole-model graph), the casts' `param_cast` inside it: no "block" is bound there
 
 

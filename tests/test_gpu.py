@@ -120,34 +120,6 @@ def test_params_on_the_host_on_one_gpu_match_the_plain_step(update, microbatches
     _assert_matches_one_gpu(cfg, batches, got, loss, sharded.optim.adamw(1e-2))
 
 
-def _update_in_backward_on_cuda(cfg, batches, stage, on):
-    dev = sharded.distributed.device()
-    model = sharded.trace(ToyLM(cfg).to(dev))
-    step = sharded.mixed_precision("bf16", autocast=False)(sharded.accumulate(steps=2)(make_train_step(model)))
-    step = sharded.shard_zero(stage=stage, bucket_mb=0.01, update_in_backward=on)(step)
-    state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2, weight_decay=0.1)))
-    for x, y in batches:
-        state, m = step(state, (x.to(dev), y.to(dev)))
-    return {k: v.cpu() for k, v in step.gather(state).params.items()}, m["loss"].cpu()
-
-
-@pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_the_update_in_backward_on_cuda_matches_it_after_backward(stage, world):
-    """shard_zero(update_in_backward=True) in the bf16 recipe with 2 micro-batches: each
-    group's fused AdamW (and under stages 1/2 its all-gather) on a side stream during the
-    last backward gives the params the update after backward gives: the same kernels on
-    the same values, in another order."""
-    if torch.cuda.device_count() < world:
-        pytest.skip(f"needs {world} CUDA GPU(s)")
-    cfg = ToyConfig(tied=False, depth=4, width=64, hidden=96, vocab=50)
-    batches = _batches(cfg.vocab, 8, 4)
-    (got, loss), (want, want_loss) = (sharded.launch(_update_in_backward_on_cuda, cfg, batches, stage, on, nprocs=world, device="cuda") for on in (True, False))
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
-    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
-
-
 def _nvme_on_cuda(cfg, batches, path, params):
     dev = sharded.distributed.device()
     model = sharded.trace(ToyLM(cfg).to(dev))

@@ -55,6 +55,7 @@ backward, and keeping it until the update would hold every block on the device.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import enum
 import itertools
@@ -65,7 +66,6 @@ import torch
 from sharded import tree as T
 from sharded.optim import InParts, leafwise_tail
 from sharded.reduce import GradBucket
-from sharded.transforms._streams import on_stream
 
 __all__ = ["HostUpdate", "Refetches", "UpdateSite"]
 
@@ -177,7 +177,7 @@ class HostUpdate:
         device, cuda = out.device, self.down is not None
         kept = [self.refetches.take(x) if self.refetches is not None else None for x in hosts[0]]
         up = lambda x: torch.empty_like(x, device=device).copy_(x, non_blocking=True)  # noqa: E731
-        with on_stream(self.up):  # at once: the state does not wait for the grads
+        with _on(self.up):  # at once: the state does not wait for the grads
             ups = [[k if k is not None else up(x) for k, x in zip(kept, hosts[0])], *([up(x) for x in xs] for xs in hosts[1:])]
         if cuda:
             self.copies.wait_stream(self.up)
@@ -185,7 +185,7 @@ class HostUpdate:
             out.record_stream(self.copies)
             for x in itertools.chain(*ups):
                 x.record_stream(self.copies)
-        with on_stream(self.copies if cuda else None):
+        with _on(self.copies if cuda else None):
             # outside the step's transforms, as the host site's worker thread runs it: this is the update itself
             moments = contextvars.Context().run(self.parts.run, indices, grads, moments=ups[1:], params=ups[0], device=device)
         downs = list(itertools.chain(ups[0], *moments))
@@ -193,7 +193,7 @@ class HostUpdate:
             self.down.wait_stream(self.copies)
             for d in downs:
                 d.record_stream(self.down)
-        with on_stream(self.down):
+        with _on(self.down):
             for h, d in zip(itertools.chain(*hosts), downs):
                 h.copy_(d, non_blocking=True)
 
@@ -235,3 +235,7 @@ class HostUpdate:
         params, new_tail = self.parts.finish()
         return params, self.join(new_tail)
 
+
+def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+    """Queue on `stream`; where there is none (off CUDA), run here."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

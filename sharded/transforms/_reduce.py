@@ -149,7 +149,6 @@ class GradReducer:
         replicate_group: Any = None,
         scale: float | None = None,
         summed: bool = False,
-        on_reduced: Callable[[FlatGroup, torch.Tensor], None] | None = None,
     ):
         self.leaves, self.groups, self.group, self.rank, self.scatter = leaves, groups, group, rank, scatter
         self.dtype = dtype  # the reduction's dtype (None: each group's own)
@@ -160,7 +159,6 @@ class GradReducer:
         self.replicas: list[comm.Pending] = []
         self.sums: list[torch.Tensor] | None = None  # reduce_each_pass: the chunks summed so far
         self.on_filled = on_filled
-        self.on_reduced = on_reduced  # (group, this rank's grads of it) once a final reduction is waited
         self.where = {i: (g, k) for g, fg in enumerate(groups) for k, i in enumerate(fg.leaves)}
         self.inputs: list[torch.Tensor | None] = [None] * len(groups)
         self.outputs: list[torch.Tensor] = []
@@ -205,21 +203,13 @@ class GradReducer:
             if self.scatter:
                 out = torch.empty(fg.size, dtype=inp.dtype, device=fg.device)
                 take = functools.partial(self._taken, g) if self.final else None
-                pending = bind_in(self.context, GradBucket(fg.name, inp, out, Reduction.REDUCE_SCATTER, self.group, fg, self.final, take))
-                self.pending[g] = pending.then(functools.partial(self._reduced, g)) if self.final and self.on_reduced else pending
+                self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, out, Reduction.REDUCE_SCATTER, self.group, fg, self.final, take))
             else:
                 out = fg.rows(inp)[self.rank]
                 self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, inp, Reduction.ALL_REDUCE, self.group, fg, self.final))
             self.outputs.append(out)
             self.started += 1
             self._retire(keep=self.IN_FLIGHT)
-
-    def _reduced(self, g: int) -> None:
-        self.on_reduced(self.groups[g], self._as_grads(self.groups[g], self.outputs[g]))
-
-    def _as_grads(self, fg: FlatGroup, out: torch.Tensor) -> torch.Tensor:
-        """A group's reduced rows in the dtype the update gets them in."""
-        return out.to(self.out_dtype or fg.dtype)
 
     def _taken(self, g: int, rows: torch.Tensor, ready: Any) -> None:
         """GradBucket.take: group g's result is `rows` now (its device rows may be freed)."""
@@ -279,6 +269,6 @@ class GradReducer:
         outputs = self.sums if self.sums is not None else self.outputs
         grads: list[torch.Tensor | None] = [None] * len(self.leaves)
         for fg, out in zip(self.groups, outputs):
-            for i, view in zip(fg.leaves, fg.chunk_views(self._as_grads(fg, out), self.rank)):
+            for i, view in zip(fg.leaves, fg.chunk_views(out.to(self.out_dtype or fg.dtype), self.rank)):
                 grads[i] = view.view(self.leaves[i].shape) if fg.ranks == 1 else view
         return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, self.leaves)]

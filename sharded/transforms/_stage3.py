@@ -21,7 +21,7 @@ runs the same hooks in the same order, so the collectives line up.
 from __future__ import annotations
 
 import contextvars
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -67,7 +67,6 @@ class Gatherer:
                 _free(x)
         self.units: Sequence[FlatGroup | None] | None = None
         self.inflight: dict[int, tuple[torch.Tensor, Any]] = {}
-        self.on_reduced: Callable[[FlatGroup, torch.Tensor], None] | None = None  # shard_zero(update_in_backward): each final group's grads
 
     def bind_units(self, units: Sequence[FlatGroup | None], is_block: Sequence[bool]) -> None:
         """The gather units (one per traced block, in order) and which are hooked blocks."""
@@ -88,7 +87,7 @@ class Gatherer:
         # Hooks on this pass's activations may keep the gatherer reachable for a while;
         # drop its tensors now so the step's state can be freed when the caller drops it.
         self.chunks = self.full = self.writers = ()
-        self.grad_pass = self.on_reduced = None
+        self.grad_pass = None
 
     def _start(self, u: int) -> None:
         if 0 <= u < len(self.units) and not self.gathered[u] and u not in self.inflight:

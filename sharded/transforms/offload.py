@@ -128,7 +128,7 @@ class Offload(Transform):
             )
         self.tier, self.params, self.where = tier, params, where
         self.site = UpdateSite(update)
-        self.capabilities = Capability.HOSTS_STATE | (Capability.HOSTS_PARAMS if params else Capability.NONE)
+        self.capabilities = Capability.HOSTS_PARAMS if params else Capability.NONE
         self._chosen: list[int] | None = None  # with where=: the param leaves whose optimizer state moved (set by init)
         self._chosen_paths: frozenset[str] = frozenset()
         self.path, self.host_bytes = (os.fspath(path) if path is not None else None), int((host_buffer_gb or DEFAULT_HOST_BUFFER_GB) * 2**30)

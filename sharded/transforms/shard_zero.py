@@ -33,13 +33,12 @@ from typing import Any, Callable, NamedTuple
 import optree
 import torch
 
-from sharded import comm, primitives, sharding
+from sharded import comm, sharding
 from sharded import tree as T
 from sharded.grad import grad_pass
 from sharded.mesh import Mesh
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.transforms import _stage3
-from sharded.transforms._backward_update import BackwardUpdate, Progress
 from sharded.transforms._batch import rank_rows
 from sharded.placement import Cut, Placement
 from sharded.sharding import ChunkLayout, local_chunk, map_chunked
@@ -62,7 +61,6 @@ class ShardZero(Transform):
         reduce_dtype: torch.dtype | None = None,
         hybrid: int | None = None,
         reduce_every_microbatch: bool = False,
-        update_in_backward: bool = False,
         mesh: Mesh | None = None,
         axis: str = "dp",
     ):
@@ -82,14 +80,6 @@ class ShardZero(Transform):
         if reduce_every_microbatch and stage == 1:
             raise ValueError("shard_zero(stage=1) keeps whole grads, so reduce_every_microbatch saves nothing; use stage=2 or 3")
         self.reduce_every_microbatch = reduce_every_microbatch
-        if update_in_backward and (reduce_every_microbatch or hybrid):
-            raise ValueError(
-                "shard_zero(update_in_backward=True) updates each group as soon as its reduction gives its final grads, but "
-                f"{'reduce_every_microbatch sums them after' if reduce_every_microbatch else 'hybrid sharding sums them over replicas after'}; "
-                "drop one of the two"
-            )
-        self.update_in_backward = update_in_backward
-        self._live: BackwardUpdate | None = None  # update_in_backward: the latest step's update in parts
         self._topology: _Topology | None = None
         self.capabilities = Capability.SPLITS_ROWS | Capability.REDUCES_GRADS | Capability.OWNS_UPDATE
         self.handlers = {"value_and_grad": self._value_and_grad, "update": self._update}
@@ -115,16 +105,6 @@ class ShardZero(Transform):
         self._stack = tuple(stack)
 
     def check(self, stack: Any) -> None:
-        if self.update_in_backward:
-            # [Note: the update during backward] in _backward_update.py: the reductions' grads are the update's
-            late = Capability.REWRITES_GRADS | Capability.RUNS_SCHEDULE | Capability.HOSTS_STATE
-            others = [t.describe() for t in stack if t is not self and late & t.capabilities]
-            if others:
-                raise ValueError(
-                    f"shard_zero(update_in_backward=True) updates each group as backward reduces its grads, but {', '.join(others)} "
-                    "changes those grads or runs the update itself after backward (a pipeline's schedule, a loss scale, "
-                    "exchanged momentum, state off the device); use update_in_backward=False with it"
-                )
         # Stage 3 gathers params in the compute dtype of a transform that casts them
         # (half the bytes for bf16) and reduces their grads back to the masters' dtype.
         casts = [t.param_dtype for t in stack if Capability.CASTS_PARAMS in t.capabilities]
@@ -132,11 +112,9 @@ class ShardZero(Transform):
         # Params kept off the device (offload(params=True)) are fetched per block by the
         # gather, so stage 3 gathers on one rank too, where it would otherwise do nothing.
         self.fetches = self.stage == 3 and any(Capability.HOSTS_PARAMS in t.capabilities for t in stack)
-        # On one rank there is nothing to reduce or gather, but the gathers still fetch
-        # params off the device and cast them for a transform that casts (it leaves stage
-        # 3's params to the gathers), and the update in backward still hides the optimizer
-        # behind backward, through reductions over that one rank.
-        self.alone = self.fetches or self.update_in_backward or self.gather_dtype is not None  # whether one rank runs them too
+        # A transform that casts leaves stage 3's params to the gathers to cast, so on one
+        # rank, with nothing to gather, the gathers still run: they fetch and they cast.
+        self.alone = self.fetches or self.gather_dtype is not None  # whether one rank runs the gathers too
         # By default stage 3 frees a block after its forward, except under a schedule
         # of micro-batches: there a stage's blocks run once per micro-batch, and
         # re-gathering them for each would multiply the all-gathers by m; they stay
@@ -183,11 +161,6 @@ class ShardZero(Transform):
         self._topology = topo = self._topo()
         size, rank, group = topo.shard_size, topo.shard_rank, topo.shard_group
         broadcast_from_first(state, topo.dp_group)
-        if self.update_in_backward and not state.tx.leafwise:
-            raise ValueError(
-                "shard_zero(update_in_backward=True) updates each group of leaves as backward reduces it, which needs a leafwise "
-                "optimizer; this one reads every grad first (a global-norm clip): drop the clip, or update_in_backward=False"
-            )
         leaves = T.leaves(state.params)
         self._layout = ChunkLayout(
             group=group,
@@ -304,32 +277,9 @@ class ShardZero(Transform):
             return self._value_and_grad_stage3(next_, fn, has_aux, params, local, kwargs, t)
         # stage 1 reduce-scatters too: its update reads only this rank's chunk of the grads,
         # so an all-reduce would move twice the bytes for rows no one reads (decision 39)
-        live = self._backward_update(t)
-        on_reduced = live.reduced if live is not None else None
-        make = lambda gp: self._reducer(gp, self._buckets(gp.leaves, t.shard_size), scatter=True, on_reduced=on_reduced)  # noqa: E731
+        make = lambda gp: self._reducer(gp, self._buckets(gp.leaves, t.shard_size), scatter=True)  # noqa: E731
         learn = lambda gp: self._order.learn(tuple((x.shape, x.dtype, x.device) for x in gp.leaves), gp, t.dp_group)  # noqa: E731
-        value, grads = reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, t.dp_group, t.dp_size, learn)
-        if live is not None and grads is not None:
-            live.returned(grads)
-        return value, grads
-
-    def _backward_update(self, t: _Topology) -> BackwardUpdate | None:
-        """This step's update in backward ([Note: the update during backward]), made at its
-        first value_and_grad (accumulate's later micro-batches find it); None when off."""
-        step, call = primitives.step_state(), primitives.step_call()
-        if not self.update_in_backward or step is None:
-            return None
-        if self._live is not None and self._live.call is call:
-            return self._live
-        if self._live is not None:
-            self._live.check_applied()
-        leaves, chunked = T.leaves(step.params), self._layout.chunked
-        if self.stage == 3 or t.shard_size == 1:  # the state's leaves are this rank's chunks, or whole on one rank
-            chunks, wholes = leaves, None
-        else:
-            chunks, wholes = [local_chunk(p, t.shard_size, t.shard_rank) if c else p for p, c in zip(leaves, chunked)], leaves
-        self._live = BackwardUpdate(call, step.tx, step.opt_state, step.params, chunks, t.shard_group, wholes)
-        return self._live
+        return reduce_during_backward(self, make, next_, fn, has_aux, params, local, kwargs, t.dp_group, t.dp_size, learn)
 
     def _gatherer(self, chunks: list[torch.Tensor], size: int, group: Any) -> _stage3.Gatherer:
         layout = self._layout
@@ -339,19 +289,14 @@ class ShardZero(Transform):
 
     def _value_and_grad_stage3(self, next_, fn, has_aux, params, local, kwargs, t: _Topology) -> Any:
         spec = self._layout.treespec
-        live = self._backward_update(t)
         with self._gatherer(T.leaves(params), t.shard_size, t.shard_group) as gatherer:
             full = T.unflatten(spec, gatherer.full)
             with grad_pass(full) as (gp, owner):
                 gatherer.grad_pass = gp
-                gatherer.on_reduced = live.reduced if live is not None else None
                 value, _ = next_(fn, has_aux, full, local, kwargs)
                 if gatherer.units is None:
                     raise RuntimeError("shard_zero(stage=3) gathers params inside model.apply; the loss never called it")
-                grads = gp.grads() if owner else None
-                if live is not None and grads is not None:
-                    live.returned(grads)
-                return mean_over(value, t.dp_group, t.dp_size), grads
+                return mean_over(value, t.dp_group, t.dp_size), (gp.grads() if owner else None)
 
     def _apply(self, next_: Callable, model: Any, params: Any, args: tuple, kwargs: dict) -> Any:
         size, rank, group = self._axis()
@@ -386,7 +331,7 @@ class ShardZero(Transform):
             masters = next(c.dtype for c, chunked in zip(g.chunks, self._layout.chunked) if chunked)
             reducer = self._reducer(
                 gp, [units[u] for u in order], scatter=True, on_filled=lambda j: g.free(order[j]),
-                dtype=self.reduce_dtype or masters, out_dtype=masters, on_reduced=g.on_reduced,
+                dtype=self.reduce_dtype or masters, out_dtype=masters,
             )
             gp.attached[self] = reducer
             gp.listen(reducer.ready)
@@ -404,9 +349,6 @@ class ShardZero(Transform):
         return out
 
     def _update(self, next_: Callable, tx: Any, grads: Any, opt_state: Any, params: Any) -> Any:
-        live = self._live
-        if live is not None and live.call is primitives.step_call() and live.progress is Progress.UPDATING:
-            return params, live.finish(grads, params)
         size, rank, group = self._axis()
         if size == 1:
             return next_(tx, grads, opt_state, params)
