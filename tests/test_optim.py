@@ -339,3 +339,24 @@ def test_a_clipped_chain_runs_its_clip_whole_then_the_rest_in_parts(params, seed
         state = join(new_tail)
     for a, b in zip(T.leaves((got, state)), T.leaves((want, want_state))):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_part_flattens_no_tree_of_the_whole_state(monkeypatch):
+    """An update runs a part per group of leaves, hundreds a step for a GPT, inside
+    backward: a part's host work must not grow with the whole state. Flattening every
+    moment once per leaf of each part cost 48 ms a step at GPT-1.3B's 300 leaves."""
+    import sharded.optim.parts as parts_module
+
+    params = {f"w{i}": torch.zeros(2) for i in range(200)}
+    tx = optim.adamw(1e-2)
+    parts = optim.InParts(tx, tx.init(params), params)
+    calls, real = [], parts_module.T.leaves
+
+    def counted(tree, *args, **kwargs):
+        out = real(tree, *args, **kwargs)
+        calls.append(len(out))
+        return out
+
+    monkeypatch.setattr(parts_module.T, "leaves", counted)
+    parts.run([0, 1], [torch.ones(2), torch.ones(2)])
+    assert all(n <= 2 for n in calls)  # the part's own leaves, never the 200 of a moment
