@@ -69,10 +69,11 @@ def test_data_parallel_and_zero_over_nccl_match_one_gpu(stack):
     _assert_matches_one_gpu(cfg, batches, got, loss, sharded.optim.chain(sharded.optim.clip_by_global_norm(1.0), sharded.optim.adamw(1e-2)))
 
 
-def _bf16_zero3(cfg, batches, update):
+def _bf16_zero3(cfg, batches, update, microbatches):
     dev = sharded.distributed.device()
     model = sharded.trace(ToyLM(cfg).to(dev))
-    step = sharded.shard_zero(stage=3)(sharded.mixed_precision("bf16", autocast=False)(make_train_step(model)))
+    step = sharded.mixed_precision("bf16", autocast=False)(sharded.accumulate(steps=microbatches)(make_train_step(model)))
+    step = sharded.shard_zero(stage=3)(step)
     step = sharded.offload("cpu", params=True, update=update)(step) if update else step
     state = step.init(sharded.TrainState.create(model.params, sharded.optim.adamw(1e-2)))
     for x, y in batches:
@@ -81,15 +82,16 @@ def _bf16_zero3(cfg, batches, update):
 
 
 @needs(2)
+@pytest.mark.parametrize("microbatches", [1, 2])
 @pytest.mark.parametrize("update", ["host", "device"])
-def test_bf16_zero3_with_params_on_the_host_matches_it_on_the_device(update):
+def test_bf16_zero3_with_params_on_the_host_matches_it_on_the_device(update, microbatches):
     """The standard recipe: the host's fp32 chunks fetched and cast to bf16 per block give
     the device-resident step's params (updated on the host, they differ only as the CPU's
     and the GPU's fused AdamW round; with update="device", each block's state streamed
-    through the GPU during backward)."""
+    through the GPU during the last micro-batch's backward)."""
     cfg = ToyConfig(tied=False, depth=4, width=64, hidden=96, vocab=50)
     batches = _batches(cfg.vocab, 8, 4)
-    (got, loss), (want, want_loss) = (sharded.launch(_bf16_zero3, cfg, batches, u, nprocs=2, device="cuda") for u in (update, None))
+    (got, loss), (want, want_loss) = (sharded.launch(_bf16_zero3, cfg, batches, u, microbatches, nprocs=2, device="cuda") for u in (update, None))
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5)
