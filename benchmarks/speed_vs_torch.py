@@ -16,7 +16,8 @@ torch.compile of each block module before fully_shard (torchtitan's per-block co
 Each system runs in its own fresh ranks (its peak memory is its own); the systems take
 turns, `--repeats` times over, so drift on the machine falls on all of them. Reported
 per system: min/median/max step time over every timed step, tokens/s and MFU at the
-median, peak memory (the largest rank's), and each repeat's median. `--device cpu` runs
+median, peak memory (the largest rank's), each repeat's median, and the median host time
+(until a step's call returns, before the GPU is waited on). `--device cpu` runs
 the same code on gloo (a smoke test of the harness: no peak memory, no MFU).
 
 Acceptance (issue 13): sharded_zero3 >= 1.0x fsdp2 (memory <= fsdp2 + 2%);
@@ -282,17 +283,18 @@ def measure(name: str, args) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
-    times = []
+    times, hosts = [], []
     with gc_paused():
         for _ in range(args.steps):
             began = time.perf_counter()
             step(x, y)
+            hosts.append(time.perf_counter() - began)  # until the step's launches return (and any wait it does itself)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - began)
     peak = torch.tensor([torch.cuda.max_memory_allocated(dev) if cuda else 0.0], dtype=torch.float64, device=dev)
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    result = {"step_s": times, "median_step_s": statistics.median(times), "peak_memory_gib": peak.item() / 2**30 if cuda else None}
+    result = {"step_s": times, "host_s": hosts, "median_step_s": statistics.median(times), "peak_memory_gib": peak.item() / 2**30 if cuda else None}
     if args.profile and cuda:
         trace = f"{args.trace_dir}/{name}_rank{sharded.distributed.rank()}.json.gz" if args.trace_dir else None
         result["gpu_time"] = profile_steps(lambda: step(x, y), steps=3, trace=trace, top=40)
@@ -309,6 +311,8 @@ def summarize(runs: list[dict], tokens: int, flops: float, peak: float | None) -
     return {
         "step_s": {"min": min(times), "median": median, "max": max(times)},
         "repeat_medians_s": [statistics.median(r["step_s"]) for r in runs],
+        # near the step time, the host bounds the step (a step that waits on the GPU itself, as offload's does, counts that wait)
+        "host_s_median": statistics.median(t for r in runs for t in r["host_s"]),
         "tokens_per_s": tokens / median,
         "mfu": tokens / median * flops / peak if peak else None,
         "peak_memory_gib_max_rank": max(peaks) if peaks else None,
