@@ -360,3 +360,18 @@ def test_a_part_flattens_no_tree_of_the_whole_state(monkeypatch):
     monkeypatch.setattr(parts_module.T, "leaves", counted)
     parts.run([0, 1], [torch.ones(2), torch.ones(2)])
     assert all(n <= 2 for n in calls)  # the part's own leaves, never the 200 of a moment
+
+
+def test_an_update_in_parts_advances_the_states_own_counts():
+    """The counts go back into the state's own tensors: offload keeps them in pinned host
+    memory, which a new tensor would not be, and each part copies them to the GPU."""
+    params = {f"w{i}": torch.zeros(3) for i in range(4)}
+    tx = optim.adamw(1e-2)
+    state = tx.init(params)
+    counts = [x for x in T.leaves(state) if x.ndim == 0]
+    parts = optim.InParts(tx, state, params)
+    parts.run([0, 1], [torch.ones(3)] * 2)
+    parts.run([2, 3], [torch.ones(3)] * 2)
+    _, new = parts.finish()
+    after = [x for x in T.leaves(new) if x.ndim == 0]
+    assert counts and all(a is b for a, b in zip(after, counts)) and all(int(c) == 1 for c in counts)

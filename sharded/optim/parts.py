@@ -13,7 +13,10 @@ optimizer over a smaller tree: its params are the part's leaves (a list), and ev
 subtree of the state that mirrors the params (a moment) is cut to the same leaves.
 Everything else in the state (the counts) is given to each part as a copy, so that
 each part advances its own copy from the same value: the counts every part ends with
-are equal, and `finish` keeps one. Params are updated in place (`optim.apply` donates
+are equal, and `finish` writes one back into the state's own count tensors. In place,
+so that a count in pinned host memory stays pinned: offload's streamed update copies
+it up at every part, and CUDA documents that a copy up from pageable memory may make
+the host wait for the stream first, which would cost the host its lead at every block. Params are updated in place (`optim.apply` donates
 them); the state's moments are in place too under a fused optimizer, and otherwise
 taken from each part's new state when `finish` rebuilds the whole state. Every leaf
 must be in exactly one part.
@@ -107,12 +110,15 @@ class InParts:
             raise ValueError(f"an update in parts covered {whole} of {len(self.leaves)} leaves")
         nodes = [list(xs) if xs is not None else n for n, xs in zip(self.nodes, self.node_leaves)]
         for indices, new, on_copies in self.done:
-            for k, node in enumerate(self.nodes):
-                if self.node_leaves[k] is None:
-                    nodes[k] = new[k].to(node.device) if isinstance(node, torch.Tensor) else new[k]
-                elif not on_copies:
+            for k, xs in enumerate(self.node_leaves):
+                if xs is not None and not on_copies:
                     for i, x in zip(indices, new[k]):
                         nodes[k][i] = x
+        if self.done:  # every part advanced its copy of the counts alike: the last one's, into the state's own tensors
+            last = self.done[-1][1]
+            for k, node in enumerate(self.nodes):
+                if self.node_leaves[k] is None:
+                    nodes[k] = node.copy_(last[k]) if isinstance(node, torch.Tensor) else last[k]
         whole = [T.unflatten(self.treespec, n) if xs is not None else n for n, xs in zip(nodes, self.node_leaves)]
         return self.params, optree.tree_unflatten(self.outer, whole)
 
