@@ -58,8 +58,9 @@ import concurrent.futures
 import contextlib
 import contextvars
 import enum
+import functools
 import itertools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -128,9 +129,10 @@ class HostUpdate:
         self.futures: list[concurrent.futures.Future] = []
         self.submitted: set[int] = set()  # leaves whose update is queued
         self.site, self.refetches = site, refetches
-        self.copies = torch.cuda.Stream() if torch.cuda.is_available() else None  # host site: grads down; device site: the update
-        streams = torch.cuda.is_available() and site is UpdateSite.DEVICE
-        self.up, self.down = (torch.cuda.Stream(), torch.cuda.Stream()) if streams else (None, None)  # device site: the state up, and down
+        # host site: the grads down on `copies`; device site: the state up, the update on `copies`, the new state down
+        sides = _side_streams(torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.copies = sides.copies if sides is not None else None
+        self.up, self.down = (sides.up, sides.down) if sides is not None and site is UpdateSite.DEVICE else (None, None)
 
     def reduced(self, bucket: GradBucket) -> None:
         """A group's reduce-scatter was waited: copy this rank's rows to the host, hand
@@ -239,3 +241,22 @@ class HostUpdate:
 def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
     """Queue on `stream`; where there is none (off CUDA), run here."""
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+class _SideStreams(NamedTuple):
+    copies: torch.cuda.Stream
+    up: torch.cuda.Stream
+    down: torch.cuda.Stream
+
+
+@functools.cache
+def _side_streams(device: int) -> _SideStreams:
+    """[Note: side streams made once] torch hands out CUDA streams round-robin from a pool
+    of 32 per priority, the pool NCCL's communicators take their streams from too. Made
+    anew every step (three on the device site), the update's streams walked through the
+    whole pool every 11 steps,
+    so on some steps one of them was a communicator's stream (or the gathers' fetch
+    stream), and the state's copies queued behind collectives or the other way round.
+    Made once per device, at the first step, they take three of the pool's streams for
+    good: they coincide with another only if the process takes more than 32 in all."""
+    return _SideStreams(*(torch.cuda.Stream(device) for _ in range(3)))
