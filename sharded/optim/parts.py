@@ -126,8 +126,12 @@ class InParts:
 def _copy(x: Any, device: torch.device | str | None) -> Any:
     if not isinstance(x, torch.Tensor):
         return x
-    # not a blocking copy: to a GPU, a part's run would wait for every kernel queued before it
-    return x.to(device, copy=True, non_blocking=True) if device is not None else x.clone()
+    if device is None:
+        return x.clone()
+    # Up to a GPU not blocking: a part's run would wait for every kernel queued before it.
+    # Down to the host blocking: the host reads the copy next, and a non-blocking copy
+    # down lands in pinned memory later, after the host may have read it.
+    return x.to(device, copy=True, non_blocking=torch.device(device).type != "cpu")
 
 
 def leafwise_tail(tx: GradientTransformation, state: Any) -> tuple[Any, GradientTransformation, Any, Any]:
