@@ -16,10 +16,10 @@ each part advances its own copy from the same value: the counts every part ends 
 are equal, and `finish` writes one back into the state's own count tensors. In place,
 so that a count in pinned host memory stays pinned: offload's streamed update copies
 it up at every part, and CUDA documents that a copy up from pageable memory may make
-the host wait for the stream first, which would cost the host its lead at every block. Params are updated in place (`optim.apply` donates
-them); the state's moments are in place too under a fused optimizer, and otherwise
-taken from each part's new state when `finish` rebuilds the whole state. Every leaf
-must be in exactly one part.
+the host wait for the stream first, which would cost the host its lead at every block.
+Params are updated in place (`optim.apply` donates them); the state's moments are in
+place too under a fused optimizer, and otherwise taken from each part's new state when
+`finish` rebuilds the whole state. Every leaf must be in exactly one part.
 
 A part may also run on copies of its leaves (`moments=`, `params=`: offload's disk
 tier stages them through host buffers): `run` returns the part's new moments for the

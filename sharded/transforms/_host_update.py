@@ -254,9 +254,9 @@ def _side_streams(device: int) -> _SideStreams:
     """[Note: side streams made once] torch hands out CUDA streams round-robin from a pool
     of 32 per priority, the pool NCCL's communicators take their streams from too. Made
     anew every step (three on the device site), the update's streams walked through the
-    whole pool every 11 steps,
-    so on some steps one of them was a communicator's stream (or the gathers' fetch
-    stream), and the state's copies queued behind collectives or the other way round.
+    whole pool every 11 steps, so on some steps one of them was a communicator's stream
+    (or the gathers' fetch stream), and the state's copies queued behind collectives or
+    the other way round.
     Made once per device, at the first step, they take three of the pool's streams for
     good: they coincide with another only if the process takes more than 32 in all."""
     return _SideStreams(*(torch.cuda.Stream(device) for _ in range(3)))

@@ -92,8 +92,7 @@ class ShardZero(Transform):
         self._like: list[torch.Tensor] = []  # a meta tensor per param leaf: its shape and dtype
         self._plans: dict[Any, list[FlatGroup]] = {}
         self.gather_dtype: torch.dtype | None = None  # set by check()
-        self.fetches = False  # set by check(): whether params live off the device (offload(params=True))
-        self.alone = False  # set by check()
+        self.gathers_alone = False  # set by check(): whether stage 3 gathers on one rank too
         self._order = ReadyOrder()
         self._stack: tuple[Transform, ...] = ()  # the finished stack, once `require` has seen it
 
@@ -109,12 +108,11 @@ class ShardZero(Transform):
         # (half the bytes for bf16) and reduces their grads back to the masters' dtype.
         casts = [t.param_dtype for t in stack if Capability.CASTS_PARAMS in t.capabilities]
         self.gather_dtype = casts[0] if casts and self.stage == 3 else None
-        # Params kept off the device (offload(params=True)) are fetched per block by the
-        # gather, so stage 3 gathers on one rank too, where it would otherwise do nothing.
-        self.fetches = self.stage == 3 and any(Capability.HOSTS_PARAMS in t.capabilities for t in stack)
-        # A transform that casts leaves stage 3's params to the gathers to cast, so on one
-        # rank, with nothing to gather, the gathers still run: they fetch and they cast.
-        self.alone = self.fetches or self.gather_dtype is not None  # whether one rank runs the gathers too
+        # On one rank stage 3 has nothing to gather, but its gathers still run where they
+        # do more: fetch params kept off the device (offload(params=True)) per block, or
+        # cast them for a transform that casts (which leaves stage 3's params to them).
+        hosted = any(Capability.HOSTS_PARAMS in t.capabilities for t in stack)
+        self.gathers_alone = self.stage == 3 and (hosted or self.gather_dtype is not None)
         # By default stage 3 frees a block after its forward, except under a schedule
         # of micro-batches: there a stage's blocks run once per micro-batch, and
         # re-gathering them for each would multiply the all-gathers by m; they stay
@@ -270,7 +268,7 @@ class ShardZero(Transform):
 
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
         t = self._topo()
-        if t.dp_size == 1 and not self.alone:
+        if t.dp_size == 1 and not self.gathers_alone:
             return next_(fn, has_aux, params, args, kwargs)
         local = rank_rows(args, t.dp_size, t.dp_rank, who=f"shard_zero(stage={self.stage})")
         if self.stage == 3:
@@ -300,7 +298,7 @@ class ShardZero(Transform):
 
     def _apply(self, next_: Callable, model: Any, params: Any, args: tuple, kwargs: dict) -> Any:
         size, rank, group = self._axis()
-        if size == 1 and not self.alone:
+        if size == 1 and not self.gathers_alone:
             return next_(model, params, args, kwargs)
         gatherer = _stage3.current()
         if gatherer is None and _differentiated(params):  # torch.func or autograd over the chunks, in the step's code
