@@ -112,12 +112,14 @@ def _table(device: torch.device, stream, block: int, numels: tuple, rows: tuple)
 
 
 @jit
-def locate(table_ptr, count, search_steps, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    """This program's column, its element offsets in the column's tensors, and their mask."""
+def locate(table_ptr, count, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """This program's column, its element offsets in the column's tensors, and their mask.
+    SEARCH_STEPS is a compile-time constant (one variant per ceil(log2(count))): some
+    Triton interpreters cannot take a runtime scalar as a loop bound."""
     pid = tl.program_id(0)
     lo = pid * 0  # invariant: first[lo] <= pid < first[hi] (first[count] = the grid size)
     hi = lo + count
-    for _ in range(search_steps):
+    for _ in range(SEARCH_STEPS):
         mid = (lo + hi) // 2
         right = tl.load(table_ptr + mid) <= pid
         lo = tl.where(right, mid, lo)

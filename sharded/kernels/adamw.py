@@ -38,12 +38,12 @@ __all__ = ["adamw_kernel", "adamw_", "reference_adamw_"]
 @jit(do_not_specialize=["step", "freeze_after"])
 def adamw_kernel(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, lowp_ptr, grad_scale_ptr, found_inf_ptr, step_ptr,
-    table_ptr, count, search_steps, step, lr, beta1, one_minus_beta1, log2_beta1, beta2, one_minus_beta2, log2_beta2, eps, decay,
+    table_ptr, count, step, lr, beta1, one_minus_beta1, log2_beta1, beta2, one_minus_beta2, log2_beta2, eps, decay,
     freeze_after, STEP_ON_DEVICE: tl.constexpr, HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     FREEZES: tl.constexpr,
-    BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK, ALIGN)
+    column, offs, mask = locate(table_ptr, count, SEARCH_STEPS, BLOCK, ALIGN)
     mask = skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF)
     if STEP_ON_DEVICE:
         t = tl.load(step_ptr).to(tl.float64)
@@ -93,10 +93,10 @@ def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, wei
         p if grad_scale is None else grad_scale,
         p if found_inf is None else found_inf,
         step if on_device else p,
-        seg.table, seg.count, seg.search_steps, 1 if on_device else int(step), lr,
+        seg.table, seg.count, 1 if on_device else int(step), lr,
         beta1, 1 - beta1, _log2(beta1), beta2, 1 - beta2, _log2(beta2), eps, 1 - lr * weight_decay, freeze_variance_after or 0,
         STEP_ON_DEVICE=on_device, HAS_LOWP=out_lowp is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, FREEZES=freeze_variance_after is not None, BLOCK=BLOCK, ALIGN=seg.align,
+        HAS_FOUND_INF=found_inf is not None, FREEZES=freeze_variance_after is not None, SEARCH_STEPS=seg.search_steps, BLOCK=BLOCK, ALIGN=seg.align,
     )
 
 

@@ -24,15 +24,15 @@ __all__ = ["copy_in_kernel", "copy_out_kernel", "copy_in", "copy_out", "referenc
 
 
 @jit
-def copy_in_kernel(base_ptr, flat_ptr, table_ptr, count, search_steps, scale, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK, ALIGN)
+def copy_in_kernel(base_ptr, flat_ptr, table_ptr, count, scale, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    column, offs, mask = locate(table_ptr, count, SEARCH_STEPS, BLOCK, ALIGN)
     x = tl.load(base_ptr + offsets_in(table_ptr, count, column, offs, 0, ALIGN), mask=mask).to(tl.float32)
     tl.store(flat_ptr + offsets_in(table_ptr, count, column, offs, 1, ALIGN), (x * scale).to(flat_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
-def copy_out_kernel(flat_ptr, base_ptr, table_ptr, count, search_steps, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK, ALIGN)
+def copy_out_kernel(flat_ptr, base_ptr, table_ptr, count, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    column, offs, mask = locate(table_ptr, count, SEARCH_STEPS, BLOCK, ALIGN)
     x = tl.load(flat_ptr + offsets_in(table_ptr, count, column, offs, 1, ALIGN), mask=mask)
     tl.store(base_ptr + offsets_in(table_ptr, count, column, offs, 0, ALIGN), x.to(base_ptr.dtype.element_ty), mask=mask)
 
@@ -50,14 +50,14 @@ def copy_in(flat: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[
     """Launch `copy_in_kernel` once per source dtype (inputs checked by sharded.kernels.copy_in)."""
     for tensors, slots in _by_dtype(srcs, offsets).values():
         seg = segment_table([tensors, slots], BLOCK)  # the slots: offsets from flat
-        copy_in_kernel[(seg.programs,)](seg.bases[0], flat, seg.table, seg.count, seg.search_steps, scale, BLOCK=BLOCK, ALIGN=seg.align)
+        copy_in_kernel[(seg.programs,)](seg.bases[0], flat, seg.table, seg.count, scale, SEARCH_STEPS=seg.search_steps, BLOCK=BLOCK, ALIGN=seg.align)
 
 
 def copy_out(flat: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
     """Launch `copy_out_kernel` once per destination dtype (inputs checked by sharded.kernels.copy_out)."""
     for tensors, slots in _by_dtype(dsts, offsets).values():
         seg = segment_table([tensors, slots], BLOCK)
-        copy_out_kernel[(seg.programs,)](flat, seg.bases[0], seg.table, seg.count, seg.search_steps, BLOCK=BLOCK, ALIGN=seg.align)
+        copy_out_kernel[(seg.programs,)](flat, seg.bases[0], seg.table, seg.count, SEARCH_STEPS=seg.search_steps, BLOCK=BLOCK, ALIGN=seg.align)
 
 
 def reference_copy_in(flat: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int], scale: float = 1.0) -> None:

@@ -25,10 +25,10 @@ __all__ = ["lion_kernel", "lion_", "reference_lion_"]
 @jit
 def lion_kernel(
     param_ptr, grad_ptr, exp_avg_ptr, lowp_ptr, grad_scale_ptr, found_inf_ptr,
-    table_ptr, count, search_steps, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
-    HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+    table_ptr, count, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
+    HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK, ALIGN)
+    column, offs, mask = locate(table_ptr, count, SEARCH_STEPS, BLOCK, ALIGN)
     mask = skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF)
     g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1, ALIGN), mask, grad_scale_ptr, HAS_GRAD_SCALE)
     p_offs = offsets_in(table_ptr, count, column, offs, 0, ALIGN)
@@ -55,9 +55,9 @@ def lion_(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, grad_scale=No
         p if out_lowp is None else seg.bases[3],  # placeholders: [Note: optional operands]
         p if grad_scale is None else grad_scale,
         p if found_inf is None else found_inf,
-        seg.table, seg.count, seg.search_steps, lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay,
+        seg.table, seg.count, lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay,
         HAS_LOWP=out_lowp is not None, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        BLOCK=BLOCK, ALIGN=seg.align,
+        SEARCH_STEPS=seg.search_steps, BLOCK=BLOCK, ALIGN=seg.align,
     )
 
 

@@ -26,11 +26,11 @@ __all__ = ["sgd_kernel", "sgd_", "reference_sgd_"]
 @jit
 def sgd_kernel(
     param_ptr, grad_ptr, momentum_buffer_ptr, lowp_ptr, grad_scale_ptr, found_inf_ptr,
-    table_ptr, count, search_steps, lr, momentum, weight_decay,
+    table_ptr, count, lr, momentum, weight_decay,
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, HAS_LOWP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK, ALIGN)
+    column, offs, mask = locate(table_ptr, count, SEARCH_STEPS, BLOCK, ALIGN)
     mask = skip_if_found_inf(mask, found_inf_ptr, HAS_FOUND_INF)
     g = load_grad(grad_ptr, offsets_in(table_ptr, count, column, offs, 1, ALIGN), mask, grad_scale_ptr, HAS_GRAD_SCALE)
     p_offs = offsets_in(table_ptr, count, column, offs, 0, ALIGN)
@@ -61,9 +61,9 @@ def sgd_(param, grad, momentum_buffer=None, *, lr, momentum, nesterov, weight_de
         p if out_lowp is None else seg.bases[3],
         p if grad_scale is None else grad_scale,
         p if found_inf is None else found_inf,
-        seg.table, seg.count, seg.search_steps, lr, momentum, weight_decay,
+        seg.table, seg.count, lr, momentum, weight_decay,
         HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, HAS_LOWP=out_lowp is not None,
-        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, ALIGN=seg.align,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, SEARCH_STEPS=seg.search_steps, BLOCK=BLOCK, ALIGN=seg.align,
     )
 
 

@@ -27,8 +27,8 @@ __all__ = ["unscale_kernel", "unscale_and_check_", "reference_unscale_and_check_
 
 
 @jit
-def unscale_kernel(base_ptr, table_ptr, count, search_steps, scale_ptr, found_inf_ptr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    column, offs, mask = locate(table_ptr, count, search_steps, BLOCK, ALIGN)
+def unscale_kernel(base_ptr, table_ptr, count, scale_ptr, found_inf_ptr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    column, offs, mask = locate(table_ptr, count, SEARCH_STEPS, BLOCK, ALIGN)
     ptrs = base_ptr + offsets_in(table_ptr, count, column, offs, 0, ALIGN)
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     bad = (x != x) | (tl.abs(x) == float("inf"))
@@ -48,7 +48,7 @@ def unscale_and_check_(grads: Sequence[torch.Tensor], scale: torch.Tensor, found
             by_dtype[g.dtype].append(g)
     for group in by_dtype.values():
         seg = segment_table([group], BLOCK)
-        unscale_kernel[(seg.programs,)](seg.bases[0], seg.table, seg.count, seg.search_steps, scale, found_inf, BLOCK=BLOCK, ALIGN=seg.align)
+        unscale_kernel[(seg.programs,)](seg.bases[0], seg.table, seg.count, scale, found_inf, SEARCH_STEPS=seg.search_steps, BLOCK=BLOCK, ALIGN=seg.align)
     return found_inf
 
 
