@@ -387,3 +387,32 @@ def test_one_rank_computes_in_the_cast_dtype_under_every_stage(stage):
     torch.testing.assert_close(losses, plain_losses, rtol=0, atol=0)
     for k in plain:
         torch.testing.assert_close(params[k], plain[k], rtol=0, atol=0)
+
+
+def _one_rank_collectives_in_place():
+    """(collective, whether its input was its output) for each gather and reduction of two
+    bf16 ZeRO-3 steps on one rank."""
+    from sharded import comm
+
+    seen, originals = [], (comm.all_gather_into_tensor, comm.reduce_scatter_tensor)
+
+    def watching(name, collective):
+        def run(out, inp, *args, **kwargs):
+            seen.append((name, out.data_ptr() == inp.data_ptr()))
+            return collective(out, inp, *args, **kwargs)
+        return run
+
+    comm.all_gather_into_tensor, comm.reduce_scatter_tensor = watching("all_gather", originals[0]), watching("reduce_scatter", originals[1])
+    try:
+        _one_rank_bf16(3)
+    finally:
+        comm.all_gather_into_tensor, comm.reduce_scatter_tensor = originals
+    return seen
+
+
+def test_one_rank_gathers_and_reduces_in_place():
+    """On one rank stage 3's gathers only cast, and its reductions only scale: each
+    collective's input is its output, so neither copies its buffer once more."""
+    seen, = get_pool(1).run(_one_rank_collectives_in_place)
+    assert {name for name, _ in seen} == {"all_gather", "reduce_scatter"}
+    assert all(in_place for _, in_place in seen), [name for name, in_place in seen if not in_place]

@@ -98,9 +98,10 @@ class FlatGroup:
         Chunks on another tier (offload's host memory) are fetched first, off the
         compute stream: see [Note: gathering from the host]."""
         if all(c.device == self.device for c in chunks) or self.device.type != "cuda":
-            row = torch.empty(self.size, dtype=self.dtype, device=self.device)
-            self.write_chunks(row, chunks)
             out = torch.empty(self.ranks * self.size, dtype=self.dtype, device=self.device)
+            # one rank's row is the whole buffer: the gather (a cast or a fetch) copies nothing more
+            row = out if self.ranks == 1 else torch.empty(self.size, dtype=self.dtype, device=self.device)
+            self.write_chunks(row, chunks)
             return out, comm.all_gather_into_tensor(out, row, group=group, async_op=async_op)
         compute, fetch = torch.cuda.current_stream(self.device), _fetch_stream(self.device)
         fetch.wait_stream(compute)  # buffers the compute stream freed are free on this one too

@@ -201,7 +201,8 @@ class GradReducer:
             g = self.started
             fg, inp = self.groups[g], self._input(g)
             if self.scatter:
-                out = torch.empty(fg.size, dtype=inp.dtype, device=fg.device)
+                # one rank's row is the whole input: the scatter copies nothing
+                out = inp if fg.ranks == 1 else torch.empty(fg.size, dtype=inp.dtype, device=fg.device)
                 take = functools.partial(self._taken, g) if self.final else None
                 self.pending[g] = bind_in(self.context, GradBucket(fg.name, inp, out, Reduction.REDUCE_SCATTER, self.group, fg, self.final, take))
             else:
