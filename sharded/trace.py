@@ -69,8 +69,11 @@ class Model:
             object.__setattr__(view, f.name, buffers if f.name == "buffers" else getattr(self, f.name))
         return view
 
+    @torch.compiler.disable
     def apply(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        """The module's forward with `params` (and `model.buffers`) in place of its own state."""
+        """The module's forward with `params` (and `model.buffers`) in place of its own state.
+        A graph break under `torch.compile`: the transforms' work around the model runs
+        eagerly, and what compiles inside it (sharded.compile's graphs) compiles on its own."""
         return primitives.bind("apply", self, params, args, kwargs)
 
     def num_params(self) -> int:

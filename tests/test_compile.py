@@ -38,7 +38,7 @@ def _compiled_and_eager(backend, remat: bool):
     model = sharded.trace(GPT(GPTConfig(vocab_size=64, seq_len=16, n_layers=3, d_model=32, n_heads=4, dropout=0.0)).double())
 
     def stack(compiled: bool):
-        step = sharded.compile(backend=backend)(_gpt_step(model)) if compiled else _gpt_step(model)
+        step = sharded.compile(backend=backend, loss=False)(_gpt_step(model)) if compiled else _gpt_step(model)
         step = sharded.mixed_precision(compute=torch.float64, loss_scale=True)(step)
         return sharded.remat("full")(step) if remat else step
 
@@ -70,6 +70,32 @@ def test_alone_with_a_cast_the_whole_forward_is_one_graph_and_trains_as_eager():
     assert "each block's forward compiled whole" in _compiled_and_eager(by_block, remat=True)
     assert len(whole.nodes) == 1 and len(by_block.nodes) == 1  # compiled once each
     assert whole.nodes[0] > 3 * by_block.nodes[0]  # three blocks and the rest, against one block
+
+
+def test_the_loss_compiles_as_a_graph_of_its_own_around_the_model():
+    """[Note: the loss compiled too]: model.apply is a graph break in the function given
+    to value_and_grad, so what the step computes from the logits (GPT's upcast and
+    cross-entropy) is a graph of its own beside the model's, and the step trains as the
+    eager step does; loss=False leaves it eager."""
+    torch.manual_seed(0)
+    model = sharded.trace(GPT(GPTConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4, dropout=0.0)).double())
+    for loss in (True, False):
+        torch.compiler.reset()
+        ops: list[set[str]] = []
+
+        def backend(gm, example_inputs):
+            ops.append({getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function"})
+            return gm.forward
+
+        _trains_as_eager(sharded.compile(backend=backend, loss=loss)(_gpt_step(model)), sharded.Step(_gpt_step(model)), model, steps=2)
+        losses = [g for g in ops if "cross_entropy" in g]
+        assert len(losses) == (1 if loss else 0) and all("embedding" not in g for g in losses)
+        assert sum("embedding" in g for g in ops) == 1  # the whole model, compiled once either way
+
+
+def test_compile_loss_takes_a_bool():
+    with pytest.raises(ValueError, match=r"compile\(loss='yes'\): True compiles the function given to value_and_grad"):
+        sharded.compile(loss="yes")
 
 
 class _Chatty(nn.Module):
@@ -178,7 +204,7 @@ def test_the_whole_graph_casts_the_params_itself():
         return graphs(gm, example_inputs)
 
     def stack(compiled: bool):
-        step = sharded.compile(backend=counting)(_gpt_step(model)) if compiled else _gpt_step(model)
+        step = sharded.compile(backend=counting, loss=False)(_gpt_step(model)) if compiled else _gpt_step(model)
         return sharded.mixed_precision("bf16", autocast=False)(step)
 
     _trains_as_eager(stack(True), stack(False), model, steps=2)
