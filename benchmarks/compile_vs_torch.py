@@ -6,6 +6,8 @@ Systems, each built once in this process, compiled in its warmup, then timed in 
 that alternate them (min/median/max step time):
   torch_eager      the GPT module, fp32 params under bf16 autocast, fused AdamW
   torch_compile    the same, the whole module through torch.compile (inductor)
+  torch_compile_loss  the module and the loss after it through torch.compile, as
+                   sharded.compile's loss=True compiles them
   sharded_eager    mixed_precision("bf16", autocast=False)(train_step): bf16 params for
                    compute, fp32 masters, AdamW (the recipe the 2-GPU benchmarks run)
   sharded_compile  the same with sharded.compile(): alone with the cast, the whole forward
@@ -25,18 +27,19 @@ from _harness import alternate, built_and_warm, common_args, provenance, report
 import sharded
 from sharded.models import GPT, GPTConfig, loss_fn
 
-SYSTEMS = ["torch_eager", "torch_compile", "sharded_eager", "sharded_compile"]
-PAIRS = [("sharded_compile", "torch_compile"), ("sharded_eager", "torch_eager"), ("sharded_compile", "sharded_eager")]
+SYSTEMS = ["torch_eager", "torch_compile", "torch_compile_loss", "sharded_eager", "sharded_compile"]
+PAIRS = [("sharded_compile", "torch_compile"), ("sharded_compile", "torch_compile_loss"), ("sharded_eager", "torch_eager"), ("sharded_compile", "sharded_eager")]
 
 
-def _torch(cfg: GPTConfig, compiled: bool):
+def _torch(cfg: GPTConfig, compiled: bool, with_loss: bool = False):
     module = GPT(cfg).cuda()
-    run = torch.compile(module) if compiled else module
+    run = torch.compile(module) if compiled and not with_loss else module
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    loss_of = torch.compile(lambda x, y: loss_fn(module(x), y)) if with_loss else lambda x, y: loss_fn(run(x), y)
 
     def step(x, y):
         with torch.autocast("cuda", torch.bfloat16):
-            loss = loss_fn(run(x), y)
+            loss = loss_of(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -74,6 +77,7 @@ def main() -> None:
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).cuda()
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).cuda()
     build = {"torch_eager": lambda: _torch(cfg, False), "torch_compile": lambda: _torch(cfg, True),
+             "torch_compile_loss": lambda: _torch(cfg, True, with_loss=True),
              "sharded_eager": lambda: _sharded(cfg, False), "sharded_compile": lambda: _sharded(cfg, True)}
     steps, errors = built_and_warm(args.systems, lambda name: build[name](), args.warmup, x, y)  # the compiled systems compile here
     runs = alternate(steps, args.rounds, args.steps, x, y)
