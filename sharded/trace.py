@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from sharded import comm, primitives
+from sharded import comm, primitives, tree
 
 __all__ = ["Block", "BlockCall", "Model", "trace", "model_of", "laying_out", "model_laid_out"]
 
@@ -126,11 +126,12 @@ class BlockCall:
         return self.model.blocks[self.index].name
 
 
-def under_torch_func(params: dict[str, torch.Tensor]) -> bool:
-    """Whether a block runs inside torch.func's own transforms (vmap, grad, jvp in the
-    step's code): its params are then functorch's wrapped tensors, and block handlers
-    that change how the forward runs (a checkpoint, a compiled graph) leave it as it is."""
-    return any(comm.is_functorch_wrapped(p) for p in params.values())
+def under_torch_func(params: Any) -> bool:
+    """Whether params (a block's dict, or any tree) reach us inside torch.func's own
+    transforms (vmap, grad, jvp in the step's code): they are then functorch's wrapped
+    tensors, and handlers that change how the code runs (a checkpoint, a compiled graph)
+    leave it as it is."""
+    return any(isinstance(p, torch.Tensor) and comm.is_functorch_wrapped(p) for p in tree.leaves(params))
 
 
 # The traced models of this process by their param names: how a transform whose

@@ -93,6 +93,32 @@ def test_the_loss_compiles_as_a_graph_of_its_own_around_the_model():
         assert sum("embedding" in g for g in ops) == 1  # the whole model, compiled once either way
 
 
+def test_a_new_loss_closure_each_step_compiles_once_and_is_not_kept():
+    """The step's fn goes through one compiled trampoline: a step that makes a new lambda
+    each call reuses the first one's graph, and the old lambdas are freed."""
+    import gc
+    import weakref
+
+    torch.compiler.reset()
+    model = sharded.trace(GPT(GPTConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4, dropout=0.0)))
+    made, graphs = [], Graphs()
+
+    def train_step(state, batch):
+        fn = lambda p, b: loss_fn(model.apply(p, b[0]), b[1])  # noqa: E731
+        made.append(weakref.ref(fn))
+        value, grads = sharded.value_and_grad(fn)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": value}
+
+    step = sharded.compile(backend=graphs)(train_step)
+    state = step.init(sharded.TrainState.create(model.params, sharded.optim.sgd(0.1)))
+    x = torch.randint(0, 64, (2, 16))
+    for _ in range(3):
+        state, _ = step(state, (x, x))
+    gc.collect()
+    assert len(graphs.nodes) == 2  # the whole model and the loss, each once
+    assert sum(ref() is not None for ref in made) <= 1  # nothing holds on to past steps' lambdas
+
+
 def test_compile_loss_takes_a_bool():
     with pytest.raises(ValueError, match=r"compile\(loss='yes'\): True compiles the function given to value_and_grad"):
         sharded.compile(loss="yes")

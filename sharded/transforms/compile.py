@@ -41,14 +41,12 @@ function (a pipeline's), nor under torch.func's transforms; `loss=False` keeps i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
-import weakref
 from typing import Any, Callable
 
 import torch
 
-from sharded import comm
-from sharded import tree as T
 from sharded.step import Capability, Level, Op, ProgramInfo, Transform, transform
 from sharded.trace import under_torch_func
 
@@ -69,7 +67,7 @@ class Compile(Transform):
         self.backend, self.mode, self.dynamic, self.loss = backend, mode, dynamic, loss
         self.handlers = {"block": self._block}
         self._compiled: dict[torch.nn.Module, Callable] = {}  # block (or whole) module -> its compiled forward
-        self._losses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # value_and_grad's fn -> compiled
+        self._loss_call: Callable | None = None  # `_call` compiled: value_and_grad's fn runs through it
         self._by_block: set[torch.nn.Module] = set()  # whole modules that did not compile as one graph
         self._casters: list[Transform] = []  # the stack's casts, which the whole graph runs (set by require)
 
@@ -89,10 +87,7 @@ class Compile(Transform):
 
     def __getstate__(self) -> dict:
         """Sent to other ranks without its compiled functions: each process compiles its own."""
-        return {k: v for k, v in self.__dict__.items() if k != "_losses"} | {"_compiled": {}}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _losses=weakref.WeakKeyDictionary())
+        return {**self.__dict__, "_compiled": {}, "_loss_call": None}
 
     def describe(self) -> str:
         backend = self.backend if isinstance(self.backend, str) else getattr(self.backend, "__name__", "custom")
@@ -135,13 +130,14 @@ class Compile(Transform):
         return _in_turn([c for c in (t.param_cast(params) for t in self._casters) if c is not None])
 
     def _value_and_grad(self, next_: Callable, fn: Callable, has_aux: bool, params: Any, args: tuple, kwargs: dict) -> Any:
-        """[Note: the loss compiled too]"""
-        if any(comm.is_functorch_wrapped(x) for x in T.leaves(params) if isinstance(x, torch.Tensor)):
+        """[Note: the loss compiled too]: fn through one compiled trampoline, so a step that
+        makes a new closure each call (a lambda in the step) reuses its graphs, which
+        torch.compile guards by code and closure contents, and wraps nothing anew."""
+        if under_torch_func(params):
             return next_(fn, has_aux, params, args, kwargs)
-        compiled = self._losses.get(fn)
-        if compiled is None:
-            compiled = self._losses[fn] = torch.compile(fn, backend=self.backend, mode=self.mode, dynamic=self.dynamic)
-        return next_(compiled, has_aux, params, args, kwargs)
+        if self._loss_call is None:
+            self._loss_call = torch.compile(_call, backend=self.backend, mode=self.mode, dynamic=self.dynamic)
+        return next_(functools.partial(self._loss_call, fn), has_aux, params, args, kwargs)
 
     def _block(self, next_: Callable, call: Any, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
         if under_torch_func(params):
@@ -159,6 +155,10 @@ class Compile(Transform):
             return Op(op.kind, op.name, detail, op.nbytes, op.overlaps, tuple(rewrite(o) for o in op.body))
 
         return [rewrite(op) for op in program]
+
+
+def _call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
 
 
 def _in_turn(casts: list[Callable[[dict], dict]]) -> Callable[[dict], dict]:
