@@ -19,6 +19,8 @@ same machinery, for benchmarks to compare against.
 """
 from __future__ import annotations
 
+import atexit
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -31,6 +33,7 @@ import threading
 import time
 import warnings
 import weakref
+from typing import NamedTuple
 
 import numpy
 import torch
@@ -217,7 +220,9 @@ class SwapStore:
     filesystem accepts it and otherwise falls back to buffered I/O with a warning;
     `direct=True` requires it, `direct=False` never uses it. `mode` says which it runs
     in. `close()` (or leaving the `with` block) waits for transfers in flight, closes
-    the file and deletes it.
+    the file and deletes it (and its directory, with `owns_directory`). A store left to
+    the garbage collector is closed the same way when the next store opens or closes, or
+    at exit ([Note: closing from a finalizer]).
     """
 
     def __init__(
@@ -228,7 +233,9 @@ class SwapStore:
         rank: int = 0,
         threads: int = 4,
         direct: bool | None = None,
+        owns_directory: bool = False,
     ):
+        close_retired()  # a dead store's file at this path and rank is gone before this one opens
         path = os.fspath(path)
         self.file = os.path.join(path, f"sharded-swap-rank{rank}.bin")
         self._slots: dict[str, _Slot] = {}
@@ -283,7 +290,8 @@ class SwapStore:
             for _ in range(threads):
                 self._staging.put(aligned_empty(self._stage_bytes, pin=False))
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sharded-swap")
-        self._cleanup = weakref.finalize(self, _close, self._pool, self._fd, self.file)
+        # [Note: closing from a finalizer]
+        self._cleanup = weakref.finalize(self, _retire, _Retired(self._pool, self._fd, self.file, owns_directory))
 
     def write(self, name: str, src: torch.Tensor) -> Transfer:
         """Start copying `src` (a contiguous CPU tensor of the slot's numel and dtype) to
@@ -324,6 +332,7 @@ class SwapStore:
         with self._lock:
             self._closed = True
         self._cleanup()
+        close_retired()
 
     def __enter__(self) -> SwapStore:
         return self
@@ -459,11 +468,54 @@ def _allocate(fd: int, nbytes: int) -> None:
         os.ftruncate(fd, nbytes)
 
 
-def _close(pool: concurrent.futures.ThreadPoolExecutor, fd: int, file: str) -> None:
-    pool.shutdown(wait=True)
-    os.close(fd)
+# [Note: closing from a finalizer] A store left to the garbage collector is closed by its
+# finalizer, which runs wherever a collection happens: in any thread, even inside
+# threading's bootstrap of a new thread, while that thread holds the lock that joining a
+# thread takes. Joining the store's workers there deadlocks: a rank in CI hung starting
+# a swap worker, because a collection inside that worker's bootstrap joined the workers
+# of an earlier, dead store. So the finalizer only queues what to close. The queue is
+# closed (workers joined, file closed and deleted) at safe points: when a store opens or
+# is closed, and at exit.
+class _Retired(NamedTuple):
+    pool: concurrent.futures.ThreadPoolExecutor
+    fd: int
+    file: str
+    owns_directory: bool  # the store's directory was made for it: remove it too
+
+
+_retired: collections.deque[_Retired] = collections.deque()
+_exiting = False
+
+
+def _retire(store: _Retired) -> None:
+    """A store's finalizer: queue it, or close it at once once the interpreter exits."""
+    if _exiting:
+        _close(store)
+    else:
+        _retired.append(store)  # no lock: a collection may interrupt this thread anywhere
+
+
+def close_retired() -> None:
+    """Close the stores that finalizers queued ([Note: closing from a finalizer])."""
+    while _retired:
+        _close(_retired.popleft())
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    global _exiting
+    _exiting = True
+    close_retired()
+
+
+def _close(store: _Retired) -> None:
+    store.pool.shutdown(wait=True)
+    os.close(store.fd)
     with contextlib.suppress(FileNotFoundError):  # its directory may be gone first (a temporary one, at exit)
-        os.unlink(file)
+        os.unlink(store.file)
+    if store.owns_directory:
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(store.file))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ failure mid-run is a RuntimeError from `wait()` naming the slot."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import threading
 import time
@@ -244,6 +245,27 @@ def test_close_removes_file(tmp_path):
     assert os.listdir(tmp_path) == []
     with pytest.raises(ValueError, match="is closed"):
         store.write("a", torch.ones(5))
+
+
+def test_a_collected_store_closes_at_the_next_safe_point_not_in_the_collector(tmp_path):
+    """[Note: closing from a finalizer]: the collector only queues a dead store (joining
+    its workers there can deadlock a thread's start); the next store to open closes it
+    and deletes its file, so a store at the same path and rank opens."""
+    store = SwapStore(tmp_path, {"a": (5, torch.float32)}, rank=2)
+    store.write("a", torch.ones(5)).wait()
+    del store
+    gc.collect()
+    assert os.listdir(tmp_path) == ["sharded-swap-rank2.bin"]  # queued, not closed inside the collector
+    with SwapStore(tmp_path, {"a": (5, torch.float32)}, rank=2) as again:
+        again.write("a", torch.ones(5)).wait()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_store_that_owns_its_directory_removes_it(tmp_path):
+    directory = tmp_path / "made-for-it"
+    directory.mkdir()
+    SwapStore(directory, {"a": (5, torch.float32)}, owns_directory=True).close()
+    assert os.listdir(tmp_path) == []
 
 
 def test_stats(tmp_path):

@@ -31,9 +31,7 @@ DeepSpeed clips before its CPUAdam; init refuses any other.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import tempfile
 import time
 from typing import Any, Callable
@@ -63,7 +61,7 @@ class DiskTier:
         directory = tempfile.mkdtemp(prefix=f"sharded-offload-rank{self.rank}-", dir=self.path)
         piece = self._piece_numel(list(leaves.values()))
         pieces = {p: [(f"{p}@{a}", a, min(a + piece, x.numel())) for a in range(0, max(x.numel(), 1), piece)] for p, x in leaves.items()}
-        store = SwapStore(directory, {name: (b - a, x.dtype) for p, x in leaves.items() for name, a, b in pieces[p]}, rank=self.rank)
+        store = SwapStore(directory, {name: (b - a, x.dtype) for p, x in leaves.items() for name, a, b in pieces[p]}, rank=self.rank, owns_directory=True)
         for p, x in leaves.items():  # one at a time: host memory holds one leaf's copy, not the state's
             flat = x.detach().to("cpu").contiguous().view(-1)
             for t in [store.write(name, flat[a:b]) for name, a, b in pieces[p]]:
@@ -194,12 +192,6 @@ class DiskTier:
             return view
 
         return carve
-
-    def close(self) -> None:
-        for store in self.stores:
-            store.close()
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(store.file))
 
 
 @dataclasses.dataclass(frozen=True)

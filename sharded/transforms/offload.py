@@ -64,7 +64,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -275,8 +274,7 @@ class Offload(Transform):
         _check_host_memory(self.host_bytes)
         if self._disk is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            self._disk = DiskTier(self.path, self.host_bytes, rank)
-            weakref.finalize(self, self._disk.close)
+            self._disk = DiskTier(self.path, self.host_bytes, rank)  # its stores close themselves ([Note: closing from a finalizer])
         mapped = self._disk.place({path: x for path, x in state_leaves(state) if self._offloaded(path, x) and x.dim() > 0})
         return self._moved(state, lambda path, x: mapped[path] if path in mapped else _to_host(x, None), lambda path: Tier.DISK if path in mapped else Tier.HOST)
 
