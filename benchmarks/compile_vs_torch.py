@@ -19,6 +19,7 @@ return) is: a median near the step time means the host bounds the step.
 from __future__ import annotations
 
 import argparse
+import enum
 import statistics
 
 import torch
@@ -31,11 +32,20 @@ SYSTEMS = ["torch_eager", "torch_compile", "torch_compile_loss", "sharded_eager"
 PAIRS = [("sharded_compile", "torch_compile"), ("sharded_compile", "torch_compile_loss"), ("sharded_eager", "torch_eager"), ("sharded_compile", "sharded_eager")]
 
 
-def _torch(cfg: GPTConfig, compiled: bool, with_loss: bool = False):
+class Compiled(enum.Enum):
+    """What of the torch step goes through torch.compile."""
+
+    NOTHING = "nothing"
+    MODULE = "the module"
+    MODULE_AND_LOSS = "the module and its loss"
+
+
+def _torch(cfg: GPTConfig, compiled: Compiled):
     module = GPT(cfg).cuda()
-    run = torch.compile(module) if compiled and not with_loss else module
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    loss_of = torch.compile(lambda x, y: loss_fn(module(x), y)) if with_loss else lambda x, y: loss_fn(run(x), y)
+    run = torch.compile(module) if compiled is Compiled.MODULE else module
+    loss_of = lambda x, y: loss_fn(run(x), y)  # noqa: E731
+    loss_of = torch.compile(loss_of) if compiled is Compiled.MODULE_AND_LOSS else loss_of
 
     def step(x, y):
         with torch.autocast("cuda", torch.bfloat16):
@@ -76,8 +86,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).cuda()
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).cuda()
-    build = {"torch_eager": lambda: _torch(cfg, False), "torch_compile": lambda: _torch(cfg, True),
-             "torch_compile_loss": lambda: _torch(cfg, True, with_loss=True),
+    build = {"torch_eager": lambda: _torch(cfg, Compiled.NOTHING), "torch_compile": lambda: _torch(cfg, Compiled.MODULE),
+             "torch_compile_loss": lambda: _torch(cfg, Compiled.MODULE_AND_LOSS),
              "sharded_eager": lambda: _sharded(cfg, False), "sharded_compile": lambda: _sharded(cfg, True)}
     steps, errors = built_and_warm(args.systems, lambda name: build[name](), args.warmup, x, y)  # the compiled systems compile here
     runs = alternate(steps, args.rounds, args.steps, x, y)
